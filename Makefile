@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.aclab-installed
+
+.PHONY: setup demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+
+setup: $(STAMP)
+
+## Train PPO on CartPole-v1 (embedded, no download), print a summary, write runs/demo/learning_curve.png
+demo: $(STAMP)
+	$(PY) -m aclab train ppo --env CartPole-v1 --run-dir runs/demo --overwrite
+
+## The CI suite (slow learning tests excluded)
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## Long learning tests (minutes)
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check aclab tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/ppo_speed.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from aclab.cli import main
+
+sys.exit(main())

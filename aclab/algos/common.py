@@ -1,0 +1,69 @@
+"""Small pieces every algorithm uses: devices, RNG state, finite-loss checks, LR schedules.
+
+The algorithm contract (duck-typed, no base class)::
+
+    algo = Algo(config, env_spec, device)   # config: aclab.config.Config, params in config.params
+    algo.steps                              # env steps consumed so far
+    metrics = algo.iterate(envs)            # collect what it needs, update; dict of floats
+    algo.last_episode_returns               # raw returns of the episodes finished in that iterate()
+    actions = algo.act(obs, deterministic)  # numpy obs batch -> numpy actions (evaluation)
+    algo.state_dict() / algo.load_state_dict(state)   # everything needed to continue exactly
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient became NaN/inf: the run stops and keeps its last good checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu or auto")
+    return torch.device(name)
+
+
+def check_finite(named_values: dict[str, torch.Tensor], where: str) -> None:
+    """Raise NonFiniteLossError naming every non-finite entry (one host sync for all of them)."""
+    names = list(named_values)
+    stacked = torch.stack([v.detach().float().reshape(()) for v in named_values.values()])
+    finite = torch.isfinite(stacked)
+    if not bool(finite.all()):
+        bad = [f"{n}={stacked[i].item()}" for i, n in enumerate(names) if not bool(finite[i])]
+        raise NonFiniteLossError(f"non-finite loss in {where}: {', '.join(bad)}")
+
+
+def linear_schedule(start: float, end: float, progress: float) -> float:
+    """Linear interpolation from ``start`` (progress 0) to ``end`` (progress 1), clamped."""
+    progress = min(max(progress, 0.0), 1.0)
+    return start + (end - start) * progress
+
+
+def global_rng_state() -> dict:
+    """Python, NumPy and torch global RNG states (restored on resume)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,230 @@
+"""PPO (Schulman et al. 2017) with the details of the papers' baselines.
+
+One iteration:
+    1. collect T steps from B envs with the current policy (dummy autoreset steps masked);
+    2. advantages A = GAE(gamma, lambda) from the rollout-time values, returns R = A + V;
+    3. for each epoch, for each shuffled minibatch of valid transitions:
+           L = L_clip(ratio, A) + c_v * L_V - c_e * H      (clipped value loss optional)
+       one Adam step with the global gradient norm clipped.
+Advantage normalisation per minibatch (CleanRL, SB3) or over the whole rollout (PPG/DNA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from aclab.algos.common import check_finite, linear_schedule
+from aclab.config import Config, require
+from aclab.core import losses
+from aclab.core.distributions import make_distribution
+from aclab.core.returns import gae
+from aclab.data.rollout import RolloutCollector
+from aclab.nets.agents import ActorCritic
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters (defaults: CleanRL's ppo.py on classic control)."""
+
+    num_steps: int = 128
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    num_epochs: int = 4
+    num_minibatches: int = 4
+    lr: float = 2.5e-4
+    anneal_lr: bool = True
+    adam_eps: float = 1e-5
+    clip_coef: float = 0.2
+    clip_value_loss: bool = True
+    value_clip_coef: float | None = None
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    norm_adv: Literal["minibatch", "batch", "off"] = "minibatch"
+    target_kl: float | None = None
+    encoder: Literal["auto", "mlp", "nature_cnn", "impala"] = "auto"
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    activation: Literal["tanh", "relu"] = "tanh"
+    shared_network: bool = False
+    action_dist: Literal["auto", "gaussian", "tanh_gaussian"] = "auto"
+    log_std_init: float = 0.0
+
+    def validate(self) -> None:
+        require(self.num_steps >= 1, "params.num_steps", self.num_steps, "an integer >= 1")
+        require(0.0 <= self.gamma <= 1.0, "params.gamma", self.gamma, "a number in [0, 1]")
+        require(0.0 <= self.gae_lambda <= 1.0, "params.gae_lambda", self.gae_lambda, "a number in [0, 1]")
+        require(self.num_epochs >= 1, "params.num_epochs", self.num_epochs, "an integer >= 1")
+        require(self.num_minibatches >= 1, "params.num_minibatches", self.num_minibatches, "an integer >= 1")
+        require(self.lr > 0, "params.lr", self.lr, "a number > 0")
+        require(self.clip_coef > 0, "params.clip_coef", self.clip_coef, "a number > 0")
+        require(self.max_grad_norm > 0, "params.max_grad_norm", self.max_grad_norm, "a number > 0")
+        require(self.ent_coef >= 0, "params.ent_coef", self.ent_coef, "a number >= 0")
+        require(self.vf_coef >= 0, "params.vf_coef", self.vf_coef, "a number >= 0")
+        require(self.target_kl is None or self.target_kl > 0, "params.target_kl", self.target_kl,
+                "a number > 0 or None")
+        require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes), "params.hidden_sizes",
+                self.hidden_sizes, "a non-empty list of positive integers")
+
+
+def build_actor_critic(params: PPOConfig, env_spec) -> ActorCritic:
+    dist = make_distribution(env_spec.action_space, "auto" if params.action_dist == "gaussian" else params.action_dist)
+    return ActorCritic(
+        env_spec.obs_shape,
+        dist,
+        encoder=params.encoder,
+        hidden_sizes=params.hidden_sizes,
+        activation=params.activation,
+        shared=params.shared_network,
+        log_std_init=params.log_std_init,
+    )
+
+
+def minibatch_indices(valid: torch.Tensor, num_minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffle the flat indices of valid transitions and split them into ``num_minibatches`` parts."""
+    idx = torch.nonzero(valid.reshape(-1)).squeeze(1)
+    idx = idx[torch.randperm(idx.numel(), generator=generator, device=idx.device)]
+    size = max(idx.numel() // num_minibatches, 1)
+    return [idx[i * size : (i + 1) * size] for i in range(min(num_minibatches, idx.numel()))]
+
+
+class PPO:
+    Config = PPOConfig
+
+    def __init__(self, config: Config, env_spec, device: torch.device):
+        self.config = config
+        self.params: PPOConfig = config.params
+        self.device = device
+        self.env_spec = env_spec
+        self.net = build_actor_critic(self.params, env_spec).to(device)
+        self.dist = self.net.dist
+        self.optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=self.params.lr, eps=self.params.adam_eps, **_fast_adam_kwargs(device)
+        )
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(config.seed)
+        self.batch_size = config.env.num_envs * self.params.num_steps
+        self.num_iterations = max(config.total_steps // self.batch_size, 1)
+        self.steps = 0
+        self.iteration = 0
+        self._collector: RolloutCollector | None = None
+        self.last_episode_returns = np.zeros(0)
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def _act(self, obs: torch.Tensor):
+        params, value = self.net(obs)
+        actions = self.dist.sample(params, self.generator)
+        return actions, self.dist.log_prob(params, actions), value, params
+
+    @torch.no_grad()
+    def _value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net.value(obs)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        params = self.net.dist_params(torch.as_tensor(obs, device=self.device))
+        actions = self.dist.mode(params) if deterministic else self.dist.sample(params, self.generator)
+        return actions.cpu().numpy()
+
+    # ------------------------------------------------------------------ one iteration
+    def iterate(self, envs) -> dict[str, float]:
+        p = self.params
+        if self._collector is None:
+            self._collector = RolloutCollector(envs, p.num_steps, self.dist.param_dim, self.device)
+        if p.anneal_lr:
+            lr = linear_schedule(p.lr, 0.0, self.iteration / self.num_iterations)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        self.net.eval()
+        rollout, episode_returns, episode_lengths = self._collector.collect(envs, self._act, self._value)
+        self.net.train()
+        with torch.no_grad():
+            advantages = gae(rollout.rewards, rollout.values, rollout.discounts(p.gamma), p.gae_lambda,
+                             episode_ends=rollout.ends)
+            returns = advantages + rollout.values[:-1]
+        metrics = self.update(rollout, advantages, returns)
+        self.last_episode_returns = episode_returns
+        self.steps += self.batch_size
+        self.iteration += 1
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        if episode_returns.size:
+            metrics["episode_return"] = float(episode_returns.mean())
+            metrics["episode_length"] = float(episode_lengths.mean())
+            metrics["episodes"] = float(episode_returns.size)
+        return metrics
+
+    def update(self, rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        p = self.params
+        obs = rollout.obs.reshape(-1, *rollout.obs.shape[2:])
+        actions = rollout.actions.reshape(-1, *rollout.actions.shape[2:])
+        old_log_probs = rollout.log_probs.reshape(-1)
+        old_values = rollout.values[:-1].reshape(-1)
+        adv = advantages.reshape(-1)
+        ret = returns.reshape(-1)
+        valid = rollout.valid.reshape(-1)
+        if p.norm_adv == "batch":
+            mean, std = adv[valid].mean(), adv[valid].std()
+            adv = (adv - mean) / (std + 1e-8)
+        value_clip = None
+        if p.clip_value_loss:
+            value_clip = p.value_clip_coef if p.value_clip_coef is not None else p.clip_coef
+        params_list = list(self.net.parameters())
+        stats = []
+        for _epoch in range(p.num_epochs):
+            epoch_kl = []
+            for mb in minibatch_indices(valid, p.num_minibatches, self.generator):
+                dist_params, values = self.net(obs[mb])
+                log_probs = self.dist.log_prob(dist_params, actions[mb])
+                mb_adv = adv[mb]
+                if p.norm_adv == "minibatch":
+                    mb_adv = losses.normalize(mb_adv)
+                pg_loss, approx_kl, clip_frac = losses.clipped_surrogate_loss(
+                    log_probs, old_log_probs[mb], mb_adv, p.clip_coef)
+                v_loss = losses.value_loss(values, ret[mb], old_values[mb], value_clip)
+                entropy = self.dist.entropy(dist_params).mean()
+                loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * entropy
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
+                self.optimizer.step()
+                stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), approx_kl,
+                                          clip_frac, grad_norm]))
+                epoch_kl.append(approx_kl)
+            if p.target_kl is not None and float(torch.stack(epoch_kl).mean()) > p.target_kl:
+                break
+        table = torch.stack(stats)
+        names = ["loss/policy", "loss/value", "entropy", "approx_kl", "clip_fraction", "grad_norm"]
+        means = table.mean(0)
+        check_finite(dict(zip(names, table.sum(0))), f"PPO update {self.iteration}")
+        with torch.no_grad():
+            var_returns = ret[valid].var()
+            explained = 1.0 - (ret[valid] - old_values[valid]).var() / var_returns if var_returns > 0 else torch.nan
+        out = dict(zip(names, means.tolist()))
+        out["explained_variance"] = float(explained)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "steps": self.steps,
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.steps = int(state["steps"])
+        self.iteration = int(state["iteration"])
+
+
+def _fast_adam_kwargs(device: torch.device) -> dict:
+    """Adam's multi-tensor (foreach) path on CPU, fused kernels on CUDA: fewer per-parameter calls."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}

@@ -1,0 +1,200 @@
+"""Command line: ``aclab train | eval | list | report | sweep``.
+
+Bad input (unknown algorithm, env id, preset or config key, invalid value, missing run directory)
+prints one line ``aclab: error: ...`` naming the problem and the valid choices, and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILED_RUN = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aclab", description="Actor-critic algorithms: train, evaluate, compare.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an algorithm (or resume a run)")
+    p.add_argument("algo", nargs="?", help="algorithm name (see 'aclab list')")
+    p.add_argument("--env", dest="env_id", help="env id, e.g. CartPole-v1, procgen:bigfish, atari:Breakout, "
+                                                 "mujoco:HalfCheetah-v4, dmc:cheetah-run, metaworld:reach-v3")
+    p.add_argument("--preset", help="preset name (see 'aclab list') or a path to a .toml file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set params.lr=3e-4 --set env.num_envs=8 (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--total-steps", type=float, help="env steps to train for (e.g. 1e6)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<algo>-<env>-s<seed>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --run-dir")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on separate envs")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--episodes", type=int, default=None, help="episodes (default: the run's eval.episodes)")
+    p.add_argument("--split", choices=["train", "test", "both"], default="test",
+                   help="Procgen: train or held-out test levels (other envs: new seeds)")
+    p.add_argument("--deterministic", action="store_true", help="greedy/mean actions instead of sampling")
+    p.add_argument("--no-log", action="store_true", help="do not append the result to the run's evals.csv")
+
+    sub.add_parser("list", help="algorithms, env families and presets")
+
+    p = sub.add_parser("report", help="plots, tables and statistics over run directories")
+    p.add_argument("run_dirs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("report"))
+    p.add_argument("--normalization", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("sweep", help="run a grid of algorithms x envs x seeds from a TOML spec")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--dry-run", action="store_true", help="print the jobs without running them")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from aclab.config import ConfigError
+
+    try:
+        from aclab.envs import EnvIdError
+    except ImportError:  # pragma: no cover
+        EnvIdError = ConfigError  # noqa: N806
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "report": cmd_report,
+                "sweep": cmd_sweep}[args.command](args)
+    except (ConfigError, EnvIdError, FileExistsError, FileNotFoundError) as exc:
+        print(f"aclab: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        if type(exc).__name__ in ("ReportError", "SweepError") or exc.__class__.__module__.startswith("aclab"):
+            print(f"aclab: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def cmd_train(args) -> int:
+    from aclab.config import ConfigError
+    from aclab.train import make_config, resume_config, train
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.total_steps is not None:
+        overrides.append(f"total_steps={int(args.total_steps)}")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    if args.quiet:
+        overrides.append("progress=false")
+    if args.resume is not None:
+        if args.algo or args.env_id or args.preset:
+            raise ConfigError("--resume takes the run's saved config; drop ALGO/--env/--preset "
+                              "(use --set to change keys)")
+        config = resume_config(args.resume, overrides)
+        summary = train(config, args.resume, resume=True)
+    else:
+        if not args.algo:
+            raise ConfigError("missing algorithm: 'aclab train ALGO --env ID' (see 'aclab list')")
+        config = make_config(args.algo, args.env_id, args.preset, overrides)
+        summary = train(config, args.run_dir, overwrite=args.overwrite)
+    _print_summary(summary, args.resume or args.run_dir)
+    return 0 if summary["status"] in ("finished", "interrupted") else EXIT_FAILED_RUN
+
+
+def _print_summary(summary: dict, run_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="aclab run summary", show_header=True)
+    table.add_column("key")
+    table.add_column("value")
+    for key in ("status", "algo", "env_id", "preset", "seed", "steps", "wall_time_s", "steps_per_s",
+                "final_return", "final_return_episodes", "eval_test_return", "eval_train_return", "error"):
+        if summary.get(key) is not None:
+            value = summary[key]
+            table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    console = Console()
+    console.print(table)
+
+
+def cmd_eval(args) -> int:
+    import numpy as np
+
+    from aclab import registry
+    from aclab.algos.common import resolve_device
+    from aclab.runs import Run
+    from aclab.train import build_envs, evaluate, load_run_config
+
+    config = load_run_config(args.run_dir)
+    run, checkpoint = Run.resume_readonly(args.run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{args.run_dir} has no checkpoint to evaluate")
+    envs = build_envs(config)  # the training envs' shape, to restore their normalisation statistics
+    algo = registry.build(config, envs.spec, resolve_device(config.device))
+    algo.load_state_dict(checkpoint["algo"])
+    envs.load_state_dict(checkpoint["envs"])
+    splits = ["train", "test"] if args.split == "both" else [args.split]
+    for split in splits:
+        returns = evaluate(algo, config, split, args.episodes, train_envs=envs, deterministic=args.deterministic)
+        print(f"{split}: mean return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes "
+              f"(step {checkpoint['step']})")
+        if not args.no_log:
+            run.log_eval(int(checkpoint["step"]), split, returns)
+    envs.close()
+    return 0
+
+
+def cmd_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from aclab.config import list_presets
+    from aclab.registry import ALGORITHMS
+
+    console = Console()
+    t = Table(title="algorithms")
+    t.add_column("name")
+    t.add_column("description")
+    for name, (_, _, desc) in ALGORITHMS.items():
+        t.add_row(name, desc)
+    console.print(t)
+    t = Table(title="env families")
+    t.add_column("family")
+    t.add_column("example id")
+    for family, example in (("classic", "CartPole-v1, Pendulum-v1"), ("procgen", "procgen:bigfish"),
+                            ("atari", "atari:Breakout"), ("mujoco", "mujoco:HalfCheetah-v4"),
+                            ("dmc", "dmc:cheetah-run"), ("metaworld", "metaworld:reach-v3"),
+                            ("gym", "gym:<any registered Gymnasium id>")):
+        t.add_row(family, example)
+    console.print(t)
+    t = Table(title="presets")
+    t.add_column("name")
+    t.add_column("algo")
+    t.add_column("description")
+    for name, info in list_presets().items():
+        t.add_row(name, str(info["algo"]), info["description"])
+    console.print(t)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from aclab.evaluate.report import build_report
+
+    path = build_report(args.run_dirs, args.out, normalization=args.normalization, seed=args.seed)
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from aclab.sweep import run_sweep
+
+    results = run_sweep(args.spec, dry_run=args.dry_run)
+    failed = [r for r in results if getattr(r, "returncode", 0) not in (0, None)]
+    return EXIT_FAILED_RUN if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

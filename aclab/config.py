@@ -1,0 +1,341 @@
+"""Typed run configuration, presets and ``key=value`` overrides with clear validation errors.
+
+A run's configuration has three parts:
+
+* top-level fields (:class:`Config`): algorithm name, seed, step budget, device, logging;
+* ``env``: which environment and how it is wrapped (:class:`EnvConfig`);
+* ``params``: the algorithm's own dataclass (e.g. :class:`aclab.algos.ppo.PPOConfig`).
+
+Presets are TOML files in ``aclab/presets/`` holding the papers' hyperparameter tables. Overrides use
+dotted keys (``env.num_envs=8``, ``params.lr=3e-4``); a bare key (``lr=3e-4``) is looked up at the top
+level, then in ``params``, then in ``env``. Every unknown key, unknown preset or invalid value raises
+:class:`ConfigError` with one line naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem: the message names the key and the valid choices."""
+
+
+@dataclass
+class EnvConfig:
+    """Which environment to train on and how it is wrapped (see :func:`aclab.envs.make_env`)."""
+
+    id: str = "CartPole-v1"
+    num_envs: int = 4
+    backend: Literal["auto", "envpool", "gymnasium"] = "auto"
+    num_threads: int | None = None
+    options: dict = field(default_factory=dict)
+    normalize_obs: bool = False
+    obs_clip: float = 10.0
+    normalize_reward: bool = False
+    reward_gamma: float = 0.99
+    reward_clip: float = 10.0
+
+    def validate(self) -> None:
+        require(self.num_envs >= 1, "env.num_envs", self.num_envs, "an integer >= 1")
+        require(self.obs_clip > 0, "env.obs_clip", self.obs_clip, "a number > 0")
+        require(self.reward_clip > 0, "env.reward_clip", self.reward_clip, "a number > 0")
+        require(0.0 <= self.reward_gamma <= 1.0, "env.reward_gamma", self.reward_gamma, "a number in [0, 1]")
+        require(self.num_threads is None or self.num_threads >= 0, "env.num_threads", self.num_threads,
+                "an integer >= 0 or None")
+
+
+@dataclass
+class EvalConfig:
+    """Periodic and final evaluation on separate env instances (Procgen: held-out levels)."""
+
+    every_steps: int = 0
+    episodes: int = 10
+    num_envs: int = 8
+    split: Literal["test", "train", "both"] = "test"
+    deterministic: bool = False
+
+    def validate(self) -> None:
+        require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "an integer >= 0 (0: only at the end)")
+        require(self.episodes >= 0, "eval.episodes", self.episodes, "an integer >= 0 (0: no evaluation)")
+        require(self.num_envs >= 1, "eval.num_envs", self.num_envs, "an integer >= 1")
+
+
+@dataclass
+class Config:
+    """The full, resolved configuration of one run (saved as ``config.json`` in the run directory).
+
+    ``torch_threads = 0`` is automatic: one thread for vector observations on CPU, torch's default
+    otherwise. ``checkpoint_every_iterations = 0`` checkpoints only at the end of the run.
+    """
+
+    algo: str = "ppo"
+    preset: str | None = None
+    seed: int = 1
+    total_steps: int = 100_000
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = 0
+    deterministic_torch: bool = False
+    log_every_iterations: int = 1
+    checkpoint_every_iterations: int = 10
+    keep_checkpoints: int = 2
+    progress: bool = True
+    env: EnvConfig = field(default_factory=EnvConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    params: Any = None
+
+    def validate(self) -> None:
+        require(self.total_steps >= 1, "total_steps", self.total_steps, "an integer >= 1")
+        require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        require(self.torch_threads >= 0, "torch_threads", self.torch_threads, "an integer >= 0 (0: torch's default)")
+        require(self.log_every_iterations >= 1, "log_every_iterations", self.log_every_iterations, "an integer >= 1")
+        require(self.checkpoint_every_iterations >= 0, "checkpoint_every_iterations",
+                self.checkpoint_every_iterations, "an integer >= 0 (0: only at the end)")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        self.env.validate()
+        self.eval.validate()
+        if self.params is not None and hasattr(self.params, "validate"):
+            self.params.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=list)
+
+
+def require(condition: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise :class:`ConfigError` ``"key=value is invalid: expected <allowed>"`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"invalid value {key}={value!r}: expected {allowed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Coercion of values against dataclass field types
+# ----------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (a parsed TOML value or a command-line string) to field type ``tp``.
+
+    Supports bool, int, float, str, None, Literal, unions with None, tuple[...] and list[...] and dict.
+    Raises ConfigError naming ``key`` and the expected type or allowed values.
+    """
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ConfigError(f"invalid value {key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"invalid value {key}={value!r}: expected {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"invalid value {key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid value {key}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                as_float = float(value.replace("_", ""))
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+        raise ConfigError(f"invalid value {key}={value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"invalid value {key}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"invalid value {key}={value!r}: expected a string")
+    if origin in (tuple, list) or tp in (tuple, list):
+        if isinstance(value, str):
+            text = value.strip()
+            if not text.startswith("["):
+                text = "[" + text + "]"
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"invalid value {key}={value!r}: expected a list like [64, 64]") from exc
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"invalid value {key}={value!r}: expected a list")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [coerce(f"{key}[{i}]", v, item_tp) if item_tp is not Any else v for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"invalid value {key}={value!r}: expected a JSON object") from exc
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid value {key}={value!r}: expected a table/object")
+        return dict(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _fields(obj_or_cls: Any) -> dict[str, Any]:
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, section: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    where = f" in [{section}]" if section else ""
+    return ConfigError(f"unknown config key {key!r}{where}{hint}; valid keys: {', '.join(sorted(valid))}")
+
+
+def apply_table(obj: Any, table: dict, section: str = "") -> None:
+    """Set fields of dataclass ``obj`` from a (nested) dict, validating every key and value."""
+    fields = _fields(obj)
+    for name, value in table.items():
+        full = f"{section}.{name}" if section else name
+        if name not in fields:
+            raise _unknown_key(full, section, list(fields))
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
+            if not isinstance(value, dict):
+                raise ConfigError(f"invalid value {full}={value!r}: expected a table of keys")
+            apply_table(current, value, full)
+        else:
+            setattr(obj, name, coerce(full, value, fields[name]))
+
+
+def set_key(config: Config, key: str, raw_value: Any) -> None:
+    """Apply one override ``key=value`` (``key`` dotted or bare) to ``config`` in place."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        for target, section in ((config, ""), (config.params, "params"), (config.env, "env"), (config.eval, "eval")):
+            if target is not None and key in _fields(target) and not dataclasses.is_dataclass(getattr(target, key)):
+                apply_table(target, {key: raw_value}, section)
+                return
+        valid = [k for k, v in _fields(config).items() if not dataclasses.is_dataclass(getattr(config, k))]
+        valid = [k for k in valid if k != "params"]
+        valid += [f"params.{k}" for k in _fields(config.params)] if config.params is not None else []
+        valid += [f"env.{k}" for k in _fields(config.env)] + [f"eval.{k}" for k in _fields(config.eval)]
+        raise _unknown_key(key, "", valid)
+    head, rest = parts[0], ".".join(parts[1:])
+    if head not in ("env", "eval", "params"):
+        raise ConfigError(f"unknown config section {head!r} in {key!r}; valid sections: env, eval, params")
+    target = getattr(config, head)
+    if target is None:
+        raise ConfigError(f"{key!r}: this algorithm has no parameters")
+    if "." in rest:
+        raise ConfigError(f"unknown config key {key!r}: sections are one level deep (e.g. params.lr)")
+    apply_table(target, {rest: raw_value}, head)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split ``"key=value"``; raise ConfigError for anything else."""
+    if "=" not in text:
+        raise ConfigError(f"invalid override {text!r}: expected key=value, e.g. params.lr=3e-4")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"invalid override {text!r}: empty key")
+    return key, value.strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+def list_presets() -> dict[str, dict]:
+    """All presets: name -> {"algo", "description", "path"}."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.toml")):
+        data = load_toml(path)
+        out[path.stem] = {"algo": data.get("algo"), "description": data.get("description", ""), "path": path}
+    return out
+
+
+def load_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+
+
+def load_preset(name_or_path: str) -> tuple[str, dict]:
+    """Return (preset name, table) for a preset name or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.exists():
+        return path.stem, load_toml(path)
+    presets = list_presets()
+    if name_or_path not in presets:
+        close = difflib.get_close_matches(name_or_path, list(presets), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name_or_path!r}{hint}; valid presets: {', '.join(presets)}")
+    return name_or_path, load_toml(presets[name_or_path]["path"])
+
+
+def config_from_table(table: dict, params_cls: type) -> Config:
+    """Build a Config from a preset-like table (``algo``, top-level keys, [env], [eval], [params])."""
+    table = dict(table)
+    table.pop("description", None)
+    params = params_cls()
+    config = Config(params=params)
+    params_table = table.pop("params", {})
+    apply_table(config, table)
+    apply_table(params, params_table, "params")
+    return config
+
+
+def config_from_dict(data: dict, params_cls: type) -> Config:
+    """Rebuild a Config saved with :meth:`Config.to_dict` (e.g. a run directory's config.json)."""
+    return config_from_table(data, params_cls)

@@ -1,0 +1,357 @@
+"""Environment ids, families and option validation (pure functions; no env is built here).
+
+Id grammar (see :func:`parse_env_id`):
+
+* ``"CartPole-v1"``, ``"Pendulum-v1"``, ... (a bare classic-control name) -> family ``classic``;
+  a bare EnvPool MuJoCo id (``"HalfCheetah-v4"``) -> ``mujoco``; any other bare id registered in
+  Gymnasium -> ``gym``.
+* ``"classic:CartPole-v1"``, ``"procgen:bigfish"``, ``"atari:Breakout"``, ``"mujoco:HalfCheetah-v4"``,
+  ``"dmc:cheetah-run"``, ``"metaworld:reach-v3"``, ``"gym:<registered Gymnasium id>"``.
+
+Errors are :class:`EnvIdError` (a ``ValueError``) whose message names the bad id or option and lists the
+valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import re
+from typing import Any
+
+__all__ = [
+    "ENV_FAMILIES",
+    "EnvIdError",
+    "PROCGEN_GAMES",
+    "PROCGEN_DISTRIBUTION_MODES",
+    "PROCGEN_LEVEL_SETS",
+    "PROCGEN_TRAIN_LEVELS",
+    "CLASSIC_IDS",
+    "ATARI_SETTINGS",
+    "parse_env_id",
+]
+
+ENV_FAMILIES = ("classic", "procgen", "atari", "mujoco", "dmc", "metaworld", "gym")
+
+
+class EnvIdError(ValueError):
+    """A bad environment id, option name or option value. The message lists the valid choices."""
+
+
+# The 16 Procgen games and the distribution modes each supports (Cobbe et al. 2020; EnvPool registry).
+PROCGEN_DISTRIBUTION_MODES: dict[str, tuple[str, ...]] = {
+    "bigfish": ("easy", "hard"),
+    "bossfight": ("easy", "hard"),
+    "caveflyer": ("easy", "hard", "memory", "exploration"),
+    "chaser": ("easy", "hard", "extreme"),
+    "climber": ("easy", "hard", "exploration"),
+    "coinrun": ("easy", "hard", "exploration"),
+    "dodgeball": ("easy", "hard", "extreme", "memory"),
+    "fruitbot": ("easy", "hard"),
+    "heist": ("easy", "hard", "memory", "exploration"),
+    "jumper": ("easy", "hard", "memory", "exploration"),
+    "leaper": ("easy", "hard", "extreme", "exploration"),
+    "maze": ("easy", "hard", "memory", "exploration"),
+    "miner": ("easy", "hard", "memory"),
+    "ninja": ("easy", "hard", "exploration"),
+    "plunder": ("easy", "hard"),
+    "starpilot": ("easy", "hard", "extreme"),
+}
+PROCGEN_GAMES = tuple(PROCGEN_DISTRIBUTION_MODES)
+# Level sets: "train" = levels [0, 200) (the DCPG/PPG protocol), "test" = the full level distribution
+# (num_levels=0, what the DCPG authors' code evaluates on), "test-unseen" = levels >= 200 only.
+PROCGEN_TRAIN_LEVELS = 200
+PROCGEN_LEVEL_SETS = ("train", "test", "test-unseen")
+
+# Classic-control ids served by EnvPool (always) and Gymnasium (LunarLander needs Box2D there).
+CLASSIC_IDS = (
+    "CartPole-v0",
+    "CartPole-v1",
+    "Pendulum-v1",
+    "Acrobot-v1",
+    "MountainCar-v0",
+    "MountainCarContinuous-v0",
+    "LunarLander-v3",
+    "LunarLanderContinuous-v3",
+)
+
+ATARI_SETTINGS = ("easy", "hard", "envpool")
+
+# EnvPool config keys that the env layer sets itself (never user options).
+_ENVPOOL_RESERVED_KEYS = frozenset(
+    {
+        "num_envs",
+        "batch_size",
+        "num_threads",
+        "max_num_players",
+        "thread_affinity_offset",
+        "base_path",
+        "seed",
+        "env_seed",
+        "gym_reset_return_info",
+        "env_name",
+        "channel_first",
+        "task",
+        "task_name",
+        "reward_threshold",
+    }
+)
+
+
+def _choices(values: Any, limit: int = 0) -> str:
+    values = list(values)
+    if limit and len(values) > limit:
+        return ", ".join(map(str, values[:limit])) + f", ... ({len(values)} in all)"
+    return ", ".join(map(str, values))
+
+
+def _closest(name: str, values: Any) -> str:
+    close = difflib.get_close_matches(name, list(values), n=3, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _squash(name: str) -> str:
+    """Lower-case and drop separators: 'ball_in_cup-catch' -> 'ballincupcatch'."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+@functools.lru_cache(maxsize=None)
+def envpool_ids(import_path: str) -> tuple[str, ...]:
+    """EnvPool task ids registered by one EnvPool module (e.g. 'envpool.mujoco.dmc'), in registry order."""
+    try:
+        from envpool.registration import registry
+    except ImportError:  # pragma: no cover - envpool is a hard dependency
+        return ()
+    return tuple(task for task, (path, _, _) in registry.specs.items() if path == import_path)
+
+
+@functools.lru_cache(maxsize=None)
+def _atari_games() -> dict[str, str]:
+    """lower-case game name -> EnvPool task id ('breakout' -> 'Breakout-v5')."""
+    return {task[: -len("-v5")].lower(): task for task in envpool_ids("envpool.atari") if task.endswith("-v5")}
+
+
+@functools.lru_cache(maxsize=None)
+def _mujoco_ids() -> tuple[str, ...]:
+    return envpool_ids("envpool.mujoco.gym")
+
+
+@functools.lru_cache(maxsize=None)
+def _dmc_ids() -> dict[str, str]:
+    """squashed 'domaintask' -> EnvPool id ('cheetahrun' -> 'CheetahRun-v1')."""
+    return {_squash(task[: -len("-v1")]): task for task in envpool_ids("envpool.mujoco.dmc")}
+
+
+@functools.lru_cache(maxsize=None)
+def _metaworld_ids() -> dict[str, str]:
+    """squashed 'taskv3' -> EnvPool id ('reachv3' -> 'MetaWorld/Reach-v3')."""
+    return {_squash(task.split("/", 1)[1]): task for task in envpool_ids("envpool.mujoco.metaworld")}
+
+
+def _gym_registry() -> dict[str, Any]:
+    import gymnasium
+
+    return gymnasium.registry
+
+
+def _dmc_display(task: str) -> str:
+    """'CheetahRun-v1' -> 'CheetahRun' (for error listings)."""
+    return task[: -len("-v1")]
+
+
+def parse_env_id(env_id: str) -> tuple[str, str]:
+    """Split an aclab env id into ``(family, name)`` and validate it; raises :class:`EnvIdError`.
+
+    ``name`` is the canonical backend name: the Procgen game ('bigfish'), EnvPool's task id for Atari
+    ('Breakout-v5'), MuJoCo ('HalfCheetah-v4'), DM Control ('CheetahRun-v1') and Meta-World
+    ('MetaWorld/Reach-v3'), and the Gymnasium id for 'classic' and 'gym'.
+    """
+    if not isinstance(env_id, str) or not env_id.strip():
+        raise EnvIdError(f"env id must be a non-empty string, got {env_id!r}")
+    env_id = env_id.strip()
+    if ":" not in env_id:
+        return _parse_bare(env_id)
+    family, _, name = env_id.partition(":")
+    family = family.strip().lower()
+    name = name.strip()
+    if family not in ENV_FAMILIES:
+        raise EnvIdError(
+            f"unknown env family {family!r} in {env_id!r}; valid families: {_choices(ENV_FAMILIES)}"
+            f" (e.g. 'procgen:bigfish', 'atari:Breakout', 'dmc:cheetah-run')"
+        )
+    if not name:
+        raise EnvIdError(f"env id {env_id!r} names no environment after '{family}:'")
+    return family, _PARSERS[family](name)
+
+
+def _parse_bare(name: str) -> tuple[str, str]:
+    if name in CLASSIC_IDS:
+        return "classic", name
+    if name in _mujoco_ids():
+        return "mujoco", name
+    if name in _gym_registry():
+        return "gym", name
+    candidates = list(CLASSIC_IDS) + list(_mujoco_ids())
+    raise EnvIdError(
+        f"unknown env id {name!r}: not a classic-control name ({_choices(CLASSIC_IDS)}), not an EnvPool MuJoCo"
+        f" id and not a registered Gymnasium id.{_closest(name, candidates)} Other families use a prefix:"
+        f" {_choices(f + ':' for f in ENV_FAMILIES)}"
+    )
+
+
+def _parse_classic(name: str) -> str:
+    if name in CLASSIC_IDS:
+        return name
+    raise EnvIdError(f"unknown classic-control id {name!r}; valid: {_choices(CLASSIC_IDS)}.{_closest(name, CLASSIC_IDS)}")
+
+
+def _parse_procgen(name: str) -> str:
+    game = name.lower()
+    if game in PROCGEN_GAMES:
+        return game
+    raise EnvIdError(
+        f"unknown Procgen game {name!r}; the 16 Procgen games are: {_choices(PROCGEN_GAMES)}."
+        f"{_closest(game, PROCGEN_GAMES)} (choose the level set and difficulty with options"
+        f" levels=..., distribution_mode=...)"
+    )
+
+
+def _parse_atari(name: str) -> str:
+    games = _atari_games()
+    key = name.lower()
+    if key.endswith("-v5"):
+        key = key[: -len("-v5")]
+    if key in games:
+        return games[key]
+    display = sorted(task[: -len("-v5")] for task in games.values())
+    raise EnvIdError(
+        f"unknown Atari game {name!r}.{_closest(name, display)} Valid games: {_choices(display)}"
+    )
+
+
+def _parse_mujoco(name: str) -> str:
+    ids = _mujoco_ids()
+    if name in ids:
+        return name
+    versions = sorted(task for task in ids if task.lower().startswith(name.lower() + "-v"))
+    if versions and "-v" not in name:
+        preferred = [task for task in versions if task.endswith("-v4")]
+        return preferred[0] if preferred else versions[-1]
+    if name in _gym_registry() and "mujoco" in str(_gym_registry()[name].entry_point):
+        return name
+    raise EnvIdError(f"unknown MuJoCo id {name!r}.{_closest(name, ids)} Valid: {_choices(ids)}")
+
+
+def _parse_dmc(name: str) -> str:
+    ids = _dmc_ids()
+    key = _squash(name[: -len("-v1")] if name.lower().endswith("-v1") else name)
+    if key in ids:
+        return ids[key]
+    display = [_dmc_display(task) for task in ids.values()]
+    raise EnvIdError(
+        f"unknown DM Control task {name!r} (write 'domain-task', e.g. 'cheetah-run', 'ball_in_cup-catch')."
+        f"{_closest(name, display)} Valid: {_choices(display)}"
+    )
+
+
+def _parse_metaworld(name: str) -> str:
+    ids = _metaworld_ids()
+    key = _squash(name)
+    if key in ids:
+        return ids[key]
+    if key + "v3" in ids:
+        return ids[key + "v3"]
+    display = [task.split("/", 1)[1] for task in ids.values()]
+    raise EnvIdError(
+        f"unknown Meta-World task {name!r} (e.g. 'reach-v3', 'button-press-topdown-v3')."
+        f"{_closest(name, display)} Valid: {_choices(display)}"
+    )
+
+
+def _parse_gym(name: str) -> str:
+    registry = _gym_registry()
+    if name in registry:
+        return name
+    raise EnvIdError(
+        f"{name!r} is not a registered Gymnasium id (import the package that registers it first)."
+        f"{_closest(name, registry.keys())}"
+    )
+
+
+_PARSERS = {
+    "classic": _parse_classic,
+    "procgen": _parse_procgen,
+    "atari": _parse_atari,
+    "mujoco": _parse_mujoco,
+    "dmc": _parse_dmc,
+    "metaworld": _parse_metaworld,
+    "gym": _parse_gym,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Option validation
+# ----------------------------------------------------------------------------------------------------
+
+
+def envpool_config_defaults(task_id: str) -> dict[str, Any]:
+    """EnvPool's default config for ``task_id`` minus the keys the env layer controls."""
+    import envpool
+
+    config = envpool.make_spec(task_id).config
+    items = config._asdict() if hasattr(config, "_asdict") else dict(config)
+    return {k: v for k, v in items.items() if k not in _ENVPOOL_RESERVED_KEYS}
+
+
+def check_option_keys(env_id: str, options: dict[str, Any], allowed: Any) -> None:
+    """Raise :class:`EnvIdError` naming each unknown key and listing the allowed ones."""
+    allowed = sorted(set(allowed))
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        hints = "".join(_closest(k, allowed) for k in unknown)
+        raise EnvIdError(
+            f"unknown option(s) {unknown} for {env_id!r}; allowed options: {_choices(allowed)}.{hints}"
+        )
+
+
+def coerce_option(env_id: str, key: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` to the type of EnvPool's ``default`` (bool/int/float/str) or raise EnvIdError."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, (bool, int)) and value in (0, 1):
+            return bool(value)
+    elif kind is int:
+        if isinstance(value, (int,)) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise EnvIdError(f"option {key}={value!r} for {env_id!r} must be of type {kind.__name__} (default {default!r})")
+
+
+def gym_constructor_keys(gym_id: str) -> tuple[set[str], bool]:
+    """Keyword arguments accepted by a Gymnasium id's constructor, and whether it takes ``**kwargs``."""
+    from gymnasium.envs.registration import load_env_creator
+
+    spec = _gym_registry()[gym_id]
+    keys = set(spec.kwargs)
+    try:
+        creator = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
+        signature = inspect.signature(creator)
+    except Exception:  # entry point not importable here (missing extra): accept only the spec's own kwargs
+        return keys, False
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    keys.update(
+        name
+        for name, p in signature.parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) and name != "self"
+    )
+    return keys, var_kw

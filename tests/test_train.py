@@ -1,0 +1,152 @@
+"""The training loop end to end: run directories, resume after a kill, NaN handling, image envs."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aclab.runs import list_checkpoints, load_latest_checkpoint
+from aclab.train import make_config, train
+
+FAST = ["progress=false", "eval.episodes=0"]
+
+
+def _cartpole(total_steps: int, *extra: str):
+    return make_config(
+        "ppo", "CartPole-v1",
+        overrides=[*FAST, f"total_steps={total_steps}", "env.backend=gymnasium", "params.num_steps=32",
+                   "checkpoint_every_iterations=2", *extra],
+    )
+
+
+def _rows(run_dir: Path, drop=("time_s", "steps_per_s")) -> list[dict]:
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def test_run_directory_contents(tmp_path):
+    config = _cartpole(2048, "eval.episodes=3")
+    summary = train(config, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.csv", "metrics.jsonl", "summary.json", "evals.csv", "learning_curve.png"):
+        assert (run / name).exists(), name
+    assert list((run / "tb").iterdir())
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["params"]["num_steps"] == 32 and saved["env"]["backend"] == "gymnasium"
+    assert summary["status"] == "finished" and summary["steps"] >= 2048
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    rows = _rows(run)
+    assert [int(r["step"]) for r in rows] == [128 * (i + 1) for i in range(len(rows))]
+    assert len(list_checkpoints(run / "checkpoints")) <= config.keep_checkpoints
+    evals = list(csv.DictReader((run / "evals.csv").open()))
+    assert evals[-1]["num_episodes"] == "3" and len(evals[-1]["returns"].split()) == 3
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    train(_cartpole(256), tmp_path / "run")
+    with pytest.raises(FileExistsError, match="already exists"):
+        train(_cartpole(256), tmp_path / "run")
+    train(_cartpole(256), tmp_path / "run", overwrite=True)
+    assert len(_rows(tmp_path / "run")) == 2
+
+
+def _final_params(run_dir: Path) -> dict:
+    return load_latest_checkpoint(run_dir / "checkpoints")["algo"]["net"]
+
+
+def test_resume_after_clean_stop_equals_uninterrupted(tmp_path):
+    total = 128 * 12
+    train(_cartpole(total), tmp_path / "full")
+    first = train(_cartpole(total), tmp_path / "split", stop_after_iterations=5)
+    assert first["status"] == "interrupted"
+    resumed = train(_cartpole(total), tmp_path / "split", resume=True)
+    assert resumed["status"] == "finished" and resumed["resumed_with_exact_env_state"] is True
+    a, b = _final_params(tmp_path / "full"), _final_params(tmp_path / "split")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    total = 128 * 40
+    args = ["--set", "progress=false", "--set", "eval.episodes=0", "--set", "env.backend=gymnasium",
+            "--set", "params.num_steps=32", "--set", "checkpoint_every_iterations=3", "--total-steps", str(total)]
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, "-m", "aclab", "train", "ppo", "--env", "CartPole-v1", "--run-dir", str(full),
+                    *args], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "aclab", "train", "ppo", "--env", "CartPole-v1", "--run-dir",
+                             str(killed), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list_checkpoints(killed / "checkpoints")) >= 1 and len(_rows(killed)) >= 10:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; raise total"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["status"] == "running"  # a killed run never wrote its final summary
+    subprocess.run([sys.executable, "-m", "aclab", "train", "--resume", str(killed)], check=True,
+                   capture_output=True)
+    a, b = _final_params(full), _final_params(killed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _rows(full) == _rows(killed)
+    assert json.loads((killed / "summary.json").read_text())["status"] == "finished"
+
+
+def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from aclab.core import losses
+
+    real = losses.value_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] > 4 * 4 * 3 else out  # from the 4th iteration on
+
+    monkeypatch.setattr(losses, "value_loss", poisoned)
+    config = _cartpole(128 * 10, "checkpoint_every_iterations=1")
+    summary = train(config, tmp_path / "run")
+    assert summary["status"] == "failed"
+    assert "non-finite loss" in summary["error"] and "loss/value" in summary["error"]
+    checkpoint = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint["step"] == 128 * 3
+    for tensor in checkpoint["algo"]["net"].values():
+        assert torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("env_id, encoder", [("procgen:coinrun", "impala"), ("atari:Pong", "nature_cnn")])
+def test_image_envs_train_end_to_end(tmp_path, env_id, encoder):
+    config = make_config("ppo", env_id, overrides=[*FAST, "env.num_envs=2", "params.num_steps=8",
+                                                   "params.num_minibatches=2", "params.num_epochs=1",
+                                                   "total_steps=32", "eval.episodes=0"])
+    assert config.params.encoder == encoder
+    summary = train(config, tmp_path / "run")
+    assert summary["status"] == "finished" and summary["steps"] == 32
+    checkpoint = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert any("conv" in k or "stages" in k or "cnn" in k for k in checkpoint["algo"]["net"])
+
+
+def test_eval_counts_first_episodes_per_env(tmp_path):
+    from aclab import registry
+    from aclab.algos.common import resolve_device
+    from aclab.train import build_envs, evaluate
+
+    config = _cartpole(256, "eval.num_envs=3")
+    envs = build_envs(config)
+    envs.reset(seed=0)
+    algo = registry.build(config, envs.spec, resolve_device("cpu"))
+    returns = evaluate(algo, config, "test", episodes=7, train_envs=envs)
+    assert len(returns) == 7 and all(r > 0 for r in returns)
+    assert np.isfinite(returns).all()
