@@ -23,7 +23,8 @@ from aclab.core import losses
 from aclab.core.distributions import make_distribution
 from aclab.core.returns import gae
 from aclab.data.rollout import RolloutCollector
-from aclab.nets.agents import ActorCritic
+from aclab.nets.agents import FusedMLPActorCritic, make_actor_critic
+from aclab.nets.numpy_policy import NumpyActorCritic
 
 
 @dataclass
@@ -52,6 +53,7 @@ class PPOConfig:
     shared_network: bool = False
     action_dist: Literal["auto", "gaussian", "tanh_gaussian"] = "auto"
     log_std_init: float = 0.0
+    acting: Literal["auto", "torch", "numpy"] = "auto"
 
     def validate(self) -> None:
         require(self.num_steps >= 1, "params.num_steps", self.num_steps, "an integer >= 1")
@@ -70,9 +72,10 @@ class PPOConfig:
                 self.hidden_sizes, "a non-empty list of positive integers")
 
 
-def build_actor_critic(params: PPOConfig, env_spec) -> ActorCritic:
-    dist = make_distribution(env_spec.action_space, "auto" if params.action_dist == "gaussian" else params.action_dist)
-    return ActorCritic(
+def build_actor_critic(params: PPOConfig, env_spec) -> torch.nn.Module:
+    kind = "auto" if params.action_dist == "gaussian" else params.action_dist
+    dist = make_distribution(env_spec.action_space, kind)
+    return make_actor_critic(
         env_spec.obs_shape,
         dist,
         encoder=params.encoder,
@@ -106,6 +109,13 @@ class PPO:
         )
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
+        # acting on CPU with small MLPs: a NumPy mirror of the network (see aclab.nets.numpy_policy)
+        self.numpy_actor = None
+        use_numpy = self.params.acting == "numpy" or (
+            self.params.acting == "auto" and device.type == "cpu" and config.env.num_envs <= 64)
+        if use_numpy and isinstance(self.net, FusedMLPActorCritic) and device.type == "cpu":
+            self.numpy_actor = NumpyActorCritic(self.net)
+        self.np_rng = np.random.default_rng(config.seed)
         self.batch_size = config.env.num_envs * self.params.num_steps
         self.num_iterations = max(config.total_steps // self.batch_size, 1)
         self.steps = 0
@@ -116,13 +126,19 @@ class PPO:
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def _act(self, obs: torch.Tensor):
+        """Behaviour policy for the collector: NumPy (actions, log_probs, values, dist_params)."""
+        if self.numpy_actor is not None:
+            return self.numpy_actor.act(obs.numpy(), self.np_rng)
         params, value = self.net(obs)
         actions = self.dist.sample(params, self.generator)
-        return actions, self.dist.log_prob(params, actions), value, params
+        log_probs = self.dist.log_prob(params, actions)
+        return tuple(x.cpu().numpy() for x in (actions, log_probs, value, params))
 
     @torch.no_grad()
-    def _value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net.value(obs)
+    def _value(self, obs: torch.Tensor) -> np.ndarray:
+        if self.numpy_actor is not None:
+            return self.numpy_actor.forward(obs.numpy())[1]
+        return self.net.value(obs).cpu().numpy()
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
@@ -147,6 +163,8 @@ class PPO:
                              episode_ends=rollout.ends)
             returns = advantages + rollout.values[:-1]
         metrics = self.update(rollout, advantages, returns)
+        if self.numpy_actor is not None:
+            self.numpy_actor.sync()
         self.last_episode_returns = episode_returns
         self.steps += self.batch_size
         self.iteration += 1
@@ -213,6 +231,7 @@ class PPO:
             "net": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "np_rng": self.np_rng.bit_generator.state,
             "steps": self.steps,
             "iteration": self.iteration,
         }
@@ -221,6 +240,9 @@ class PPO:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        self.np_rng.bit_generator.state = state["np_rng"]
+        if self.numpy_actor is not None:
+            self.numpy_actor.sync()
         self.steps = int(state["steps"])
         self.iteration = int(state["iteration"])
 

@@ -58,13 +58,11 @@ class AtariFrameMarks:
 
     def on_step(self, obs: np.ndarray, actions: np.ndarray, dummy: np.ndarray, elapsed: np.ndarray) -> np.ndarray:
         """``actions`` [B] taken this step, ``dummy`` [B] True where the step was an autoreset dummy."""
-        last = self.history[:, -1].copy()
+        # EnvPool shifts its frame stack by one on every step, including the dummy step after a life
+        # loss (whose new frame no action produced); a real game reset refills the whole stack.
         self.history[:, :-1] = self.history[:, 1:]
         self.history[:, -1] = np.where(dummy, -1, actions)
-        if dummy.any():
-            # EnvPool refills the stack after a life loss with copies of the final frame (made by `last`).
-            self.history[dummy, :-1] = last[dummy, None]
-        self.history[elapsed == 0] = -1  # a new game: the whole stack is fresh
+        self.history[elapsed == 0] = -1
         return self.paint(obs, elapsed)
 
     def paint(self, obs: np.ndarray, elapsed: np.ndarray) -> np.ndarray:

@@ -108,7 +108,9 @@ class EnvPoolBackend:
         self.config = dict(config)
         # Atari with episodic_life: EnvPool's info['terminated'] marks the real game over.
         self.game_over_from_info = game_over_from_info
-        self._pool = self._build(env_seeds)
+        self._seeds = [int(s) for s in env_seeds]
+        self._pristine = True  # built with self._seeds and not stepped yet: reset(self._seeds) needs no rebuild
+        self._pool = self._build(self._seeds)
         self.single_observation_space = self._pool.observation_space
         self.single_action_space = self._pool.action_space
         self.adapter = ObsAdapter(self.single_observation_space)
@@ -129,10 +131,12 @@ class EnvPoolBackend:
         )
 
     def reset(self, seeds: Sequence[int] | None) -> np.ndarray:
-        if seeds is not None:
+        if seeds is not None and not (self._pristine and [int(s) for s in seeds] == self._seeds):
             # EnvPool seeds only at construction: rebuild the pool to reseed.
             self._pool.close()
-            self._pool = self._build(seeds)
+            self._seeds = [int(s) for s in seeds]
+            self._pool = self._build(self._seeds)
+        self._pristine = False
         obs, self.info = self._pool.reset()
         return self.adapter(obs)
 

@@ -1,13 +1,19 @@
 """``make_env``: one entry point from an env id (or a factory) to a :class:`~aclab.envs.vec.VecEnv`.
 
-Default backends (``backend="auto"``), measured on the 2-core CPU machine (see the env-layer report):
+Default backends (``backend="auto"``), measured on the 2-core CPU machine, us per step of the raw backend
+(CartPole, random actions, best of 7 runs; the machine was shared, so +-20%):
 
-| family | default backend | why |
+| family | default backend | measured |
 | --- | --- | --- |
-| classic, CartPole | Gymnasium numpy-vectorised ``CartPoleVectorEnv`` | ~38 us/step at 4 envs, ~54 us at 64 envs, vs EnvPool 47 / 158 us |
-| classic, others | EnvPool, ``num_threads=1`` | ties Gymnasium at 4 envs, 2-5x faster at 16 |
-| procgen, atari, mujoco, dmc, metaworld | EnvPool, one thread per core | only EnvPool has them / fastest |
-| gym:<id>, factories | Gymnasium ``SyncVectorEnv`` (NEXT_STEP autoreset) | generic |
+| classic, CartPole | Gymnasium ``CartPoleVectorEnv`` | 4 envs: 38 us (EnvPool 1 thread 33-47, 0 threads 59-62); |
+| | (numpy-vectorised) | 64 envs: 42 us (EnvPool 85-158) |
+| classic, others | EnvPool, ``num_threads=1`` | Pendulum / Acrobot 16 envs: 100 / 96 us vs SyncVectorEnv 193 / 534 |
+| procgen, atari, mujoco, dmc, metaworld | EnvPool, min(B, cores) threads | only EnvPool has them; 2 threads |
+| | | beat 1 by 1.4-1.7x (bigfish 64 envs: 82k vs 48k steps/s) |
+| gym:<id>, factories | Gymnasium ``SyncVectorEnv`` (NEXT_STEP) | generic |
+
+:class:`VecEnv` adds ~7 us per step on top of the backend (4 envs; no normalisation); observation plus
+reward normalisation add ~25-30 us more.
 
 Family options (``options=``; unknown keys raise :class:`EnvIdError` listing the allowed ones):
 
@@ -27,7 +33,9 @@ Family options (``options=``; unknown keys raise :class:`EnvIdError` listing the
   cap (``max_episode_steps = 108000 // frame_skip`` agent steps) and no automatic FIRE after reset /
   life loss (``use_fire_reset=False``; DNA's footnote 18 has the agent press it). Every EnvPool Atari key
   can be overridden. ``action_marker`` / ``progress_bar`` (default False) draw DNA's previous-action
-  blocks and time bar into the frames (:mod:`aclab.envs.atari_marks`).
+  blocks and time bar into the frames (:mod:`aclab.envs.atari_marks`). With ``episodic_life`` the
+  statistics cover the whole game (EnvPool's ``info["terminated"]`` marks the game over); caveat: after a
+  life loss EnvPool's dummy step plays 1-30 no-op frames whose rewards it discards (zero in most games).
 * mujoco, dmc, metaworld: EnvPool's config keys (``max_episode_steps``, ``frame_skip``, reward weights,
   ...); MuJoCo with ``backend="gymnasium"`` takes the Gymnasium constructor's keyword arguments.
 """

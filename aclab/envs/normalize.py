@@ -198,7 +198,9 @@ class RewardScaler:
         if restore_returns:
             returns = np.asarray(state["returns"], dtype=np.float64)
             if returns.shape != self.returns.shape:
-                raise ValueError(f"RewardScaler num_envs mismatch: stored {returns.shape}, expected {self.returns.shape}")
+                raise ValueError(
+                    f"RewardScaler num_envs mismatch: stored {returns.shape}, expected {self.returns.shape}"
+                )
             self.returns = returns.copy()
         else:
             self.returns[:] = 0.0

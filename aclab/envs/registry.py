@@ -116,7 +116,7 @@ def _squash(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def envpool_ids(import_path: str) -> tuple[str, ...]:
     """EnvPool task ids registered by one EnvPool module (e.g. 'envpool.mujoco.dmc'), in registry order."""
     try:
@@ -126,24 +126,24 @@ def envpool_ids(import_path: str) -> tuple[str, ...]:
     return tuple(task for task, (path, _, _) in registry.specs.items() if path == import_path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _atari_games() -> dict[str, str]:
     """lower-case game name -> EnvPool task id ('breakout' -> 'Breakout-v5')."""
     return {task[: -len("-v5")].lower(): task for task in envpool_ids("envpool.atari") if task.endswith("-v5")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mujoco_ids() -> tuple[str, ...]:
     return envpool_ids("envpool.mujoco.gym")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dmc_ids() -> dict[str, str]:
     """squashed 'domaintask' -> EnvPool id ('cheetahrun' -> 'CheetahRun-v1')."""
     return {_squash(task[: -len("-v1")]): task for task in envpool_ids("envpool.mujoco.dmc")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _metaworld_ids() -> dict[str, str]:
     """squashed 'taskv3' -> EnvPool id ('reachv3' -> 'MetaWorld/Reach-v3')."""
     return {_squash(task.split("/", 1)[1]): task for task in envpool_ids("envpool.mujoco.metaworld")}
@@ -203,7 +203,9 @@ def _parse_bare(name: str) -> tuple[str, str]:
 def _parse_classic(name: str) -> str:
     if name in CLASSIC_IDS:
         return name
-    raise EnvIdError(f"unknown classic-control id {name!r}; valid: {_choices(CLASSIC_IDS)}.{_closest(name, CLASSIC_IDS)}")
+    raise EnvIdError(
+        f"unknown classic-control id {name!r}; valid: {_choices(CLASSIC_IDS)}.{_closest(name, CLASSIC_IDS)}"
+    )
 
 
 def _parse_procgen(name: str) -> str:
@@ -225,9 +227,7 @@ def _parse_atari(name: str) -> str:
     if key in games:
         return games[key]
     display = sorted(task[: -len("-v5")] for task in games.values())
-    raise EnvIdError(
-        f"unknown Atari game {name!r}.{_closest(name, display)} Valid games: {_choices(display)}"
-    )
+    raise EnvIdError(f"unknown Atari game {name!r}.{_closest(name, display)} Valid games: {_choices(display)}")
 
 
 def _parse_mujoco(name: str) -> str:
@@ -310,9 +310,7 @@ def check_option_keys(env_id: str, options: dict[str, Any], allowed: Any) -> Non
     unknown = [k for k in options if k not in allowed]
     if unknown:
         hints = "".join(_closest(k, allowed) for k in unknown)
-        raise EnvIdError(
-            f"unknown option(s) {unknown} for {env_id!r}; allowed options: {_choices(allowed)}.{hints}"
-        )
+        raise EnvIdError(f"unknown option(s) {unknown} for {env_id!r}; allowed options: {_choices(allowed)}.{hints}")
 
 
 def coerce_option(env_id: str, key: str, value: Any, default: Any) -> Any:
