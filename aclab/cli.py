@@ -152,14 +152,14 @@ def cmd_list(args) -> int:
     from rich.table import Table
 
     from aclab.config import list_presets
-    from aclab.registry import ALGORITHMS
+    from aclab.registry import all_algorithms
 
     console = Console()
     t = Table(title="algorithms")
     t.add_column("name")
     t.add_column("description")
-    for name, (_, _, desc) in ALGORITHMS.items():
-        t.add_row(name, desc)
+    for name, entry in all_algorithms().items():
+        t.add_row(name, entry.description)
     console.print(t)
     t = Table(title="env families")
     t.add_column("family")

@@ -57,7 +57,7 @@ def make_config(
 
     With no ``preset``, the preset ``<algo>-<family>`` for the env's family is used when it exists.
     """
-    algo_cls = registry.get_algorithm(algo)
+    entry = registry.get_entry(algo)
     if env_id is not None:
         parse_env_id(env_id)  # unknown ids fail here, before anything is built
     table: dict = {"algo": algo}
@@ -67,11 +67,14 @@ def make_config(
     if preset is not None:
         preset_name, table = load_preset(preset)
         table = dict(table)
-        if table.get("algo", algo) != algo:
-            raise ConfigError(f"preset {preset_name!r} is for algorithm {table['algo']!r}, not {algo!r}")
+        preset_algo = table.get("algo", algo)
+        if preset_algo != algo and registry.get_algorithm(preset_algo) is not entry.cls:
+            raise ConfigError(f"preset {preset_name!r} is for algorithm {preset_algo!r}, not {algo!r}")
         table["algo"] = algo
         table["preset"] = preset_name
-    config = config_from_table(table, algo_cls.Config)
+    config = config_from_table(table, entry.cls.Config)
+    for key, value in entry.defaults.items():
+        set_key(config, f"params.{key}", value)
     if env_id is not None:
         config.env.id = env_id
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]

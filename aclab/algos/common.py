@@ -13,6 +13,7 @@ The algorithm contract (duck-typed, no base class)::
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -67,3 +68,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One selectable algorithm name."""
+
+    cls: type
+    description: str
+    defaults: dict = field(default_factory=dict)  # params.<key> values this name fixes
+    preset_prefix: str | None = None  # presets are looked up as <prefix>-<family>; default: the name

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from aclab.algos.common import check_finite, linear_schedule
+from aclab.algos.common import Entry, check_finite, linear_schedule
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
@@ -250,3 +250,6 @@ class PPO:
 def _fast_adam_kwargs(device: torch.device) -> dict:
     """Adam's multi-tensor (foreach) path on CPU, fused kernels on CUDA: fewer per-parameter calls."""
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+ALGORITHMS = {"ppo": Entry(PPO, "Proximal Policy Optimization (clipped surrogate), the papers' baseline")}
