@@ -44,36 +44,47 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="algorithms, env families and presets")
 
     p = sub.add_parser("report", help="plots, tables and statistics over run directories")
-    p.add_argument("run_dirs", nargs="+", type=Path)
+    p.add_argument("run_dirs", nargs="+", type=Path, help="run directories, or folders of run directories")
     p.add_argument("--out", type=Path, default=Path("report"))
-    p.add_argument("--normalization", default="auto")
+    p.add_argument("--normalization", default="auto", choices=["auto", "none", "procgen_minmax", "atari_hns"])
+    p.add_argument("--metric", default="episode_return", help="training metric for curves and final scores")
+    p.add_argument("--last-k", type=int, default=10, help="final score: mean of the last k logged points")
+    p.add_argument("--last-k-evals", type=int, default=1, help="final eval score: mean of the last k evaluations")
+    p.add_argument("--ppo-baseline", help="algorithm to normalise against (PPO-normalised score)")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--title", default="aclab report")
 
     p = sub.add_parser("sweep", help="run a grid of algorithms x envs x seeds from a TOML spec")
     p.add_argument("spec", type=Path)
     p.add_argument("--dry-run", action="store_true", help="print the jobs without running them")
+    p.add_argument("--max-parallel", type=int, help="runs at a time (default: the spec's, else the CPU count)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from aclab.config import ConfigError
+    from aclab.envs import EnvIdError
 
-    try:
-        from aclab.envs import EnvIdError
-    except ImportError:  # pragma: no cover
-        EnvIdError = ConfigError  # noqa: N806
     try:
         return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "report": cmd_report,
                 "sweep": cmd_sweep}[args.command](args)
-    except (ConfigError, EnvIdError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, EnvIdError, FileExistsError, FileNotFoundError, *_domain_errors()) as exc:
         print(f"aclab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as exc:
-        if type(exc).__name__ in ("ReportError", "SweepError") or exc.__class__.__module__.startswith("aclab"):
-            print(f"aclab: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
+
+
+def _domain_errors() -> tuple[type[Exception], ...]:
+    """Input errors of the reporting and sweep layers (imported only when present)."""
+    errors: list[type[Exception]] = []
+    for module, name in (("aclab.evaluate.report", "ReportError"), ("aclab.evaluate.runs_io", "RunDirError"),
+                         ("aclab.evaluate.stats", "StatsError"), ("aclab.sweep", "SweepError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def cmd_train(args) -> int:
@@ -183,17 +194,19 @@ def cmd_list(args) -> int:
 def cmd_report(args) -> int:
     from aclab.evaluate.report import build_report
 
-    path = build_report(args.run_dirs, args.out, normalization=args.normalization, seed=args.seed)
+    path = build_report(args.run_dirs, args.out, normalization=args.normalization, last_k=args.last_k,
+                        last_k_evals=args.last_k_evals, metric=args.metric, seed=args.seed, reps=args.reps,
+                        ppo_baseline=args.ppo_baseline, title=args.title)
     print(f"report written to {path}")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from aclab.sweep import run_sweep
+    from aclab.sweep import format_results, run_sweep
 
-    results = run_sweep(args.spec, dry_run=args.dry_run)
-    failed = [r for r in results if getattr(r, "returncode", 0) not in (0, None)]
-    return EXIT_FAILED_RUN if failed else 0
+    results = run_sweep(args.spec, dry_run=args.dry_run, max_parallel=args.max_parallel)
+    print(format_results(results))
+    return EXIT_FAILED_RUN if any(r.status == "failed" for r in results) else 0
 
 
 if __name__ == "__main__":

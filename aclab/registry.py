@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+
 from aclab.algos.common import Entry
 from aclab.config import ConfigError, list_presets
 

@@ -1,0 +1,531 @@
+"""``aclab sweep SPEC.toml``: train a grid of algorithms x environments x seeds as subprocesses.
+
+A sweep spec (TOML)::
+
+    algos = ["ppo", "dcpg"]
+    envs = ["procgen:bigfish", "procgen:coinrun"]
+    seeds = [1, 2, 3]                 # or an integer n, meaning seeds 0 .. n-1
+    out_dir = "runs/procgen"          # relative paths are relative to the spec file's folder
+    max_parallel = 2                  # concurrent runs (default: number of CPU cores)
+    backend = "local"                 # or "ray" (optional; see below)
+    preset = "procgen_easy"           # --preset for every algorithm, or per algorithm:
+    presets = { ppo = "ppo_procgen", dcpg = "dcpg_procgen" }
+    overrides = { total_steps = 25_000_000, "env.num_envs" = 64 }   # --set for every run
+    [env_overrides."procgen:coinrun"]  # --set for one environment
+    "params.gamma" = 0.99
+    [algo_overrides.dcpg]             # --set for one algorithm
+    "params.beta_v" = 1.0
+
+Optional keys: ``run_name`` (default ``"{algo}__{env}__seed{seed}"``, ``{env}`` file-name-safe),
+``timeout_s`` (per run), ``command_prefix`` (list of strings), ``ray_address``, ``ray_num_cpus``.
+``--set`` values are passed in this order: ``overrides``, ``env_overrides``, ``algo_overrides`` (a later
+``--set`` of the same key wins in ``aclab train``).
+
+Each run directory ``out_dir/<run_name>`` is handled by its state:
+
+* absent or empty: ``aclab train ALGO --env ENV --seed SEED --run-dir DIR [--preset P] [--set k=v ...]``;
+* ``summary.json`` says ``"finished"``: skipped;
+* otherwise with a ``config.json`` (interrupted, failed, or killed before its first checkpoint):
+  ``aclab train --resume DIR``;
+* non-empty without ``config.json``: not touched, reported as failed (remove it or change out_dir).
+
+Each run's stdout and stderr go to ``out_dir/.logs/<run_name>.log`` (hidden, so ``aclab report
+out_dir/*`` sees only run directories). Children get ``OMP_NUM_THREADS`` = cores / max_parallel unless
+it is already set, so parallel runs do not oversubscribe the CPU.
+
+Ray: with ``backend = "ray"`` and ``ray`` importable, each run is a Ray task (``ray_num_cpus`` CPUs,
+default 1) that executes the same subprocess on whichever node Ray picks, at most ``max_parallel`` at a
+time; ``ray_address`` is passed to ``ray.init`` (default: start or join a local instance). ``out_dir``
+must then be on a filesystem all nodes share. This path is deliberately simple and is *not* tested here
+(ray is not installed in the development environment).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ALLOWED_KEYS: tuple[str, ...] = (
+    "algos",
+    "envs",
+    "seeds",
+    "out_dir",
+    "max_parallel",
+    "backend",
+    "preset",
+    "presets",
+    "overrides",
+    "env_overrides",
+    "algo_overrides",
+    "run_name",
+    "timeout_s",
+    "command_prefix",
+    "ray_address",
+    "ray_num_cpus",
+)
+BACKENDS: tuple[str, ...] = ("local", "ray")
+DEFAULT_RUN_NAME = "{algo}__{env}__seed{seed}"
+LOG_DIR_NAME = ".logs"
+
+
+class SweepError(ValueError):
+    """An invalid sweep spec or an unusable backend; the message names the key or the problem."""
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep spec (see the module docstring for the meaning of each field)."""
+
+    algos: list[str]
+    envs: list[str]
+    seeds: list[int]
+    out_dir: Path
+    max_parallel: int
+    backend: str = "local"
+    presets: dict[str, str] = field(default_factory=dict)  # algo -> preset (``preset`` fills every algo)
+    overrides: list[str] = field(default_factory=list)  # "key=value"
+    env_overrides: dict[str, list[str]] = field(default_factory=dict)
+    algo_overrides: dict[str, list[str]] = field(default_factory=dict)
+    run_name: str = DEFAULT_RUN_NAME
+    timeout_s: float | None = None
+    command_prefix: list[str] | None = None
+    ray_address: str | None = None
+    ray_num_cpus: float = 1.0
+
+
+@dataclass
+class SweepJob:
+    """One cell of the grid and what to do with it: ``action`` in train / resume / skip / blocked."""
+
+    algo: str
+    env: str
+    seed: int
+    run_dir: Path
+    action: str
+    command: list[str]
+    reason: str = ""
+
+
+@dataclass
+class JobResult:
+    """The outcome of one job: ``status`` in finished / skipped / failed / planned (dry run)."""
+
+    job: SweepJob
+    status: str
+    returncode: int | None = None
+    duration_s: float = 0.0
+    log_path: Path | None = None
+    message: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec loading and validation
+# ----------------------------------------------------------------------------------------------
+def _fail(key: str, value: Any, expected: str) -> SweepError:
+    return SweepError(f"invalid sweep spec value {key}={value!r}: expected {expected}")
+
+
+def _string_list(data: dict, key: str) -> list[str]:
+    value = data.get(key)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise _fail(key, value, "a non-empty list of strings")
+    if len(set(value)) != len(value):
+        raise _fail(key, value, "a list without duplicates")
+    return list(value)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _override_list(key: str, value: Any) -> list[str]:
+    """``{"total_steps": 1000, "env": {"num_envs": 8}}`` or ``["total_steps=1000"]`` -> ["k=v", ...].
+
+    One level of nesting is flattened (TOML reads ``env.num_envs = 8`` as ``{"env": {"num_envs": 8}}``);
+    deeper tables (e.g. ``env.options``) are passed as JSON values.
+    """
+    if isinstance(value, list):
+        if not all(isinstance(v, str) and "=" in v for v in value):
+            raise _fail(key, value, 'a table of key = value, or a list of "key=value" strings')
+        return list(value)
+    if not isinstance(value, dict):
+        raise _fail(key, value, 'a table of key = value, or a list of "key=value" strings')
+    out = []
+    for name, item in value.items():
+        if isinstance(item, dict) and name in ("env", "eval", "params"):
+            out += [f"{name}.{inner}={_format_value(v)}" for inner, v in item.items()]
+        else:
+            out.append(f"{name}={_format_value(item)}")
+    return out
+
+
+def validate_sweep_spec(data: dict, base_dir: Path = Path(".")) -> SweepSpec:
+    """Validate a parsed spec table; SweepError naming the offending key (and the allowed keys)."""
+    unknown = [k for k in data if k not in ALLOWED_KEYS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], ALLOWED_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SweepError(f"unknown sweep spec key {unknown[0]!r}{hint}; allowed keys: {', '.join(ALLOWED_KEYS)}")
+    for required in ("algos", "envs", "seeds", "out_dir"):
+        if required not in data:
+            raise SweepError(f"sweep spec is missing {required!r}; required keys: algos, envs, seeds, out_dir")
+    algos, envs = _string_list(data, "algos"), _string_list(data, "envs")
+
+    seeds_value = data["seeds"]
+    if isinstance(seeds_value, int) and not isinstance(seeds_value, bool) and seeds_value >= 1:
+        seeds = list(range(seeds_value))
+    elif (
+        isinstance(seeds_value, list)
+        and seeds_value
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds_value)
+        and len(set(seeds_value)) == len(seeds_value)
+    ):
+        seeds = list(seeds_value)
+    else:
+        raise _fail("seeds", seeds_value, "a list of distinct integers >= 0, or a count n >= 1")
+
+    out_dir_value = data["out_dir"]
+    if not isinstance(out_dir_value, str) or not out_dir_value:
+        raise _fail("out_dir", out_dir_value, "a path string")
+    out_dir = Path(out_dir_value).expanduser()
+    out_dir = out_dir if out_dir.is_absolute() else (base_dir / out_dir)
+
+    max_parallel = data.get("max_parallel", os.cpu_count() or 1)
+    if not isinstance(max_parallel, int) or isinstance(max_parallel, bool) or max_parallel < 1:
+        raise _fail("max_parallel", max_parallel, "an integer >= 1")
+    backend = data.get("backend", "local")
+    if backend not in BACKENDS:
+        raise _fail("backend", backend, f"one of {', '.join(map(repr, BACKENDS))}")
+
+    presets: dict[str, str] = {}
+    if "preset" in data:
+        if not isinstance(data["preset"], str) or not data["preset"]:
+            raise _fail("preset", data["preset"], "a preset name")
+        presets = dict.fromkeys(algos, data["preset"])
+    per_algo = data.get("presets", {})
+    if not isinstance(per_algo, dict) or not all(isinstance(v, str) for v in per_algo.values()):
+        raise _fail("presets", per_algo, "a table algo = preset name")
+    for algo in per_algo:
+        if algo not in algos:
+            raise SweepError(f"presets names algorithm {algo!r}, which is not in algos {algos}")
+    presets.update(per_algo)
+
+    overrides = _override_list("overrides", data.get("overrides", {}))
+    env_overrides, algo_overrides = {}, {}
+    for key, names, target in (
+        ("env_overrides", envs, env_overrides),
+        ("algo_overrides", algos, algo_overrides),
+    ):
+        table = data.get(key, {})
+        if not isinstance(table, dict):
+            raise _fail(key, table, f"a table of {key[:-10]} -> overrides")
+        for name, value in table.items():
+            if name not in names:
+                raise SweepError(f"{key} names {name!r}, which is not in {key[:-10]}s {names}")
+            target[name] = _override_list(f"{key}.{name}", value)
+
+    run_name = data.get("run_name", DEFAULT_RUN_NAME)
+    if not isinstance(run_name, str):
+        raise _fail("run_name", run_name, "a template string using {algo}, {env}, {seed}")
+    try:
+        names = {run_name.format(algo=a, env=_slug(e), seed=s) for a in algos for e in envs for s in seeds}
+    except (KeyError, IndexError, ValueError) as exc:
+        raise _fail("run_name", run_name, "a template using only {algo}, {env}, {seed}") from exc
+    if len(names) != len(algos) * len(envs) * len(seeds):
+        raise _fail("run_name", run_name, "a template giving every (algo, env, seed) its own name")
+
+    timeout_s = data.get("timeout_s")
+    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
+        raise _fail("timeout_s", timeout_s, "a number of seconds > 0")
+    command_prefix = data.get("command_prefix")
+    if command_prefix is not None and (
+        not isinstance(command_prefix, list)
+        or not command_prefix
+        or not all(isinstance(c, str) for c in command_prefix)
+    ):
+        raise _fail("command_prefix", command_prefix, "a non-empty list of strings")
+    ray_num_cpus = data.get("ray_num_cpus", 1.0)
+    if not isinstance(ray_num_cpus, (int, float)) or ray_num_cpus <= 0:
+        raise _fail("ray_num_cpus", ray_num_cpus, "a number > 0")
+    return SweepSpec(
+        algos=algos,
+        envs=envs,
+        seeds=seeds,
+        out_dir=out_dir,
+        max_parallel=max_parallel,
+        backend=backend,
+        presets=presets,
+        overrides=overrides,
+        env_overrides=env_overrides,
+        algo_overrides=algo_overrides,
+        run_name=run_name,
+        timeout_s=float(timeout_s) if timeout_s is not None else None,
+        command_prefix=command_prefix,
+        ray_address=data.get("ray_address"),
+        ray_num_cpus=float(ray_num_cpus),
+    )
+
+
+def load_sweep_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep spec TOML file (relative ``out_dir`` = relative to the file's folder)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise SweepError(f"sweep spec {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SweepError(f"cannot parse sweep spec {path}: {exc}") from exc
+    return validate_sweep_spec(data, base_dir=path.resolve().parent)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
+
+
+def default_command_prefix() -> list[str]:
+    return [sys.executable, "-m", "aclab"]
+
+
+def _read_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def plan_action(run_dir: Path) -> tuple[str, str]:
+    """``(action, reason)`` for a run directory: train, skip, resume or blocked (see module docstring)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return "train", "new run"
+    if _read_status(run_dir) == "finished":
+        return "skip", "summary.json says finished"
+    if (run_dir / "config.json").exists():
+        checkpoints = run_dir / "checkpoints"
+        has_ckpt = checkpoints.is_dir() and any(checkpoints.glob("ckpt_*.pt"))
+        return (
+            "resume",
+            "interrupted run with checkpoints" if has_ckpt else "interrupted run, no checkpoint yet",
+        )
+    return "blocked", f"{run_dir} is not empty but has no config.json: remove it or choose another out_dir"
+
+
+def plan_sweep(spec: SweepSpec, command_prefix: Sequence[str] | None = None) -> list[SweepJob]:
+    """The grid in (algo, env, seed) order with each job's action and command."""
+    prefix = list(command_prefix or spec.command_prefix or default_command_prefix())
+    jobs = []
+    for algo in spec.algos:
+        for env in spec.envs:
+            for seed in spec.seeds:
+                run_dir = spec.out_dir / spec.run_name.format(algo=algo, env=_slug(env), seed=seed)
+                action, reason = plan_action(run_dir)
+                if action == "resume":
+                    command = prefix + ["train", "--resume", str(run_dir)]
+                else:
+                    command = prefix + [
+                        "train",
+                        algo,
+                        "--env",
+                        env,
+                        "--seed",
+                        str(seed),
+                        "--run-dir",
+                        str(run_dir),
+                    ]
+                    if algo in spec.presets:
+                        command += ["--preset", spec.presets[algo]]
+                    for item in spec.overrides + spec.env_overrides.get(env, []) + spec.algo_overrides.get(algo, []):
+                        command += ["--set", item]
+                jobs.append(SweepJob(algo, env, seed, run_dir, action, command if action != "skip" else [], reason))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Execution
+# ----------------------------------------------------------------------------------------------
+def _child_env(max_parallel: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max_parallel))
+    return env
+
+
+def execute_command(command: list[str], log_path: str, timeout_s: float | None, env: dict | None) -> tuple[int, float]:
+    """Run ``command`` with stdout+stderr appended to ``log_path``; return (exit code, seconds).
+
+    A plain function of plain values so that a Ray task can run it as is; exit code 124 on timeout.
+    """
+    start = time.monotonic()
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        try:
+            code = subprocess.run(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                timeout=timeout_s,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[aclab sweep] timed out after {timeout_s} s\n")
+            code = 124
+        except OSError as exc:
+            log.write(f"\n[aclab sweep] could not start: {exc}\n")
+            code = 127
+    return code, time.monotonic() - start
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _result(job: SweepJob, code: int, seconds: float, log_path: Path) -> JobResult:
+    status = _read_status(job.run_dir)
+    if code == 0 and status == "finished":
+        return JobResult(job, "finished", code, seconds, log_path, "")
+    why = f"exit code {code}" if code != 0 else f"exit code 0 but summary.json status is {status!r}"
+    return JobResult(job, "failed", code, seconds, log_path, f"{why}; log {log_path}: {_tail(log_path)}")
+
+
+def _run_local(
+    jobs: list[SweepJob], spec: SweepSpec, max_parallel: int, log_dir: Path, log: Callable[[str], None]
+) -> dict[int, JobResult]:
+    env = _child_env(max_parallel)
+
+    def run_one(index: int) -> tuple[int, JobResult]:
+        job = jobs[index]
+        log_path = log_dir / f"{job.run_dir.name}.log"
+        log(f"[sweep] start  {job.run_dir.name} ({job.action})")
+        code, seconds = execute_command(job.command, str(log_path), spec.timeout_s, env)
+        result = _result(job, code, seconds, log_path)
+        log(f"[sweep] {result.status:<8} {job.run_dir.name} ({seconds:.1f} s)")
+        return index, result
+
+    with ThreadPoolExecutor(max_workers=max_parallel) as pool:
+        return dict(pool.map(run_one, range(len(jobs))))
+
+
+def _run_ray(
+    jobs: list[SweepJob], spec: SweepSpec, max_parallel: int, log_dir: Path, log: Callable[[str], None]
+) -> dict[int, JobResult]:  # pragma: no cover - ray not installed here
+    try:
+        import ray
+    except ImportError as exc:
+        raise SweepError("backend = 'ray' needs the ray package: pip install 'aclab[ray]'") from exc
+    if not ray.is_initialized():
+        ray.init(address=spec.ray_address)
+    remote = ray.remote(num_cpus=spec.ray_num_cpus)(execute_command)
+    env = _child_env(max_parallel)
+    pending: dict[Any, int] = {}
+    results: dict[int, JobResult] = {}
+    queue = list(range(len(jobs)))
+    while queue or pending:
+        while queue and len(pending) < max_parallel:
+            index = queue.pop(0)
+            log_path = log_dir / f"{jobs[index].run_dir.name}.log"
+            log(f"[sweep] submit {jobs[index].run_dir.name} ({jobs[index].action}) to ray")
+            pending[remote.remote(jobs[index].command, str(log_path), spec.timeout_s, env)] = index
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            index = pending.pop(ref)
+            code, seconds = ray.get(ref)
+            results[index] = _result(jobs[index], code, seconds, log_dir / f"{jobs[index].run_dir.name}.log")
+            log(f"[sweep] {results[index].status:<8} {jobs[index].run_dir.name} ({seconds:.1f} s)")
+    return results
+
+
+def run_sweep(
+    spec_path: str | Path | SweepSpec,
+    *,
+    dry_run: bool = False,
+    command_prefix: Sequence[str] | None = None,
+    max_parallel: int | None = None,
+    log: Callable[[str], None] | None = print,
+) -> list[JobResult]:
+    """Run (or with ``dry_run`` only plan) the sweep; return one :class:`JobResult` per grid cell.
+
+    ``command_prefix`` replaces ``[sys.executable, "-m", "aclab"]`` (and the spec's own
+    ``command_prefix``); ``max_parallel`` overrides the spec's. Results are in grid order (algo, env,
+    seed). A failed run does not stop the others; check ``result.status``.
+    """
+    spec = spec_path if isinstance(spec_path, SweepSpec) else load_sweep_spec(spec_path)
+    log = log or (lambda _msg: None)
+    parallel = max_parallel if max_parallel is not None else spec.max_parallel
+    if parallel < 1:
+        raise SweepError(f"max_parallel must be >= 1, got {parallel}")
+    jobs = plan_sweep(spec, command_prefix)
+    results: dict[int, JobResult] = {}
+    runnable = []
+    for index, job in enumerate(jobs):
+        if job.action == "skip":
+            results[index] = JobResult(job, "skipped", message=job.reason)
+        elif job.action == "blocked":
+            results[index] = JobResult(job, "failed", message=job.reason)
+        elif dry_run:
+            results[index] = JobResult(job, "planned", message=job.reason)
+        else:
+            runnable.append(index)
+    if runnable:
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = spec.out_dir / LOG_DIR_NAME
+        todo = [jobs[i] for i in runnable]
+        log(
+            f"[sweep] {len(todo)} run(s) to do, {len(jobs) - len(todo)} skipped/blocked, "
+            f"{min(parallel, len(todo))} at a time ({spec.backend})"
+        )
+        runner = _run_ray if spec.backend == "ray" else _run_local
+        for local_index, result in runner(todo, spec, parallel, log_dir, log).items():
+            results[runnable[local_index]] = result
+    return [results[i] for i in range(len(jobs))]
+
+
+def format_results(results: Sequence[JobResult]) -> str:
+    """A plain-text table of job results (for the CLI)."""
+    rows = [("status", "run", "action", "time", "note")]
+    for r in results:
+        rows.append(
+            (
+                r.status,
+                r.job.run_dir.name,
+                r.job.action,
+                f"{r.duration_s:.1f}s" if r.duration_s else "",
+                r.message
+                if r.status in ("failed", "skipped")
+                else (" ".join(r.job.command) if r.status == "planned" else ""),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4] for row in rows]
+    counts = {s: sum(r.status == s for r in results) for s in ("finished", "skipped", "failed", "planned")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return "\n".join(line.rstrip() for line in lines)

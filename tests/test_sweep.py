@@ -1,0 +1,313 @@
+"""Sweeps with a fake trainer: grid size, commands, skipping finished runs, resuming, parallelism, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from aclab import sweep as sw
+from aclab.evaluate.runs_io import expand_run_dirs, load_run
+
+# A stand-in for `python -m aclab`: understands `train ALGO --env E --seed S --run-dir D [...]` and
+# `train --resume D`, writes a tiny finished run directory, and appends one JSON line per invocation
+# (argv, start and end times) to $FAKE_TRAINER_LOG. $FAKE_TRAINER_SLEEP: seconds to sleep;
+# $FAKE_TRAINER_FAIL_SEED: exit 1 (status "failed") for that seed.
+FAKE_TRAINER = textwrap.dedent("""
+    import json, os, sys, time
+    start = time.time()
+    argv = sys.argv[1:]
+    assert argv[0] == "train", argv
+    if argv[1] == "--resume":
+        run_dir = argv[2]
+        config = json.load(open(os.path.join(run_dir, "config.json")))
+    else:
+        opts = {argv[i]: argv[i + 1] for i in range(2, len(argv) - 1, 2)}
+        run_dir = opts["--run-dir"]
+        os.makedirs(run_dir, exist_ok=True)
+        config = {"algo": argv[1], "seed": int(opts["--seed"]), "total_steps": 100,
+                  "env": {"id": opts["--env"]}}
+        json.dump(config, open(os.path.join(run_dir, "config.json"), "w"))
+    time.sleep(float(os.environ.get("FAKE_TRAINER_SLEEP", "0")))
+    failed = str(config["seed"]) == os.environ.get("FAKE_TRAINER_FAIL_SEED")
+    with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
+        f.write("step,time_s,episode_return\\n100,0.1,%d\\n" % (config["seed"] + 1))
+    summary = {"algo": config["algo"], "env_id": config["env"]["id"], "seed": config["seed"], "steps": 100,
+               "status": "failed" if failed else "finished"}
+    json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"))
+    with open(os.environ["FAKE_TRAINER_LOG"], "a") as f:
+        f.write(json.dumps({"argv": argv, "start": start, "end": time.time()}) + "\\n")
+    print("fake trainer done", run_dir)
+    sys.exit(1 if failed else 0)
+""")
+
+
+@pytest.fixture()
+def fake(tmp_path, monkeypatch):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    log = tmp_path / "invocations.jsonl"
+    monkeypatch.setenv("FAKE_TRAINER_LOG", str(log))
+    monkeypatch.delenv("FAKE_TRAINER_SLEEP", raising=False)
+    monkeypatch.delenv("FAKE_TRAINER_FAIL_SEED", raising=False)
+
+    def invocations() -> list[dict]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return [sys.executable, str(script)], invocations
+
+
+def write_spec(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GRID = """
+    algos = ["ppo", "dcpg"]
+    envs = ["procgen:bigfish", "CartPole-v1"]
+    seeds = [1, 2]
+    out_dir = "runs"
+    max_parallel = 2
+    presets = { dcpg = "dcpg_procgen" }
+    overrides = { total_steps = 1000, env.num_envs = 2, "params.lr" = 3e-4, env.options = { a = "b" } }
+    [env_overrides."CartPole-v1"]
+    "params.gamma" = 0.99
+    [algo_overrides.dcpg]
+    "params.beta_v" = 1.0
+    normalize = true
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec loading
+# ----------------------------------------------------------------------------------------------
+def test_load_spec(tmp_path):
+    spec = sw.load_sweep_spec(write_spec(tmp_path, GRID))
+    assert spec.algos == ["ppo", "dcpg"] and spec.envs == ["procgen:bigfish", "CartPole-v1"]
+    assert spec.seeds == [1, 2] and spec.max_parallel == 2 and spec.backend == "local"
+    assert spec.out_dir == tmp_path.resolve() / "runs"  # relative to the spec file's folder
+    assert spec.presets == {"dcpg": "dcpg_procgen"}
+    assert spec.overrides == [
+        "total_steps=1000",
+        "env.num_envs=2",
+        'env.options={"a": "b"}',
+        "params.lr=0.0003",
+    ]  # TOML groups the dotted env.* keys in one table
+    assert spec.env_overrides == {"CartPole-v1": ["params.gamma=0.99"]}
+    assert spec.algo_overrides == {"dcpg": ["params.beta_v=1.0", "normalize=true"]}
+
+
+def test_spec_defaults(tmp_path):
+    spec = sw.load_sweep_spec(
+        write_spec(
+            tmp_path,
+            """
+        algos = ["ppo"]
+        envs = ["CartPole-v1"]
+        seeds = 3
+        out_dir = "/tmp/somewhere"
+        preset = "ppo_classic"
+    """,
+        )
+    )
+    assert spec.seeds == [0, 1, 2]
+    assert spec.out_dir == Path("/tmp/somewhere")
+    assert spec.max_parallel >= 1 and spec.presets == {"ppo": "ppo_classic"}
+    assert sw.default_command_prefix() == [sys.executable, "-m", "aclab"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            'algos=["ppo"]\nenvs=["e"]\nseeds=[1]\nout_dir="r"\nmax_paralel=2',
+            r"unknown sweep spec key 'max_paralel' \(did you mean 'max_parallel'\?\); allowed keys: algos",
+        ),
+        ('algos=["ppo"]\nenvs=["e"]\nout_dir="r"', "missing 'seeds'"),
+        (
+            'algos=[]\nenvs=["e"]\nseeds=[1]\nout_dir="r"',
+            "algos=\\[\\]: expected a non-empty list of strings",
+        ),
+        (
+            'algos=["ppo"]\nenvs=["e"]\nseeds=[1, 1]\nout_dir="r"',
+            "seeds=\\[1, 1\\]: expected a list of distinct",
+        ),
+        ('algos=["ppo"]\nenvs=["e"]\nseeds=[1]\nout_dir="r"\nmax_parallel=0', "max_parallel=0"),
+        ('algos=["ppo"]\nenvs=["e"]\nseeds=[1]\nout_dir="r"\nbackend="slurm"', "backend='slurm'"),
+        (
+            'algos=["ppo"]\nenvs=["e"]\nseeds=[1]\nout_dir="r"\npresets={sac="x"}',
+            "presets names algorithm 'sac'",
+        ),
+        ('algos=["ppo"]\nenvs=["e"]\nseeds=[1, 2]\nout_dir="r"\nrun_name="{algo}"', "its own name"),
+        (
+            'algos=["ppo"]\nenvs=["e"]\nseeds=[1]\nout_dir="r"\nrun_name="{oops}"',
+            "only {algo}, {env}, {seed}",
+        ),
+        (
+            'algos=["ppo"]\nenvs=["e"]\nseeds=[1]\nout_dir="r"\n[env_overrides.x]\na=1',
+            "env_overrides names 'x'",
+        ),
+        ('algos=["ppo"\n', "cannot parse sweep spec"),
+    ],
+)
+def test_spec_errors(tmp_path, text, message):
+    with pytest.raises(sw.SweepError, match=message):
+        sw.load_sweep_spec(write_spec(tmp_path, text))
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(sw.SweepError, match="does not exist"):
+        sw.load_sweep_spec(tmp_path / "nope.toml")
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning and running
+# ----------------------------------------------------------------------------------------------
+def test_dry_run_plans_the_grid(tmp_path):
+    results = sw.run_sweep(write_spec(tmp_path, GRID), dry_run=True, command_prefix=["aclab"], log=None)
+    assert len(results) == 2 * 2 * 2
+    assert {r.status for r in results} == {"planned"}
+    assert [(r.job.algo, r.job.env, r.job.seed) for r in results][:3] == [
+        ("ppo", "procgen:bigfish", 1),
+        ("ppo", "procgen:bigfish", 2),
+        ("ppo", "CartPole-v1", 1),
+    ]
+    assert not (tmp_path / "runs").exists()
+    dcpg_cartpole = next(r.job for r in results if r.job.algo == "dcpg" and r.job.env == "CartPole-v1")
+    run_dir = str(tmp_path.resolve() / "runs" / "dcpg__CartPole-v1__seed1")
+    assert dcpg_cartpole.command == [
+        "aclab",
+        "train",
+        "dcpg",
+        "--env",
+        "CartPole-v1",
+        "--seed",
+        "1",
+        "--run-dir",
+        run_dir,
+        "--preset",
+        "dcpg_procgen",
+        "--set",
+        "total_steps=1000",
+        "--set",
+        "env.num_envs=2",
+        "--set",
+        'env.options={"a": "b"}',
+        "--set",
+        "params.lr=0.0003",
+        "--set",
+        "params.gamma=0.99",
+        "--set",
+        "params.beta_v=1.0",
+        "--set",
+        "normalize=true",
+    ]
+    ppo_bigfish = results[0].job
+    assert "--preset" not in ppo_bigfish.command and ppo_bigfish.run_dir.name == "ppo__procgen-bigfish__seed1"
+    assert "planned" in sw.format_results(results).splitlines()[1]
+
+
+def test_run_skip_and_resume(tmp_path, fake):
+    prefix, invocations = fake
+    spec_path = write_spec(tmp_path, GRID)
+    results = sw.run_sweep(spec_path, command_prefix=prefix, log=None)
+    assert [r.status for r in results] == ["finished"] * 8, [r.message for r in results]
+    assert len(invocations()) == 8
+    for r in results:
+        run = load_run(r.job.run_dir)
+        assert (run.algo, run.env_id, run.seed, run.status) == (r.job.algo, r.job.env, r.job.seed, "finished")
+        assert r.log_path.exists() and "fake trainer done" in r.log_path.read_text()
+        assert r.log_path.parent.name == ".logs"
+    assert len(expand_run_dirs([tmp_path / "runs"])) == 8  # the hidden .logs folder is not a run
+
+    # Everything finished: a second sweep runs nothing.
+    again = sw.run_sweep(spec_path, command_prefix=prefix, log=None)
+    assert [r.status for r in again] == ["skipped"] * 8 and len(invocations()) == 8
+
+    # Interrupt one run (checkpoint, no finished summary), block another (stray files, no config).
+    interrupted = results[3].job.run_dir
+    (interrupted / "summary.json").write_text(json.dumps({"status": "running"}))
+    (interrupted / "checkpoints").mkdir()
+    (interrupted / "checkpoints" / "ckpt_000000000050.pt").write_bytes(b"")
+    blocked = results[5].job.run_dir
+    (blocked / "config.json").unlink()
+    (blocked / "summary.json").unlink()
+    third = sw.run_sweep(spec_path, command_prefix=prefix, log=None)
+    calls = invocations()[8:]
+    assert [c["argv"] for c in calls] == [["train", "--resume", str(interrupted)]]
+    assert third[3].job.action == "resume" and third[3].status == "finished"
+    assert third[5].status == "failed" and "no config.json" in third[5].message
+    assert [r.status for i, r in enumerate(third) if i not in (3, 5)] == ["skipped"] * 6
+
+
+def test_resume_without_checkpoint(tmp_path, fake):
+    prefix, invocations = fake
+    spec_path = write_spec(tmp_path, 'algos=["ppo"]\nenvs=["CartPole-v1"]\nseeds=[0]\nout_dir="runs"\n')
+    run_dir = tmp_path / "runs" / "ppo__CartPole-v1__seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"algo": "ppo", "seed": 0, "env": {"id": "CartPole-v1"}}))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "failed"}))
+    (result,) = sw.run_sweep(spec_path, command_prefix=prefix, log=None)
+    assert result.job.action == "resume" and result.job.reason == "interrupted run, no checkpoint yet"
+    assert result.status == "finished" and invocations()[0]["argv"][:2] == ["train", "--resume"]
+
+
+def test_failed_run_does_not_stop_the_others(tmp_path, fake, monkeypatch):
+    prefix, _ = fake
+    monkeypatch.setenv("FAKE_TRAINER_FAIL_SEED", "2")
+    spec_path = write_spec(tmp_path, 'algos=["ppo"]\nenvs=["CartPole-v1"]\nseeds=[1, 2, 3]\nout_dir="runs"\n')
+    results = sw.run_sweep(spec_path, command_prefix=prefix, log=None)
+    assert [r.status for r in results] == ["finished", "failed", "finished"]
+    assert "exit code 1" in results[1].message and "fake trainer done" in results[1].message
+    assert "1 failed" in sw.format_results(results)
+
+
+def _max_overlap(calls: list[dict]) -> int:
+    events = sorted([(c["start"], 1) for c in calls] + [(c["end"], -1) for c in calls], key=lambda e: (e[0], e[1]))
+    current = best = 0
+    for _, delta in events:
+        current += delta
+        best = max(best, current)
+    return best
+
+
+@pytest.mark.parametrize("max_parallel", [1, 2])
+def test_parallelism_bound(tmp_path, fake, monkeypatch, max_parallel):
+    prefix, invocations = fake
+    monkeypatch.setenv("FAKE_TRAINER_SLEEP", "0.4")
+    spec_path = write_spec(
+        tmp_path,
+        f'algos=["ppo"]\nenvs=["CartPole-v1"]\nseeds=4\nout_dir="runs"\nmax_parallel={max_parallel}\n',
+    )
+    messages: list[str] = []
+    results = sw.run_sweep(spec_path, command_prefix=prefix, log=messages.append)
+    assert [r.status for r in results] == ["finished"] * 4
+    assert _max_overlap(invocations()) == max_parallel
+    assert sum(m.startswith("[sweep] start") for m in messages) == 4
+
+
+def test_max_parallel_argument_overrides_spec(tmp_path, fake, monkeypatch):
+    prefix, invocations = fake
+    monkeypatch.setenv("FAKE_TRAINER_SLEEP", "0.3")
+    spec_path = write_spec(tmp_path, 'algos=["ppo"]\nenvs=["CartPole-v1"]\nseeds=2\nout_dir="runs"\nmax_parallel=2\n')
+    sw.run_sweep(spec_path, command_prefix=prefix, max_parallel=1, log=None)
+    assert _max_overlap(invocations()) == 1
+    with pytest.raises(sw.SweepError, match="max_parallel must be >= 1"):
+        sw.run_sweep(spec_path, command_prefix=prefix, max_parallel=0, log=None)
+
+
+def test_ray_backend_without_ray(tmp_path, fake):
+    try:
+        import ray  # noqa: F401
+
+        pytest.skip("ray is installed")
+    except ImportError:
+        pass
+    prefix, _ = fake
+    spec_path = write_spec(tmp_path, 'algos=["ppo"]\nenvs=["e"]\nseeds=[0]\nout_dir="runs"\nbackend="ray"\n')
+    with pytest.raises(sw.SweepError, match="needs the ray package"):
+        sw.run_sweep(spec_path, command_prefix=prefix, log=None)
