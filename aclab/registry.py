@@ -19,6 +19,12 @@ ALGORITHM_MODULES = (
     "aclab.algos.dcpg",
     "aclab.algos.dna",
     "aclab.algos.fixpo",
+    "aclab.algos.impala",
+    "aclab.algos.stac",
+    "aclab.algos.td3",
+    "aclab.algos.sac",
+    "aclab.algos.maml",
+    "aclab.algos.pearl",
 )
 
 
