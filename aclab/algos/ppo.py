@@ -22,7 +22,7 @@ from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector
+from aclab.data.rollout import RolloutCollector, shuffled_minibatches
 from aclab.nets.agents import FusedMLPActorCritic, make_actor_critic
 from aclab.nets.numpy_policy import NumpyActorCritic
 
@@ -147,16 +147,19 @@ class PPO:
         return actions.cpu().numpy()
 
     # ------------------------------------------------------------------ one iteration
+    def _collector_for(self, envs) -> RolloutCollector:
+        if self._collector is None:
+            self._collector = RolloutCollector(envs, self.params.num_steps, self.dist.param_dim, self.device)
+        return self._collector
+
     def iterate(self, envs) -> dict[str, float]:
         p = self.params
-        if self._collector is None:
-            self._collector = RolloutCollector(envs, p.num_steps, self.dist.param_dim, self.device)
         if p.anneal_lr:
             lr = linear_schedule(p.lr, 0.0, self.iteration / self.num_iterations)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.net.eval()
-        rollout, episode_returns, episode_lengths = self._collector.collect(envs, self._act, self._value)
+        rollout, episode_returns, episode_lengths = self._collector_for(envs).collect(envs, self._act, self._value)
         self.net.train()
         with torch.no_grad():
             advantages = gae(rollout.rewards, rollout.values, rollout.discounts(p.gamma), p.gae_lambda,
@@ -177,16 +180,18 @@ class PPO:
 
     def update(self, rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         p = self.params
-        obs = rollout.obs.reshape(-1, *rollout.obs.shape[2:])
-        actions = rollout.actions.reshape(-1, *rollout.actions.shape[2:])
-        old_log_probs = rollout.log_probs.reshape(-1)
-        old_values = rollout.values[:-1].reshape(-1)
-        adv = advantages.reshape(-1)
-        ret = returns.reshape(-1)
         valid = rollout.valid.reshape(-1)
+        idx = torch.nonzero(valid).squeeze(1)
+        batch = {  # valid transitions only: dummy autoreset steps never enter the losses
+            "obs": rollout.obs.reshape(-1, *rollout.obs.shape[2:])[idx],
+            "actions": rollout.actions.reshape(-1, *rollout.actions.shape[2:])[idx],
+            "old_log_probs": rollout.log_probs.reshape(-1)[idx],
+            "old_values": rollout.values[:-1].reshape(-1)[idx],
+            "advantages": advantages.reshape(-1)[idx],
+            "returns": returns.reshape(-1)[idx],
+        }
         if p.norm_adv == "batch":
-            mean, std = adv[valid].mean(), adv[valid].std()
-            adv = (adv - mean) / (std + 1e-8)
+            batch["advantages"] = losses.normalize(batch["advantages"])
         value_clip = None
         if p.clip_value_loss:
             value_clip = p.value_clip_coef if p.value_clip_coef is not None else p.clip_coef
@@ -194,15 +199,13 @@ class PPO:
         stats = []
         for _epoch in range(p.num_epochs):
             epoch_kl = []
-            for mb in minibatch_indices(valid, p.num_minibatches, self.generator):
-                dist_params, values = self.net(obs[mb])
-                log_probs = self.dist.log_prob(dist_params, actions[mb])
-                mb_adv = adv[mb]
-                if p.norm_adv == "minibatch":
-                    mb_adv = losses.normalize(mb_adv)
+            for mb in shuffled_minibatches(batch, p.num_minibatches, self.generator):
+                dist_params, values = self.net(mb["obs"])
+                log_probs = self.dist.log_prob(dist_params, mb["actions"])
+                mb_adv = losses.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
                 pg_loss, approx_kl, clip_frac = losses.clipped_surrogate_loss(
-                    log_probs, old_log_probs[mb], mb_adv, p.clip_coef)
-                v_loss = losses.value_loss(values, ret[mb], old_values[mb], value_clip)
+                    log_probs, mb["old_log_probs"], mb_adv, p.clip_coef)
+                v_loss = losses.value_loss(values, mb["returns"], mb["old_values"], value_clip)
                 entropy = self.dist.entropy(dist_params).mean()
                 loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * entropy
                 self.optimizer.zero_grad(set_to_none=True)
@@ -219,8 +222,9 @@ class PPO:
         means = table.mean(0)
         check_finite(dict(zip(names, table.sum(0))), f"PPO update {self.iteration}")
         with torch.no_grad():
-            var_returns = ret[valid].var()
-            explained = 1.0 - (ret[valid] - old_values[valid]).var() / var_returns if var_returns > 0 else torch.nan
+            ret, old_values = batch["returns"], batch["old_values"]
+            var_returns = ret.var()
+            explained = 1.0 - (ret - old_values).var() / var_returns if var_returns > 0 else torch.nan
         out = dict(zip(names, means.tolist()))
         out["explained_variance"] = float(explained)
         return out
