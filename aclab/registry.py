@@ -55,6 +55,17 @@ def all_algorithms() -> dict[str, Entry]:
 
 
 def get_entry(name: str) -> Entry:
+    # import modules in order and stop at the first that declares ``name``: training one algorithm
+    # never depends on the others' modules
+    for module_name in ALGORITHM_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        if name in getattr(module, "ALGORITHMS", {}):
+            return module.ALGORITHMS[name]
     algorithms = all_algorithms()
     if name not in algorithms:
         close = difflib.get_close_matches(name, list(algorithms), n=1)

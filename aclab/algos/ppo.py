@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from aclab.algos.common import Entry, check_finite, linear_schedule
+from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
@@ -104,9 +104,7 @@ class PPO:
         self.env_spec = env_spec
         self.net = build_actor_critic(self.params, env_spec).to(device)
         self.dist = self.net.dist
-        self.optimizer = torch.optim.Adam(
-            self.net.parameters(), lr=self.params.lr, eps=self.params.adam_eps, **_fast_adam_kwargs(device)
-        )
+        self.optimizer = make_adam(self.net.parameters(), lr=self.params.lr, eps=self.params.adam_eps)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
         # acting on CPU with small MLPs: a NumPy mirror of the network (see aclab.nets.numpy_policy)
@@ -251,9 +249,9 @@ class PPO:
         self.iteration = int(state["iteration"])
 
 
-def _fast_adam_kwargs(device: torch.device) -> dict:
-    """Adam's multi-tensor (foreach) path on CPU, fused kernels on CUDA: fewer per-parameter calls."""
-    return {"fused": True} if device.type == "cuda" else {"foreach": True}
-
-
 ALGORITHMS = {"ppo": Entry(PPO, "Proximal Policy Optimization (clipped surrogate), the papers' baseline")}
+
+
+def _fast_adam_kwargs(device: torch.device) -> dict:
+    """Deprecated alias kept for modules written against it: use ``aclab.algos.common.make_adam``."""
+    return {"fused": True}
