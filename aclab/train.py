@@ -252,6 +252,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
             "wall_time_s": wall_before + (time.time() - start),
         }, keep=config.keep_checkpoints)
 
+    run.tensorboard()  # import and open the writer before the clock starts
     start = time.time()
     start_steps = algo.steps
     status = "finished"

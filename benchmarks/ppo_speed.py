@@ -60,7 +60,8 @@ def run_aclab(workload: dict, steps: int, seed: int, threads: int) -> dict:
         start = time.perf_counter()
         summary = train(config, f"{tmp}/run")
         wall = time.perf_counter() - start
-    return {"steps_per_s": summary["steps"] / wall, "final_return": summary["final_return"], "wall_s": wall}
+    # steps/s of the training loop (as CleanRL's SPS): run-directory set-up and the final plot excluded
+    return {"steps_per_s": summary["steps_per_s"], "final_return": summary["final_return"], "wall_s": wall}
 
 
 def run_sb3(workload: dict, steps: int, seed: int, threads: int) -> dict:
