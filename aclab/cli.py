@@ -1,4 +1,4 @@
-"""Command line: ``aclab train | eval | list | report | sweep``.
+"""Command line: ``aclab train | eval | list | report | sweep | analyze``.
 
 Bad input (unknown algorithm, env id, preset or config key, invalid value, missing run directory)
 prints one line ``aclab: error: ...`` naming the problem and the valid choices, and exits with 2.
@@ -55,6 +55,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="aclab report")
 
+    p = sub.add_parser("analyze", help="value-function analyses of a run's latest checkpoint")
+    p.add_argument("analysis", choices=["stiffness", "value-bias", "ood-actions"],
+                   help="stiffness (DCPG App. A), value-bias (App. C), ood-actions (Table 8, dynamics models)")
+    p.add_argument("path", type=Path, help="a run directory (latest checkpoint) or a checkpoint file")
+    p.add_argument("--num-states", type=int, default=2 ** 14, help="stiffness: states (paper: 2^14)")
+    p.add_argument("--sign", choices=["exact", "subset", "off"], default="subset", help="stiffness: sign mode")
+    p.add_argument("--episodes", type=int, default=100, help="value-bias: episodes")
+    p.add_argument("--num-transitions", type=int, default=4096, help="ood-actions: transitions")
+    p.add_argument("--value", default="value", help="which critic (e.g. separate_value for sdcpg)")
+    p.add_argument("--num-envs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", type=Path, help="also write the JSON result to this file")
+
     p = sub.add_parser("sweep", help="run a grid of algorithms x envs x seeds from a TOML spec")
     p.add_argument("spec", type=Path)
     p.add_argument("--dry-run", action="store_true", help="print the jobs without running them")
@@ -69,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "report": cmd_report,
-                "sweep": cmd_sweep}[args.command](args)
+                "sweep": cmd_sweep, "analyze": cmd_analyze}[args.command](args)
     except (ConfigError, EnvIdError, FileExistsError, FileNotFoundError, *_domain_errors()) as exc:
         print(f"aclab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -199,6 +213,34 @@ def cmd_report(args) -> int:
                         ppo_baseline=args.ppo_baseline, title=args.title)
     print(f"report written to {path}")
     return 0
+
+
+def cmd_analyze(args) -> int:
+    import json
+
+    from aclab.analysis import run_analysis
+
+    common = {"num_envs": args.num_envs, "seed": args.seed, "device": args.device}
+    try:
+        result = _run_analysis(run_analysis, args, common)
+    except (ValueError, KeyError, TypeError) as exc:  # wrong algorithm for the analysis, unknown critic
+        from aclab.config import ConfigError
+
+        raise ConfigError(str(exc.args[0]) if exc.args else str(exc)) from exc
+    text = json.dumps(result, indent=2, default=float)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def _run_analysis(run_analysis, args, common) -> dict:
+    if args.analysis == "stiffness":
+        return run_analysis.run_stiffness(args.path, num_states=args.num_states, value=args.value,
+                                            sign=args.sign, **common)
+    elif args.analysis == "value-bias":
+        return run_analysis.run_value_bias(args.path, episodes=args.episodes, value=args.value, **common)
+    return run_analysis.run_ood_actions(args.path, num_transitions=args.num_transitions, **common)
 
 
 def cmd_sweep(args) -> int:

@@ -56,3 +56,19 @@ def test_train_then_eval(tmp_path, capsys):
     assert "over 4 episodes" in out
     evals = (run / "evals.csv").read_text().strip().splitlines()
     assert len(evals) == 3  # header, end-of-training eval, the eval command
+
+
+def test_analyze_value_bias_and_wrong_analysis(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    assert main(["train", "ppo", "--env", "CartPole-v1", "--run-dir", str(run), "--total-steps", "1024",
+                 "--quiet", "--set", "eval.episodes=0"]) == 0
+    capsys.readouterr()
+    out_file = tmp_path / "bias.json"
+    assert main(["analyze", "value-bias", str(run), "--episodes", "6", "--device", "cpu",
+                 "--out", str(out_file)]) == 0
+    result = json.loads(out_file.read_text())
+    assert result["num_episodes"] + result["num_truncated_excluded"] == 6
+    assert main(["analyze", "ood-actions", str(run), "--device", "cpu"]) == 2
+    assert "no dynamics discriminator" in capsys.readouterr().err

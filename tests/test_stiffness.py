@@ -197,3 +197,23 @@ def test_impala_resnet_with_uint8_frames() -> None:
     result = value_stiffness(net, states, targets, chunk_size=2, sign_block_size=3)
     assert result.cosine == pytest.approx(cosine, abs=1e-5)
     assert result.sign == pytest.approx(sign, abs=1e-12)
+
+
+def test_shared_module_keeps_its_parameter_objects():
+    """A torso registered under two names must keep the caller's Parameter objects (optimiser state)."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(3, 4)
+            self.value_enc = self.enc
+            self.head = torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.value_enc(x))).squeeze(-1)
+
+    net = Shared()
+    before = [id(p) for p in net.parameters()]
+    value_stiffness(net, torch.randn(6, 3), torch.randn(6), sign="off")
+    assert [id(p) for p in net.parameters()] == before
+    assert net.enc.weight is net.value_enc.weight

@@ -22,6 +22,7 @@ The module must work on a single state batch ``[1, ...]`` (no batch-statistics l
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
@@ -88,6 +89,9 @@ def per_sample_gradient_fn(
     name -> tensor (those values are used; the module's other parameters and buffers stay as they are and
     are not differentiated). ``value_fn`` maps ``[n, ...] -> [n]`` (or ``[n, 1]``).
     """
+    # functional_call on a module registered under two names (a shared torso) can swap that module's
+    # Parameter objects, silently detaching them from the caller's optimiser: work on a private copy.
+    value_fn = copy.deepcopy(value_fn)
     selected = _select_params(value_fn, params)
     frozen = {name: p.detach() for name, p in value_fn.named_parameters() if name not in selected}
     buffers = dict(value_fn.named_buffers())

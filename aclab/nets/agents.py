@@ -78,6 +78,17 @@ class ActorCritic(nn.Module):
         params = self._params_from_head(self.policy_head(policy_features))
         return params, self.value_head(value_features).squeeze(-1)
 
+    def forward_with_features(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """obs [N, *obs_shape] -> (dist_params [N, P], value [N], policy-encoder features [N, F]).
+
+        The features feed auxiliary heads on the policy torso (PPG's auxiliary value head, DDCPG's
+        dynamics discriminator); with ``shared=True`` they are the shared encoder's output.
+        """
+        policy_features = self.policy_encoder(obs)
+        value_features = policy_features if self.shared else self.value_encoder(obs)
+        params = self._params_from_head(self.policy_head(policy_features))
+        return params, self.value_head(value_features).squeeze(-1), policy_features
+
     def dist_params(self, obs: torch.Tensor) -> torch.Tensor:
         return self._params_from_head(self.policy_head(self.policy_encoder(obs)))
 
@@ -125,11 +136,15 @@ class FusedMLPActorCritic(nn.Module):
         if not self.state_dependent_std:
             self.log_std = nn.Parameter(torch.full((out,), float(log_std_init)))
 
-    def _heads(self, obs: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, obs: torch.Tensor) -> torch.Tensor:
+        """Last hidden layer of both MLPs [2, N, H] (index 0: policy, 1: value)."""
         h = obs.unsqueeze(0).expand(2, *obs.shape)
         for weight, bias in zip(self.weights, self.biases):
             h = self.activation(torch.baddbmm(bias, h, weight))
-        return torch.baddbmm(self.head_bias, h, self.head_weight)
+        return h
+
+    def _heads(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.head_bias, self._hidden(obs), self.head_weight)
 
     def _params_from_head(self, head_out: torch.Tensor) -> torch.Tensor:
         if self.state_dependent_std:
@@ -140,6 +155,12 @@ class FusedMLPActorCritic(nn.Module):
         """obs [N, obs_dim] -> (dist_params [N, P], value [N])."""
         out = self._heads(obs)
         return self._params_from_head(out[0]), out[1, :, 0]
+
+    def forward_with_features(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """obs [N, obs_dim] -> (dist_params [N, P], value [N], policy MLP features [N, H])."""
+        hidden = self._hidden(obs)
+        out = torch.baddbmm(self.head_bias, hidden, self.head_weight)
+        return self._params_from_head(out[0]), out[1, :, 0], hidden[0]
 
     def dist_params(self, obs: torch.Tensor) -> torch.Tensor:
         return self.forward(obs)[0]

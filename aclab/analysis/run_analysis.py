@@ -1,0 +1,269 @@
+"""Value-function analyses of a trained run or checkpoint (the ``aclab analyze ...`` commands).
+
+Each function takes a run directory (its latest checkpoint is used) or a checkpoint file
+(``RUN_DIR/checkpoints/ckpt_<step>.pt``), rebuilds the algorithm from the run's ``config.json``, collects
+fresh experience with the trained policy (sampled actions) on new instances of the run's training
+environments, and applies the pure tools of :mod:`aclab.analysis`:
+
+* :func:`run_stiffness`: value-network stiffness over ``num_states`` states with their value targets
+  ``R_hat = GAE + V`` (DCPG seed Appendix A; the paper uses 2^14 states);
+* :func:`run_value_bias`: ``V(s_0)`` against the discounted return at the first state of ``episodes``
+  training episodes (seed Appendix C); each env contributes its first episodes, so short episodes are not
+  over-represented;
+* :func:`run_ood_actions`: the OOD-action count of a trained dynamics discriminator (seed Table 8).
+
+Reward and observation normalisation statistics are restored from the checkpoint and frozen, so values and
+returns are in the units the critic was trained in. Every function returns a JSON-ready dict.
+Critics are chosen by name (``value="value"``): an algorithm may list several in ``value_functions()``
+(Separate DCPG: ``value`` = V_theta, ``separate_value`` = V_phi); algorithms without that method (PPO, ...)
+offer their ``net.value`` as ``value``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from aclab import registry
+from aclab.algos.common import resolve_device
+from aclab.algos.phasic import ValueFunction, ood_action_counts, value_parameter_names
+from aclab.analysis.stiffness import value_stiffness
+from aclab.analysis.value_bias import EpisodeStartTracker, value_bias_from_starts
+from aclab.config import Config
+from aclab.core.returns import gae
+from aclab.data.rollout import RolloutCollector
+from aclab.runs import CHECKPOINT_RE, list_checkpoints
+from aclab.train import build_envs, load_run_config
+
+ANALYSIS_SEED_OFFSET = 2_000_003
+
+
+@dataclass
+class LoadedRun:
+    """A rebuilt algorithm with its checkpoint: ``algo``, ``config``, ``run_dir``, ``checkpoint`` (file),
+    ``step`` (env steps at the checkpoint) and ``env_state`` (the training envs' state, for normalisers)."""
+
+    algo: object
+    config: Config
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    env_state: dict | None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint file) for a run directory (its newest checkpoint) or a checkpoint file."""
+    path = Path(path)
+    if path.is_file():
+        if not CHECKPOINT_RE.search(path.name):
+            raise ValueError(f"{path} is not a checkpoint file (expected .../checkpoints/ckpt_<step>.pt)")
+        return path.parent.parent, path
+    checkpoints = list_checkpoints(path / "checkpoints")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a run directory (no config.json)")
+    if not checkpoints:
+        raise FileNotFoundError(f"{path} has no checkpoint to analyse")
+    return path, checkpoints[-1]
+
+
+def load_algorithm(path: str | Path, device: str = "auto") -> LoadedRun:
+    """Rebuild the algorithm of a run directory or checkpoint file and load the checkpoint's weights."""
+    run_dir, checkpoint_path = resolve_checkpoint(path)
+    config = load_run_config(run_dir)
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    envs = build_envs(config, num_envs=1)  # only for the spec; sizes come from the config
+    try:
+        spec = envs.spec
+    finally:
+        envs.close()
+    algo = registry.build(config, spec, resolve_device(device))
+    algo.load_state_dict(checkpoint["algo"])
+    return LoadedRun(algo, config, run_dir, checkpoint_path, int(checkpoint.get("step", getattr(algo, "steps", 0))),
+                     checkpoint.get("envs"))
+
+
+def make_analysis_envs(loaded: LoadedRun, num_envs: int, seed: int | None = None):
+    """New training-distribution envs with the checkpoint's normalisation statistics, frozen; reset."""
+    seed = loaded.config.seed + ANALYSIS_SEED_OFFSET if seed is None else seed
+    envs = build_envs(loaded.config, num_envs=num_envs, seed=seed)
+    state = loaded.env_state or {}
+    if envs.obs_normalizer is not None and state.get("obs_normalizer") is not None:
+        envs.obs_normalizer.load_state_dict(state["obs_normalizer"])
+    if envs.reward_scaler is not None and state.get("reward_scaler") is not None:
+        envs.reward_scaler.load_state_dict(state["reward_scaler"], restore_returns=False)
+    envs.set_normalization_update(False)
+    envs.reset(seed=seed)
+    return envs
+
+
+def value_functions_of(algo) -> dict[str, nn.Module]:
+    """Critics of ``algo`` by name, each with ``.value(obs [N, ...]) -> [N]`` (or callable that way)."""
+    if hasattr(algo, "value_functions"):
+        return dict(algo.value_functions())
+    net = getattr(algo, "net", None)
+    if net is not None and hasattr(net, "value"):
+        return {"value": net}
+    raise TypeError(f"{type(algo).__name__} exposes no value function (no value_functions() and no net.value)")
+
+
+def _pick_value(algo, value: str) -> nn.Module:
+    critics = value_functions_of(algo)
+    if value not in critics:
+        raise KeyError(f"unknown critic {value!r}; this algorithm has {sorted(critics)}")
+    return critics[value]
+
+
+def _discounting(config: Config) -> tuple[float, float]:
+    return float(getattr(config.params, "gamma", 0.99)), float(getattr(config.params, "gae_lambda", 0.95))
+
+
+def collect_with_policy(algo, envs, num_steps: int, value_module: nn.Module, device: torch.device):
+    """A rollout of ``num_steps`` steps with ``algo.act`` (sampled actions) and ``value_module``'s values
+    (log-probabilities and distribution parameters are not recorded). Returns (Rollout, next obs [B, ...])."""
+    value_fn = ValueFunction(value_module)
+
+    @torch.no_grad()
+    def values_of(obs: torch.Tensor) -> np.ndarray:
+        return value_fn(obs.to(device)).float().cpu().numpy()
+
+    def act_fn(obs: torch.Tensor):
+        actions = algo.act(obs.cpu().numpy(), False)
+        zeros = np.zeros(obs.shape[0], dtype=np.float32)
+        return actions, zeros, values_of(obs), zeros[:, None]
+
+    collector = RolloutCollector(envs, num_steps, 1, torch.device("cpu"))
+    rollout, _, _ = collector.collect(envs, act_fn, values_of)
+    return rollout, torch.as_tensor(np.array(envs.obs, copy=True))
+
+
+def _header(loaded: LoadedRun, analysis: str) -> dict:
+    return {"analysis": analysis, "algo": loaded.config.algo, "env_id": loaded.config.env.id,
+            "run_dir": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint), "step": loaded.step}
+
+
+def run_stiffness(path: str | Path, *, num_states: int = 2 ** 14, value: str = "value", num_envs: int | None = None,
+                  sign: str = "subset", sign_subset_size: int = 2048, chunk_size: int = 256,
+                  seed: int | None = None, device: str = "auto") -> dict:
+    """Stiffness of critic ``value`` over ``num_states`` valid states of fresh training rollouts.
+
+    Rollouts of ``ceil(num_states / num_envs)`` steps from ``num_envs`` envs (default: the run's); targets
+    ``R_hat = GAE(gamma, lambda) + V`` with the run's gamma and lambda; the first ``num_states`` valid
+    states (time-major order) are used. Returns cosine and sign stiffness (see
+    :func:`aclab.analysis.value_stiffness`; ``sign`` = ``"exact"``, ``"subset"`` or ``"off"``).
+    """
+    loaded = load_algorithm(path, device)
+    num_envs = num_envs or loaded.config.env.num_envs
+    module = _pick_value(loaded.algo, value)
+    gamma, lam = _discounting(loaded.config)
+    envs = make_analysis_envs(loaded, num_envs, seed)
+    try:
+        num_steps = math.ceil(num_states / num_envs) + 1
+        states, targets = [], []
+        have = 0
+        while have < num_states:
+            rollout, _ = collect_with_policy(loaded.algo, envs, num_steps, module, resolve_device(device))
+            advantages = gae(rollout.rewards, rollout.values, rollout.discounts(gamma), lam, episode_ends=rollout.ends)
+            idx = torch.nonzero(rollout.valid.reshape(-1)).squeeze(1)
+            states.append(rollout.obs.reshape(-1, *rollout.obs.shape[2:])[idx].clone())
+            targets.append((advantages + rollout.values[:-1]).reshape(-1)[idx].clone())
+            have += idx.numel()
+    finally:
+        envs.close()
+    states_t, targets_t = torch.cat(states)[:num_states], torch.cat(targets)[:num_states]
+    value_fn = ValueFunction(module)
+    generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    result = value_stiffness(value_fn, states_t, targets_t, params=value_parameter_names(value_fn), sign=sign,
+                             sign_subset_size=sign_subset_size, chunk_size=chunk_size, generator=generator)
+    return {**_header(loaded, "stiffness"), "value": value, "num_states": result.num_states,
+            "cosine": result.cosine, "sign": result.sign, "sign_method": result.sign_method,
+            "num_sign_pairs": result.num_sign_pairs, "num_zero_gradients": result.num_zero_gradients}
+
+
+def run_value_bias(path: str | Path, *, episodes: int = 100, value: str = "value", num_envs: int | None = None,
+                   include_truncated: bool = False, seed: int | None = None, device: str = "auto",
+                   max_steps: int = 1_000_000) -> dict:
+    """``V(s_0)`` against the discounted return ``G_0`` (the run's gamma, trained-on rewards) over
+    ``episodes`` fresh training episodes. ``num_envs`` defaults to ``episodes`` (capped at 128); each env
+    contributes its first ``ceil(episodes / num_envs)`` episodes. Truncated episodes are excluded from the
+    bias unless ``include_truncated`` (they still use up their env's quota)."""
+    loaded = load_algorithm(path, device)
+    num_envs = num_envs or min(episodes, 128)
+    per_env = math.ceil(episodes / num_envs)
+    module = ValueFunction(_pick_value(loaded.algo, value))
+    gamma, _ = _discounting(loaded.config)
+    torch_device = resolve_device(device)
+    envs = make_analysis_envs(loaded, num_envs, seed)
+    tracker = EpisodeStartTracker(num_envs, gamma, fresh_envs=True)
+    per_env_starts: list[list] = [[] for _ in range(num_envs)]
+    try:
+        for _ in range(max_steps):
+            valid = ~envs.next_is_dummy
+            obs = envs.obs
+            with torch.no_grad():
+                values = module(torch.as_tensor(obs, device=torch_device)).float().cpu().numpy()
+            result = envs.step(loaded.algo.act(obs, False))
+            ends = result.terminated | result.truncated
+            for start in tracker.step(values, result.reward, ends, valid, result.terminated):
+                if len(per_env_starts[start.env_index]) < per_env:
+                    per_env_starts[start.env_index].append(start)
+            if sum(len(s) for s in per_env_starts) >= num_envs * per_env:
+                break
+    finally:
+        envs.close()
+    starts = [s for k in range(per_env) for env_starts in per_env_starts for s in env_starts[k:k + 1]][:episodes]
+    bias = value_bias_from_starts(starts, include_truncated=include_truncated)
+    return {**_header(loaded, "value_bias"), "value": value, "gamma": gamma, "bias": bias.bias,
+            "predicted": bias.mean_value, "true": bias.mean_return, "num_episodes": bias.num_episodes,
+            "num_truncated_excluded": bias.num_truncated_excluded, "values": bias.values.tolist(),
+            "returns": bias.returns.tolist()}
+
+
+def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: int | None = None,
+                    seed: int | None = None, device: str = "auto", chunk_size: int = 1024) -> dict:
+    """Seed Table 8: per transition ``(s, a, s')`` of fresh training rollouts, the number of actions
+    ``a_hat != a`` that the trained (forward) discriminator accepts, ``f(s, a_hat, s') > 0.5``.
+
+    Needs an algorithm with a dynamics model (ddcpg, dcpg-f, dcpg-i, dcpg-fi, dppg). Transitions that cross
+    an episode reset (autoreset dummies) are left out. Returns the mean and std over transitions and the
+    histogram of counts ``[0, A - 1]``.
+    """
+    loaded = load_algorithm(path, device)
+    algo = loaded.algo
+    dynamics = getattr(algo, "dynamics", None)
+    if dynamics is None:
+        raise ValueError(f"{loaded.config.algo!r} has no dynamics discriminator (use ddcpg, dcpg-f, dcpg-i, "
+                         "dcpg-fi or dppg)")
+    num_envs = num_envs or loaded.config.env.num_envs
+    torch_device = resolve_device(device)
+    envs = make_analysis_envs(loaded, num_envs, seed)
+    counts: list[torch.Tensor] = []
+    have = 0
+    try:
+        num_steps = math.ceil(num_transitions / num_envs) + 1
+        first_value = next(iter(value_functions_of(algo).values()))
+        while have < num_transitions:
+            rollout, next_obs = collect_with_policy(algo, envs, num_steps, first_value, torch_device)
+            frames = torch.cat([rollout.obs, next_obs.unsqueeze(0)])  # [T + 1, B, ...]
+            with torch.no_grad():
+                flat = frames.reshape(-1, *frames.shape[2:])
+                features = torch.cat([algo.encode(flat[s:s + chunk_size].to(torch_device))
+                                      for s in range(0, flat.shape[0], chunk_size)])
+            features = features.view(frames.shape[0], num_envs, -1)
+            idx = torch.nonzero(rollout.valid.reshape(-1)).squeeze(1).to(torch_device)
+            dim = features.shape[-1]
+            counts.append(ood_action_counts(dynamics.discriminator, features[:-1].reshape(-1, dim)[idx],
+                                            rollout.actions.reshape(-1).to(torch_device)[idx],
+                                            features[1:].reshape(-1, dim)[idx]).cpu())
+            have += idx.numel()
+    finally:
+        envs.close()
+    all_counts = torch.cat(counts)[:num_transitions].double()
+    num_actions = dynamics.num_actions
+    return {**_header(loaded, "ood_actions"), "num_transitions": int(all_counts.numel()),
+            "num_actions": num_actions, "mean": float(all_counts.mean()), "std": float(all_counts.std()),
+            "histogram": torch.bincount(all_counts.long(), minlength=num_actions).tolist()}

@@ -1,0 +1,426 @@
+"""DCPG, Separate DCPG, DDCPG and its ablations: the delayed value update (C_V), the auxiliary loss, the
+dynamics discriminator (negatives, objective per mode, reset masking, OOD-action count), the analysis
+functions on a run directory, resume, end-to-end runs on CartPole and a tiny Procgen configuration."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aclab import registry
+from aclab.algos import phasic
+from aclab.algos.common import resolve_device
+from aclab.algos.phasic import (
+    DynamicsDiscriminator,
+    DynamicsModel,
+    dynamics_objective,
+    ood_action_counts,
+    sample_other_indices,
+    sample_wrong_actions,
+    trajectory_dynamics_loss,
+)
+from aclab.analysis import run_analysis
+from aclab.runs import load_latest_checkpoint
+from aclab.train import build_envs, make_config, train
+
+FAST = ["progress=false", "eval.episodes=0", "env.backend=gymnasium"]
+TINY = [*FAST, "env.num_envs=4", "params.num_steps=32", "params.num_minibatches=4", "params.gamma=0.99"]
+DCPG_VARIANTS = ["dcpg", "sdcpg", "ddcpg", "dcpg-f", "dcpg-i", "dcpg-fi"]
+
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small MLP updates are bound by per-call overhead: one intra-op thread, as aclab.train uses for vector
+    observations (a second thread only adds contention on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def _algo(name: str, overrides: list[str], env_id: str = "CartPole-v1"):
+    config = make_config(name, env_id, overrides=overrides)
+    envs = build_envs(config)
+    envs.reset(seed=config.seed)
+    torch.manual_seed(config.seed)
+    return config, envs, registry.build(config, envs.spec, resolve_device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_names_fix_their_switches_and_share_the_dcpg_presets():
+    expected = {"dcpg": ("off", False), "sdcpg": ("off", True), "ddcpg": ("joint", False),
+                "dcpg-f": ("forward", False), "dcpg-i": ("inverse", False), "dcpg-fi": ("two", False)}
+    for name, (dynamics, separate) in expected.items():
+        config = make_config(name, preset="dcpg-procgen")
+        assert registry.default_preset(name, "procgen", True) == "dcpg-procgen"
+        assert registry.default_preset(name, "classic", True) == "dcpg-classic"
+        assert config.params.dynamics == dynamics and config.params.separate_value is separate, name
+    assert make_config("ddcpg", preset="dcpg-procgen").params.dynamics_eta == 0.5
+    assert make_config("dcpg-fi", preset="dcpg-procgen").params.dynamics_eta == 1.0
+    config = make_config("dcpg", "procgen:bigfish")
+    p = config.params  # seed Tables 2 and 3
+    assert config.preset == "dcpg-procgen" and config.env.num_envs == 64 and p.encoder == "impala"
+    assert (p.num_steps, p.gamma, p.num_minibatches, p.policy_epochs, p.num_policy_iterations, p.aux_epochs,
+            p.aux_num_minibatches, p.clone_coef, p.value_anchor_coef, p.lr) == (256, 0.999, 8, 1, 32, 6, 16, 1.0,
+                                                                                 1.0, 5e-4)
+
+
+# ------------------------------------------------------------------------------------------------ C_V
+def test_value_anchor_is_zero_at_the_first_minibatch_and_grows():
+    """C_V uses the rollout-time predictions: 0 (to float precision) before the first update, then positive
+    once updates have moved the shared torso. A C_V recomputed from the current network would stay 0."""
+    _, envs, algo = _algo("dcpg", [*TINY, "params.policy_epochs=3", "params.num_policy_iterations=8"])
+    algo.iterate(envs)
+    anchor = algo.last_policy_phase_stats[:, 2]
+    assert anchor.shape[0] == 12
+    assert anchor[0].item() < 1e-12
+    assert (anchor[1:] > 1e-9).all() and anchor[1:].max() > 1e6 * max(anchor[0].item(), 1e-18)
+
+
+def test_policy_phase_does_not_regress_the_value_to_returns():
+    """With beta_V = 0 nothing in the policy phase touches the value head (no J_V there); with beta_V = 1
+    C_V's gradient reaches both the head and the shared torso."""
+    heads = {}
+    for beta in (0.0, 1.0):
+        _, envs, algo = _algo("dcpg", [*TINY, f"params.value_anchor_coef={beta}", "params.num_policy_iterations=8"])
+        head_before = algo.net.value_head.weight.detach().clone()
+        torso_before = [q.detach().clone() for q in algo.net.policy_encoder.parameters()]
+        algo.iterate(envs)
+        heads[beta] = not torch.equal(head_before, algo.net.value_head.weight)
+        assert any(not torch.equal(a, b) for a, b in zip(torso_before, algo.net.policy_encoder.parameters()))
+    assert heads == {0.0: False, 1.0: True}
+
+
+def test_value_anchor_gradient_is_that_of_half_squared_distance_to_stored_values():
+    torch.manual_seed(0)
+    values = torch.randn(6, requires_grad=True)
+    stored = torch.randn(6)
+    from aclab.core import losses
+
+    losses.value_loss(values, stored).backward()
+    torch.testing.assert_close(values.grad, (values - stored).detach() / 6)
+
+
+# ------------------------------------------------------------------------------------------------ aux loss
+def _filled(name: str, overrides: list[str]):
+    config, envs, algo = _algo(name, [*TINY, "params.num_policy_iterations=3", "params.aux_num_minibatches=2",
+                                      *overrides])
+    for _ in range(2):
+        algo.iterate(envs)
+    return config, envs, algo
+
+
+def test_aux_loss_matches_a_slow_reference():
+    """Separate DCPG: 0.5 (V_theta - R_theta)^2 + beta KL(old || new) + 0.5 (V_phi - R_phi)^2 per valid state."""
+    _, _, algo = _filled("sdcpg", ["params.aux_epochs=1", "params.clone_coef=0.5"])
+    buffer = algo.buffer
+    phasic.dist_params_over_buffer(algo.net.dist_params, buffer, "old_params", 64, torch.device("cpu"))
+    with torch.no_grad():
+        algo.net.policy_head.weight.add_(0.05 * torch.randn_like(algo.net.policy_head.weight))
+    mb = buffer.gather(torch.tensor([1, 4, 7]), ("returns", "old_params", "returns_phi"), torch.device("cpu"))
+    mb["valid"][2, 0] = False
+    loss, parts = algo.aux_loss(mb)
+    n, T = mb["valid"].shape
+    total, count = 0.0, 0
+    for i in range(n):
+        for t in range(T):
+            if not bool(mb["valid"][i, t]):
+                continue
+            obs = mb["obs"][i, t].unsqueeze(0)
+            logits, value = algo.net(obs)
+            log_p, log_old = torch.log_softmax(logits[0], -1), torch.log_softmax(mb["old_params"][i, t], -1)
+            kl = (log_old.exp() * (log_old - log_p)).sum()
+            phi = algo.value_net(obs)[0]
+            total = total + 0.5 * (value[0] - mb["returns"][i, t]) ** 2 + 0.5 * kl + 0.5 * (
+                phi - mb["returns_phi"][i, t]) ** 2
+            count += 1
+    torch.testing.assert_close(loss, total / count, rtol=1e-5, atol=1e-6)
+    assert parts[1].item() > 1e-5 and parts[2].item() > 0
+
+
+def _capture(algo, envs) -> dict:
+    collector = algo._collector_for(envs)
+    real, kept = collector.collect, {}
+
+    def collect(*args):
+        rollout, returns, lengths = real(*args)
+        kept.update({k: getattr(rollout, k).clone() for k in ("rewards", "values", "terminated", "ends", "valid")})
+        return rollout, returns, lengths
+
+    collector.collect = collect
+    return kept
+
+
+def test_separate_dcpg_stores_two_targets_and_uses_v_phi_for_advantages():
+    from aclab.core.returns import gae
+
+    _, envs, algo = _algo("sdcpg", [*TINY, "params.num_policy_iterations=3",
+                                    "env.options={\"max_episode_steps\": 20}"])
+    kept = _capture(algo, envs)
+    import copy
+
+    phi_before = copy.deepcopy(algo.value_net)
+    theta_before = copy.deepcopy(algo.net)
+    theta_head = algo.net.value_head.weight.detach().clone()
+    phi_params = [q.detach().clone() for q in algo.value_net.parameters()]
+    algo.iterate(envs)
+    frames = algo.buffer.obs[0]  # [T + 1, B, ...]: the stored states and the final next state
+    T, B = kept["rewards"].shape
+    with torch.no_grad():  # the collector's values are V_phi at rollout time, _theta_values V_theta
+        torch.testing.assert_close(kept["values"], phi_before(frames.flatten(0, 1)).view(T + 1, B))
+        torch.testing.assert_close(torch.as_tensor(algo._theta_values),
+                                   theta_before.value(frames.flatten(0, 1)).view(T + 1, B))
+    discounts = 0.99 * (~kept["terminated"]).float()
+    r_phi = gae(kept["rewards"], kept["values"], discounts, 0.95, episode_ends=kept["ends"]) + kept["values"][:-1]
+    valid = kept["valid"]
+    torch.testing.assert_close(algo.buffer.fields["returns_phi"][0][valid], r_phi[valid])
+    # ... and R_theta comes from V_theta's rollout-time predictions, kept separately
+    theta = torch.as_tensor(algo._theta_values)
+    r_theta = gae(kept["rewards"], theta, discounts, 0.95, episode_ends=kept["ends"]) + theta[:-1]
+    torch.testing.assert_close(algo.buffer.fields["returns"][0][valid], r_theta[valid])
+    assert not torch.allclose(r_theta[valid], r_phi[valid])
+    # V_phi is fitted in the policy phase, V_theta's head is only anchored (it moves with C_V)
+    assert any(not torch.equal(a, b) for a, b in zip(phi_params, algo.value_net.parameters()))
+    assert not torch.equal(theta_head, algo.net.value_head.weight)
+
+
+# ------------------------------------------------------------------------------------------------ dynamics
+def test_wrong_actions_follow_the_histogram_without_the_own_action():
+    g = torch.Generator().manual_seed(0)
+    actions = torch.tensor([0, 0, 0, 1, 2, 2])  # histogram 3, 1, 2 over 4 actions (action 3 never occurs)
+    draws = torch.stack([sample_wrong_actions(actions, 4, g) for _ in range(6000)])  # [6000, 6]
+    assert (draws != actions).all()
+    freq_for_a0 = torch.bincount(draws[:, 0], minlength=4).float() / 6000  # own 0 removed: 1/3, 2/3 for 1, 2
+    np.testing.assert_allclose(freq_for_a0.numpy(), [0, 1 / 3, 2 / 3, 0], atol=0.03)
+    freq_for_a1 = torch.bincount(draws[:, 3], minlength=4).float() / 6000  # own 1 removed: 3/5, 2/5 for 0, 2
+    np.testing.assert_allclose(freq_for_a1.numpy(), [0.6, 0, 0.4, 0], atol=0.03)
+    same = torch.zeros(5, dtype=torch.int64)  # no other action in the batch: uniform over the others
+    draws = torch.stack([sample_wrong_actions(same, 3, g) for _ in range(3000)])
+    np.testing.assert_allclose((torch.bincount(draws.reshape(-1), minlength=3).float() / draws.numel()).numpy(),
+                               [0, 0.5, 0.5], atol=0.03)
+
+
+def test_other_indices_are_uniform_over_the_others():
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([sample_other_indices(5, g) for _ in range(5000)])
+    assert (draws != torch.arange(5)).all()
+    freq = torch.bincount(draws[:, 2], minlength=5).float() / 5000
+    np.testing.assert_allclose(freq.numpy(), [0.25, 0.25, 0, 0.25, 0.25], atol=0.03)
+    assert sample_other_indices(1, g).tolist() == [0]
+
+
+def _bce(logit: float, label: float) -> float:
+    p = 1 / (1 + math.exp(-logit))
+    return -(label * math.log(p) + (1 - label) * math.log(1 - p))
+
+
+def test_dynamics_objective_per_mode_by_hand():
+    pos, wa, wn, ipos, iwa = (torch.tensor(x) for x in ([0.5, -1.0], [0.2, 2.0], [-0.3, 1.0], [1.5, 0.1],
+                                                         [-2.0, 0.3]))
+
+    def mean_bce(x, label):
+        return sum(_bce(v, label) for v in x.tolist()) / len(x)
+
+    eta = 0.5
+    joint = mean_bce(pos, 1) + eta * mean_bce(wa, 0) + mean_bce(wn, 0)
+    assert dynamics_objective("joint", eta, pos, wa, wn).item() == pytest.approx(joint, rel=1e-5)
+    assert dynamics_objective("forward", eta, pos, None, wn).item() == pytest.approx(
+        mean_bce(pos, 1) + mean_bce(wn, 0), rel=1e-5)
+    assert dynamics_objective("inverse", eta, pos, wa, None).item() == pytest.approx(
+        mean_bce(pos, 1) + mean_bce(wa, 0), rel=1e-5)
+    two = mean_bce(pos, 1) + mean_bce(wn, 0) + 1.0 * (mean_bce(ipos, 1) + mean_bce(iwa, 0))
+    assert dynamics_objective("two", 1.0, pos, None, wn, ipos, iwa).item() == pytest.approx(two, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["joint", "forward", "inverse", "two"])
+def test_dynamics_model_loss_uses_the_right_negatives(mode):
+    torch.manual_seed(0)
+    model = DynamicsModel(mode, 3, 4, (8,), eta=0.5)
+    feats, nxt = torch.randn(7, 3), torch.randn(7, 3)
+    actions = torch.tensor([0, 1, 1, 2, 3, 0, 2])
+    loss, accuracy = model.loss(feats, actions, nxt, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # replay the same negatives
+    wrong_a = sample_wrong_actions(actions, 4, g) if mode != "forward" else None
+    wrong_n = nxt[sample_other_indices(7, g)] if mode != "inverse" else None
+    f = model.discriminator
+    pos = f(feats, actions, nxt)
+    wa = f(feats, wrong_a, nxt) if mode in ("joint", "inverse") else None
+    wn = f(feats, actions, wrong_n) if mode != "inverse" else None
+    ipos = iwa = None
+    if mode == "two":
+        ipos, iwa = model.inverse_discriminator(feats, actions, nxt), model.inverse_discriminator(feats, wrong_a, nxt)
+    expected = dynamics_objective(mode, 0.5, pos, wa, wn, ipos, iwa)
+    torch.testing.assert_close(loss, expected)
+    assert 0.0 <= accuracy.item() <= 1.0
+    loss.backward()
+    assert all(q.grad is not None for q in model.discriminator.parameters())
+
+
+def test_dynamics_loss_masks_transitions_that_cross_a_reset(monkeypatch):
+    model = DynamicsModel("joint", 2, 3, (4,), eta=0.5)
+    seen = {}
+
+    def fake_loss(features, actions, next_features, generator):
+        seen.update(features=features, actions=actions, next=next_features)
+        return torch.zeros(()), torch.zeros(())
+
+    monkeypatch.setattr(model, "loss", fake_loss)
+    features = torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2)  # n = 2 trajectories, T + 1 = 4
+    actions = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    valid = torch.tensor([[True, False, True], [True, True, True]])  # step 1 of trajectory 0 is a dummy
+    trajectory_dynamics_loss(model, features, actions, valid, True, torch.Generator())
+    assert seen["actions"].tolist() == [0, 2, 2, 1, 0]
+    torch.testing.assert_close(seen["features"][1], features[0, 2])
+    torch.testing.assert_close(seen["next"][1], features[0, 3])
+    trajectory_dynamics_loss(model, features, actions, valid, False, torch.Generator())
+    assert seen["actions"].tolist() == [0, 1, 2, 2, 1, 0]
+
+
+def test_ood_action_count_matches_a_loop():
+    torch.manual_seed(3)
+    disc = DynamicsDiscriminator(4, 5, (16,))
+    with torch.no_grad():
+        disc.mlp.layers[-1].bias.fill_(0.05)  # some logits on both sides of 0
+    feats, nxt = torch.randn(20, 4), torch.randn(20, 4)
+    actions = torch.randint(0, 5, (20,))
+    counts = ood_action_counts(disc, feats, actions, nxt)
+    expected = []
+    for i in range(20):
+        c = 0
+        for a in range(5):
+            if a != int(actions[i]):
+                logit = disc(feats[i:i + 1], torch.tensor([a]), nxt[i:i + 1])
+                c += int(torch.sigmoid(logit).item() > 0.5)
+        expected.append(c)
+    assert counts.tolist() == expected and 0 < sum(expected) < 20 * 4
+
+
+# ------------------------------------------------------------------------------------------------ runs
+@pytest.mark.parametrize("name", DCPG_VARIANTS)
+def test_variants_train_end_to_end_on_cartpole(tmp_path, name):
+    config = make_config(name, "CartPole-v1", overrides=[*TINY, "total_steps=768", "params.num_policy_iterations=2",
+                                                         "params.aux_epochs=1", "eval.episodes=2"])
+    summary = train(config, tmp_path / name)
+    assert summary["status"] == "finished" and summary["steps"] == 768 and "eval_test_return" in summary
+    rows = list(csv.DictReader((tmp_path / name / "metrics.csv").open()))
+    aux_rows = [r for r in rows if r.get("aux/kl_after")]
+    assert len(aux_rows) == 3
+    assert all(bool(r.get("aux/dynamics_loss")) == (name not in ("dcpg", "sdcpg")) for r in aux_rows)
+    assert all(bool(r.get("aux/separate_value_loss")) == (name == "sdcpg") for r in aux_rows)
+
+
+def _tiny_procgen() -> list[str]:
+    return ["progress=false", "eval.episodes=0", "env.num_envs=2", "params.num_steps=4", "params.num_minibatches=2",
+            "params.num_policy_iterations=2", "params.aux_epochs=1", "params.aux_num_minibatches=1", "total_steps=16"]
+
+
+@pytest.mark.parametrize("name", ["ddcpg"] + [pytest.param(n, marks=pytest.mark.slow)
+                                              for n in ("dcpg", "sdcpg", "dcpg-f", "dcpg-i", "dcpg-fi")])
+def test_variants_train_end_to_end_on_tiny_procgen(tmp_path, name):
+    config = make_config(name, "procgen:bigfish", overrides=_tiny_procgen())
+    summary = train(config, tmp_path / name)
+    assert summary["status"] == "finished" and summary["steps"] == 16
+    state = load_latest_checkpoint(tmp_path / name / "checkpoints")["algo"]
+    assert state["num_aux_phases"] == 1 and state["buffer"]["obs"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("name", ["ddcpg", "sdcpg"])
+def test_resume_mid_phase_equals_uninterrupted(tmp_path, name):
+    overrides = [*TINY, "total_steps=1664", "params.num_policy_iterations=3", "params.aux_epochs=2",
+                 "checkpoint_every_iterations=2", "params.log_value_bias=true"]
+    train(make_config(name, "CartPole-v1", overrides=overrides), tmp_path / "full")
+    first = train(make_config(name, "CartPole-v1", overrides=overrides), tmp_path / "split", stop_after_iterations=4)
+    assert first["status"] == "interrupted"
+    assert load_latest_checkpoint(tmp_path / "split" / "checkpoints")["algo"]["buffer"]["size"] == 1
+    train(make_config(name, "CartPole-v1", overrides=overrides), tmp_path / "split", resume=True)
+    full = load_latest_checkpoint(tmp_path / "full" / "checkpoints")["algo"]
+    split = load_latest_checkpoint(tmp_path / "split" / "checkpoints")["algo"]
+    for part in ("net", "value_net", "dynamics"):
+        if full[part] is not None:
+            for key in full[part]:
+                assert torch.equal(full[part][key], split[part][key]), (part, key)
+
+    def rows(run: Path):
+        return [{k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")}
+                for r in csv.DictReader((run / "metrics.csv").open())]
+
+    assert rows(tmp_path / "full") == rows(tmp_path / "split")
+
+
+@pytest.mark.parametrize("name", ["dcpg", "sdcpg"])
+def test_training_analyses_do_not_change_training(name):
+    """Stiffness goes through torch.func.functional_call, which replaces the Parameter objects of a submodule
+    registered under two names (the shared torso is both policy_encoder and value_encoder): measured on the
+    live network, the optimiser would silently stop training the torso. The analyses measure a copy."""
+    nets = []
+    for extra in ([], ["params.log_value_bias=true", "params.stiffness_every=2", "params.stiffness_states=32"]):
+        _, envs, algo = _algo(name, [*TINY, "params.num_policy_iterations=2", "params.aux_epochs=1", *extra])
+        measured = [("stiffness/cosine" in algo.iterate(envs)) for _ in range(3)]
+        assert measured == ([True, False, True] if extra else [False] * 3)
+        optimised = {id(q) for group in algo.policy_optimizer.param_groups for q in group["params"]}
+        assert all(id(q) in optimised for q in algo.net.parameters())
+        nets.append(algo.net.state_dict())
+    for key in nets[0]:
+        assert torch.equal(nets[0][key], nets[1][key]), key
+
+
+def test_value_parameter_selection_leaves_stiffness_unchanged():
+    """Only the value path's parameters are differentiated; the others would contribute exact zeros."""
+    from aclab.algos.phasic import ValueFunction, value_parameter_names
+    from aclab.analysis.stiffness import value_stiffness
+    from aclab.core.distributions import Categorical
+    from aclab.nets.agents import ActorCritic, FusedMLPActorCritic
+
+    torch.manual_seed(0)
+    states, targets = torch.randn(12, 4), torch.randn(12)
+    nets = [FusedMLPActorCritic(4, Categorical(2), hidden_sizes=(8,)),
+            ActorCritic((4,), Categorical(2), hidden_sizes=(8,), shared=False),
+            ActorCritic((4,), Categorical(2), hidden_sizes=(8,), shared=True)]
+    for net in nets:
+        module = ValueFunction(net)
+        names = value_parameter_names(module)
+        assert not any("policy_head" in n for n in names)
+        selected = value_stiffness(module, states, targets, params=names, sign="exact")
+        everything = value_stiffness(module, states, targets, sign="exact")
+        assert selected.cosine == pytest.approx(everything.cosine, abs=1e-6)
+        assert selected.sign == everything.sign
+
+
+def test_analysis_functions_on_a_run_directory(tmp_path):
+    config = make_config("ddcpg", "CartPole-v1", overrides=[*TINY, "total_steps=1024", "params.num_policy_iterations=2",
+                                                            "params.aux_epochs=2", "env.normalize_reward=true"])
+    train(config, tmp_path / "run")
+    stiffness = run_analysis.run_stiffness(tmp_path / "run", num_states=64, sign="exact")
+    assert stiffness["num_states"] == 64 and stiffness["num_sign_pairs"] == 64 * 63 // 2
+    assert -1 <= stiffness["cosine"] <= 1 and -1 <= stiffness["sign"] <= 1
+    # the wiring equals a direct call of the pure tool on the same states
+    ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    again = run_analysis.run_stiffness(ckpt, num_states=64, sign="exact")
+    assert again["cosine"] == pytest.approx(stiffness["cosine"]) and again["step"] == 1024
+    bias = run_analysis.run_value_bias(tmp_path / "run", episodes=6)
+    assert bias["num_episodes"] + bias["num_truncated_excluded"] == 6
+    assert bias["bias"] == pytest.approx(bias["predicted"] - bias["true"])
+    ood = run_analysis.run_ood_actions(tmp_path / "run", num_transitions=100)
+    assert ood["num_transitions"] == 100 and sum(ood["histogram"]) == 100 and 0 <= ood["mean"] <= 1
+    with pytest.raises(ValueError, match="no dynamics"):
+        train(make_config("dcpg", "CartPole-v1", overrides=[*TINY, "total_steps=128"]), tmp_path / "plain")
+        run_analysis.run_ood_actions(tmp_path / "plain", num_transitions=10)
+
+
+def test_analysis_works_for_ppo_runs_too(tmp_path):
+    train(make_config("ppo", "CartPole-v1", overrides=[*TINY, "total_steps=256"]), tmp_path / "ppo")
+    result = run_analysis.run_stiffness(tmp_path / "ppo", num_states=32, sign="off")
+    assert math.isfinite(result["cosine"]) and math.isnan(result["sign"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dcpg", "ddcpg"])
+def test_learns_cartpole(tmp_path, name):
+    config = make_config(name, "CartPole-v1", overrides=[*FAST, "total_steps=150000"])
+    summary = train(config, tmp_path / "run")
+    assert summary["final_return"] >= 300, summary
