@@ -1,0 +1,280 @@
+"""FixPO (aclab.algos.fixpo): losses against hand computations, the beta multiplier's dynamics, the
+trust-region postcondition on every update of runs whose primary phase overshoots, the ablation
+switches, three action distributions, resume equality and learning on small tasks."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import distributions as td
+
+from aclab.algos.common import resolve_device
+from aclab.algos.fixpo import (
+    FixPO,
+    TrustRegionViolation,
+    beta_loss,
+    importance_weighted_policy_loss,
+    kl_statistic,
+    primary_loss,
+    squared_error_value_loss,
+)
+from aclab.config import ConfigError
+from aclab.core.distributions import Categorical, DiagGaussian
+from aclab.core.distributions_extra import Beta
+from aclab.runs import load_latest_checkpoint
+from aclab.train import build_envs, make_config, train
+
+CPU = resolve_device("cpu")
+FAST = ["progress=false", "eval.episodes=0", "env.backend=gymnasium"]
+# a primary phase that overshoots: high lr, beta starting at 0, small trust region, many epochs
+OVERSHOOT = ["env.num_envs=4", "params.num_steps=64", "params.minibatch_size=64", "params.fixup_minibatch_size=128",
+             "params.num_epochs=8", "params.lr=0.01", "params.anneal_lr=false", "params.beta_init=0",
+             "params.eps_kl=0.05"]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small MLPs on a shared 2-core CPU: one intra-op thread, as aclab.train sets for vector observations."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _config(*overrides: str, algo: str = "fixpo", env: str = "CartPole-v1", total: int = 256 * 4):
+    return make_config(algo, env, overrides=[*FAST, *OVERSHOOT, f"total_steps={total}", *overrides])
+
+
+def _build(config):
+    envs = build_envs(config)
+    envs.reset(seed=config.seed)
+    torch.manual_seed(config.seed)
+    return FixPO(config, envs.spec, CPU), envs
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def test_losses_match_hand_computation():
+    log_probs = torch.tensor([-0.2, -1.0, -0.5])
+    old_log_probs = torch.tensor([-0.4, -0.9, -0.5])
+    advantages = torch.tensor([2.0, -1.0, 0.5])
+    ratios = [math.exp(0.2), math.exp(-0.1), 1.0]
+    surrogate = -(ratios[0] * 2.0 - ratios[1] * 1.0 + 0.5) / 3  # no clipping, whatever the ratio
+    assert float(importance_weighted_policy_loss(log_probs, old_log_probs, advantages)) == pytest.approx(surrogate)
+    values, returns = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.5, 2.0])
+    assert float(squared_error_value_loss(values, returns)) == pytest.approx((1 + 0.25) / 3)
+    old_values = torch.tensor([0.5, 0.0, 2.0])  # clip 0.2: V_clip = (0.7, 0, 2) -> (0.49, 0.25, 0) vs (1, 0.25, 0)
+    assert float(squared_error_value_loss(values, returns, old_values, 0.2)) == pytest.approx((1 + 0.25) / 3)
+    assert float(squared_error_value_loss(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([1.5]), 0.2)) == \
+        pytest.approx(1.0)  # max(1, (1.3 - 1)^2)
+    kl = torch.tensor([0.1, 0.4, 0.2])
+    entropy = torch.tensor([1.0, 0.8, 0.6])
+    beta = torch.tensor(3.0, requires_grad=True)
+    total, policy_loss = primary_loss(log_probs, old_log_probs, advantages, torch.tensor(0.7), entropy, kl, beta,
+                                      vf_coef=0.1, ent_coef=0.01)
+    assert float(policy_loss) == pytest.approx(surrogate)
+    assert float(total) == pytest.approx(surrogate + 0.1 * 0.7 - 0.01 * 0.8 + 3.0 * 0.7 / 3)
+    assert not total.requires_grad  # beta's gradient is stopped in L_theta
+    assert float(kl_statistic(kl, "max")) == pytest.approx(0.4)
+    assert float(kl_statistic(kl, "mean")) == pytest.approx(0.7 / 3)
+
+
+def test_beta_loss_gradient_raises_beta_above_the_target_and_lowers_it_below():
+    beta = torch.tensor(2.0, requires_grad=True)
+    beta_loss(beta, torch.tensor(0.3), eps_kl=0.5, c_beta=3.0).backward()
+    assert float(beta.grad) == pytest.approx(0.5 - 0.9)  # negative: a descent step increases beta
+    beta.grad = None
+    beta_loss(beta, torch.tensor(0.1), eps_kl=0.5, c_beta=3.0).backward()
+    assert float(beta.grad) == pytest.approx(0.5 - 0.3)  # positive: beta decreases
+    kl = torch.tensor(0.2, requires_grad=True)
+    beta_loss(beta, kl, 0.5, 3.0).backward()
+    assert kl.grad is None  # the policy is not trained by L_beta
+
+
+def test_beta_is_clamped_at_zero_and_at_the_optional_cap():
+    algo, envs = _build(_config("params.beta_init=0.001", "params.beta_lr=0.5", "params.beta_max=1.2"))
+    algo._beta_step(torch.tensor(0.0))  # C D << eps: beta would go negative
+    assert float(algo.beta.detach()) == 0.0
+    for _ in range(10):
+        algo._beta_step(torch.tensor(10.0))
+    assert float(algo.beta.detach()) == pytest.approx(1.2)
+    envs.close()
+
+
+# ---------------------------------------------------------------------------------------------- postcondition
+def _independent_batch_kl(algo: FixPO, rollout_copy: dict) -> torch.Tensor:
+    """KL(pi_old || pi) from torch.distributions, one state at a time in one pass."""
+    with torch.no_grad():
+        new = algo.net.dist_params(rollout_copy["obs"])
+    old = rollout_copy["old_params"]
+    if isinstance(algo.dist, Categorical):
+        return td.kl_divergence(td.Categorical(logits=old), td.Categorical(logits=new))
+    if isinstance(algo.dist, DiagGaussian):
+        d = old.shape[-1] // 2
+        p = td.Independent(td.Normal(old[:, :d], old[:, d:].exp()), 1)
+        q = td.Independent(td.Normal(new[:, :d], new[:, d:].exp()), 1)
+        return td.kl_divergence(p, q)
+    pa, pb = algo.dist.concentrations(old)
+    qa, qb = algo.dist.concentrations(new)
+    return td.kl_divergence(td.Independent(td.Beta(pa, pb), 1), td.Independent(td.Beta(qa, qb), 1))
+
+
+@pytest.mark.parametrize("env, extra", [("CartPole-v1", []), ("Pendulum-v1", []),
+                                        ("Pendulum-v1", ["params.action_dist=beta"])])
+def test_postcondition_holds_on_every_update_of_an_overshooting_run(monkeypatch, env, extra):
+    config = _config(*extra, env=env)
+    algo, envs = _build(config)
+    expected_dist = {"CartPole-v1": Categorical, "Pendulum-v1": Beta if extra else DiagGaussian}[env]
+    assert isinstance(algo.dist, expected_dist)
+    captured = {}
+    real_update = algo.update
+
+    def update(rollout, advantages, returns):
+        valid = rollout.valid.reshape(-1)
+        captured["obs"] = rollout.obs.reshape(-1, *rollout.obs.shape[2:])[valid].clone()
+        captured["old_params"] = rollout.dist_params.reshape(-1, rollout.dist_params.shape[-1])[valid].clone()
+        return real_update(rollout, advantages, returns)
+
+    monkeypatch.setattr(algo, "update", update)
+    fixup_steps, primary_kls = 0, []
+    for _ in range(4):
+        metrics = algo.iterate(envs)
+        kl = _independent_batch_kl(algo, captured)
+        assert float(kl.max()) <= 0.05 * (1 + 1e-4)
+        assert metrics["trust_region/final_max_kl"] == pytest.approx(float(kl.max()), rel=1e-3, abs=1e-6)
+        assert metrics["trust_region/max_kl"] <= 0.05 * (1 + 1e-4) and metrics["trust_region/violations"] == 0
+        fixup_steps += metrics["fixup/steps"]
+        primary_kls.append(metrics["kl/max_primary"])
+    assert fixup_steps > 0 and max(primary_kls) > 0.05  # the primary phase did overshoot; the fixup repaired it
+    envs.close()
+
+
+def test_without_the_fixup_phase_the_same_run_breaks_the_trust_region():
+    """The check can fail: with the fixup phase off, the postcondition check (forced on) raises."""
+    algo, envs = _build(_config("params.fixup=off", "params.trust_region_check=raise"))
+    with pytest.raises(TrustRegionViolation, match="trust region violated"):
+        for _ in range(4):
+            algo.iterate(envs)
+    envs.close()
+    algo, envs = _build(_config("params.fixup=off"))  # the ablation itself only logs
+    metrics = [algo.iterate(envs) for _ in range(3)]
+    assert max(m["trust_region/max_kl"] for m in metrics) > 0.05
+    assert sum(m["trust_region/violations"] for m in metrics) >= 1
+    envs.close()
+
+
+def test_fixup_that_cannot_terminate_raises():
+    algo, envs = _build(_config("params.max_fixup_steps=3"))
+    with pytest.raises(TrustRegionViolation, match="did not terminate"):
+        for _ in range(4):
+            algo.iterate(envs)
+    envs.close()
+
+
+def test_fixup_steps_on_the_kl_alone_so_it_works_even_with_beta_zero():
+    """The seed's fixup loss is L_KL; the spec's sg(beta) L_KL has no gradient while beta = 0."""
+    algo, envs = _build(_config("params.beta_lr=0"))  # beta stays at 0
+    for _ in range(2):
+        metrics = algo.iterate(envs)
+        assert metrics["beta"] == 0.0 and metrics["trust_region/max_kl"] <= 0.05 * (1 + 1e-4)
+    assert metrics["fixup/steps"] > 0
+    envs.close()
+    algo, envs = _build(_config("params.beta_lr=0", "params.fixup_loss=beta_kl", "params.max_fixup_steps=50"))
+    with pytest.raises(TrustRegionViolation, match="did not terminate"):
+        algo.iterate(envs)
+    envs.close()
+
+
+def test_train_loop_records_the_guarantee_in_every_row(tmp_path):
+    summary = train(_config(total=256 * 3), tmp_path / "run")
+    assert summary["status"] == "finished"
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert len(rows) == 3
+    for row in rows:
+        assert float(row["trust_region/max_kl"]) <= 0.05 * (1 + 1e-4)
+        assert float(row["fixup/steps"]) >= 0 and float(row["fixup/primary_steps"]) == 8 * 4
+        assert float(row["fixup/overhead_percent"]) == pytest.approx(100 * float(row["fixup/steps"]) / 32)
+
+
+# ---------------------------------------------------------------------------------------------- ablations
+def test_ablation_variants_and_their_behaviour():
+    assert make_config("fixpo-no-fixup", "CartPole-v1", overrides=FAST).params.fixup == "off"
+    assert make_config("fixpo-mean-kl", "CartPole-v1", overrides=FAST).params.kl_target == "mean"
+    assert make_config("fixpo-cbeta1", "CartPole-v1", overrides=FAST).params.c_beta == 1.0
+    assert make_config("fixpo-last-epoch-fixup", "CartPole-v1", overrides=FAST).params.fixup == "last_epoch"
+    const = make_config("fixpo-const-beta", "CartPole-v1", overrides=FAST).params
+    assert (const.beta_lr, const.beta_init) == (0.0, 10.0)
+    assert make_config("fixpo", "CartPole-v1", overrides=FAST).preset == "fixpo-classic"
+    assert make_config("fixpo", "mujoco:Hopper-v4", overrides=FAST).preset == "fixpo-mujoco"
+
+    # constant beta never moves; the postcondition still holds
+    algo, envs = _build(_config("params.beta_init=10", algo="fixpo-const-beta"))
+    for _ in range(2):
+        metrics = algo.iterate(envs)
+        assert metrics["beta"] == 10.0 and metrics["trust_region/max_kl"] <= 0.05 * (1 + 1e-4)
+    envs.close()
+    # mean-KL: the exit test and the check use the batch mean, which stays within eps_KL
+    algo, envs = _build(_config(algo="fixpo-mean-kl"))
+    for _ in range(3):
+        metrics = algo.iterate(envs)
+        assert metrics["trust_region/final_mean_kl"] <= 0.05 * (1 + 1e-4)
+    envs.close()
+    # fixup only after the last epoch: checked once per update
+    algo, envs = _build(_config(algo="fixpo-last-epoch-fixup"))
+    metrics = algo.iterate(envs)
+    assert metrics["trust_region/max_kl"] == metrics["trust_region/final_max_kl"] <= 0.05 * (1 + 1e-4)
+    envs.close()
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="params.c_beta"):
+        _config("params.c_beta=0.5")
+    with pytest.raises(ConfigError, match="params.action_dist"):
+        config = _config("params.action_dist=gaussian")
+        envs = build_envs(config)
+        try:
+            FixPO(config, envs.spec, CPU)
+        finally:
+            envs.close()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _rows(run_dir: Path) -> list[dict]:
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    return [{k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")} for r in rows]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    options = ["checkpoint_every_iterations=2", "env.normalize_obs=true", "env.normalize_reward=true"]
+    total = 256 * 5
+    train(_config(*options, total=total), tmp_path / "full")
+    assert train(_config(*options, total=total), tmp_path / "split", stop_after_iterations=2)["status"] == "interrupted"
+    assert train(_config(*options, total=total), tmp_path / "split", resume=True)["status"] == "finished"
+    a = load_latest_checkpoint(tmp_path / "full" / "checkpoints")["algo"]
+    b = load_latest_checkpoint(tmp_path / "split" / "checkpoints")["algo"]
+    for key in a["net"]:
+        assert torch.equal(a["net"][key], b["net"][key]), key
+    assert torch.equal(a["beta"], b["beta"])
+    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
+
+
+# ---------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
+def test_fixpo_learns_cartpole(tmp_path):
+    summary = train(make_config("fixpo", "CartPole-v1", overrides=[*FAST, "total_steps=100000"]), tmp_path / "run")
+    assert summary["final_return"] > 400, summary
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert max(float(r["trust_region/max_kl"]) for r in rows) <= 0.5 * (1 + 1e-4)
+
+
+@pytest.mark.slow
+def test_fixpo_learns_inverted_pendulum(tmp_path):
+    config = make_config("fixpo", "mujoco:InvertedPendulum-v4",
+                         overrides=["progress=false", "eval.episodes=0", "total_steps=150000"])
+    summary = train(config, tmp_path / "run")
+    assert summary["final_return"] > 400, summary
+    assert np.isfinite(summary["final_return"])
