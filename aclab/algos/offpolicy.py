@@ -1,0 +1,359 @@
+"""Pieces shared by the off-policy algorithms (TD3, SAC): hyperparameters, MLP actors with NumPy
+mirrors, Polyak averaging, and :class:`OffPolicyLoop` (env stepping, replay, update scheduling,
+gradient-accuracy measurements). Composition, not a base class: TD3 and SAC each own an
+``OffPolicyLoop`` and hand it their ``explore`` and ``update`` functions.
+
+Conventions:
+
+* Actions are *normalised*: the actors output ``a`` in ``[-1, 1]^A`` (tanh), the replay buffer and the
+  critics use that space, and the env receives ``offset + scale * a`` (``scale = (high - low) / 2``,
+  ``offset = (high + low) / 2``). Noise scales (TD3's 0.1 / 0.2 / 0.5) are therefore fractions of the
+  action range, as in the TD3 and CleanRL code.
+* One env step of ``B`` envs adds ``B`` transitions (dummy autoreset steps are skipped, see
+  :mod:`aclab.data.replay`) and, once ``steps >= learning_starts``, ``utd_ratio * B`` gradient steps
+  (fractional ratios carry over). Before ``learning_starts`` actions are uniform in ``[-1, 1]``.
+* ``iterate`` runs ``steps_per_iteration`` transitions (capped at ``total_steps``), accumulates the
+  update statistics as tensors and syncs them to the host once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import gymnasium
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from aclab.analysis.grad_accuracy import GradientAccuracyResult, GradientProbe, measure_gradient_accuracy
+from aclab.config import ConfigError, require
+from aclab.data.replay import ReplayBatch, ReplayBuffer
+from aclab.nets.critics import CRITIC_KINDS, HYPER_CRITIC_KINDS, make_critic
+
+CriticKind = Literal["mlp", "mlp_small", "mlp_large", "resnet_features", "res35", "d2rl", "sa_hyper", "as_hyper"]
+
+
+@dataclass
+class OffPolicyConfig:
+    """Hyperparameters shared by TD3 and SAC (defaults: the TD3 / CleanRL MuJoCo values).
+
+    ``critic`` picks the critic model (:mod:`aclab.nets.critics`); ``critic_options`` go to its
+    constructor (e.g. ``{"primary_widths": [64, 128, 256]}`` for a smaller hypernetwork). Hyper
+    critics train with ``hyper_critic_lr`` (seed: 5e-5), the others with ``critic_lr``.
+    ``grad_accuracy_every > 0`` runs the gradient-accuracy estimator
+    (:mod:`aclab.analysis.grad_accuracy`) every that many env steps on a separate Gymnasium env
+    (MuJoCo only) and logs ``grad_cs/*``; ``grad_accuracy_horizon = 0`` rolls out to the episode's
+    time limit (authors), ``> 0`` stops there and bootstraps.
+    """
+
+    buffer_size: int = 1_000_000
+    batch_size: int = 256
+    gamma: float = 0.99
+    tau: float = 0.005
+    learning_starts: int = 25_000
+    steps_per_iteration: int = 1000
+    utd_ratio: float = 1.0
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    hyper_critic_lr: float = 5e-5
+    adam_eps: float = 1e-8
+    actor_hidden: tuple[int, ...] = (256, 256)
+    critic: CriticKind = "mlp"
+    critic_options: dict = field(default_factory=dict)
+    acting: Literal["auto", "torch", "numpy"] = "auto"
+    grad_accuracy_every: int = 0
+    grad_accuracy_states: int = 15
+    grad_accuracy_actions: int = 15
+    grad_accuracy_noise: float = 0.3
+    grad_accuracy_repeat: int = 3
+    grad_accuracy_horizon: int = 0
+    grad_accuracy_start_steps: int = 1000
+
+    def validate(self) -> None:
+        require(self.buffer_size >= 1, "params.buffer_size", self.buffer_size, "an integer >= 1")
+        require(self.batch_size >= 1, "params.batch_size", self.batch_size, "an integer >= 1")
+        require(0.0 <= self.gamma <= 1.0, "params.gamma", self.gamma, "a number in [0, 1]")
+        require(0.0 < self.tau <= 1.0, "params.tau", self.tau, "a number in (0, 1]")
+        require(self.learning_starts >= 0, "params.learning_starts", self.learning_starts, "an integer >= 0")
+        require(self.steps_per_iteration >= 1, "params.steps_per_iteration", self.steps_per_iteration,
+                "an integer >= 1")
+        require(self.utd_ratio > 0, "params.utd_ratio", self.utd_ratio, "a number > 0")
+        for name in ("actor_lr", "critic_lr", "hyper_critic_lr", "adam_eps"):
+            require(getattr(self, name) > 0, f"params.{name}", getattr(self, name), "a number > 0")
+        require(len(self.actor_hidden) >= 1 and all(h >= 1 for h in self.actor_hidden), "params.actor_hidden",
+                self.actor_hidden, "a non-empty list of positive integers")
+        require(self.critic in CRITIC_KINDS, "params.critic", self.critic, "one of " + ", ".join(CRITIC_KINDS))
+        require(self.grad_accuracy_every >= 0, "params.grad_accuracy_every", self.grad_accuracy_every,
+                "an integer >= 0 (0: off)")
+        require(self.grad_accuracy_states >= 1, "params.grad_accuracy_states", self.grad_accuracy_states,
+                "an integer >= 1")
+        require(self.grad_accuracy_actions >= 2, "params.grad_accuracy_actions", self.grad_accuracy_actions,
+                "an integer >= 2")
+        require(self.grad_accuracy_noise > 0, "params.grad_accuracy_noise", self.grad_accuracy_noise, "a number > 0")
+        require(self.grad_accuracy_repeat >= 1, "params.grad_accuracy_repeat", self.grad_accuracy_repeat,
+                "an integer >= 1")
+        require(self.grad_accuracy_horizon >= 0, "params.grad_accuracy_horizon", self.grad_accuracy_horizon,
+                "an integer >= 0 (0: to the episode's time limit)")
+        require(self.grad_accuracy_start_steps >= 1, "params.grad_accuracy_start_steps",
+                self.grad_accuracy_start_steps, "an integer >= 1")
+
+    @property
+    def critic_learning_rate(self) -> float:
+        return self.hyper_critic_lr if self.critic in HYPER_CRITIC_KINDS else self.critic_lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Actors and their NumPy mirrors
+# ----------------------------------------------------------------------------------------------
+def _linear_stack(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.ModuleList:
+    dims = [in_dim, *[int(h) for h in hidden], out_dim]
+    return nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
+
+
+def _relu_mlp(layers: nn.ModuleList, x: Tensor) -> Tensor:
+    for layer in layers[:-1]:
+        x = torch.relu(layer(x))
+    return layers[-1](x)
+
+
+class DeterministicActor(nn.Module):
+    """TD3's actor: ``a = tanh(MLP(s))`` in ``[-1, 1]^A`` (ReLU hidden layers, ``nn.Linear`` init)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: Sequence[int] = (256, 256)) -> None:
+        super().__init__()
+        self.layers = _linear_stack(obs_dim, hidden_sizes, action_dim)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return torch.tanh(_relu_mlp(self.layers, obs))
+
+
+def bound_log_std(raw: Tensor, low: float, high: float, squash: str) -> Tensor:
+    """``clamp(raw, low, high)`` (Haarnoja et al.) or ``low + (high - low) (tanh(raw) + 1) / 2`` (CleanRL)."""
+    if squash == "clamp":
+        return raw.clamp(low, high)
+    return low + 0.5 * (high - low) * (torch.tanh(raw) + 1.0)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC's actor: ``u ~ N(mu(s), sigma(s))``, ``a = tanh(u)``; one head outputs ``[mu, log sigma]``."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: Sequence[int] = (256, 256),
+                 log_std_min: float = -20.0, log_std_max: float = 2.0, log_std_squash: str = "clamp") -> None:
+        super().__init__()
+        self.action_dim = action_dim
+        self.layers = _linear_stack(obs_dim, hidden_sizes, 2 * action_dim)
+        self.log_std_min, self.log_std_max, self.log_std_squash = log_std_min, log_std_max, log_std_squash
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """obs ``[N, D]`` -> distribution parameters ``cat(mean, log_std)`` ``[N, 2A]`` (the layout of
+        :mod:`aclab.core.distributions`)."""
+        out = _relu_mlp(self.layers, obs)
+        mean, raw = out.split(self.action_dim, dim=-1)
+        log_std = bound_log_std(raw, self.log_std_min, self.log_std_max, self.log_std_squash)
+        return torch.cat([mean, log_std], dim=-1)
+
+
+class NumpyMLP:
+    """A float32 NumPy view of a ReLU MLP of ``nn.Linear`` layers on CPU, sharing the parameters' memory:
+    in-place optimiser steps and ``load_state_dict`` are visible without a copy. ``x [N, in] -> [N, out]``
+    (no activation on the output)."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = [(layer.weight.detach().numpy().T, layer.bias.detach().numpy()) for layer in layers]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        for weight, bias in self.layers[:-1]:
+            x = x @ weight
+            x += bias
+            np.maximum(x, 0.0, out=x)
+        weight, bias = self.layers[-1]
+        return x @ weight + bias
+
+
+def build_critic(params: OffPolicyConfig, obs_dim: int, action_dim: int, device: torch.device) -> nn.Module:
+    """Twin critics of kind ``params.critic``; a bad ``params.critic_options`` key is a ConfigError."""
+    try:
+        critic = make_critic(params.critic, obs_dim, action_dim, 2, **dict(params.critic_options))
+    except TypeError as exc:
+        raise ConfigError(f"invalid params.critic_options={params.critic_options!r} for critic "
+                          f"{params.critic!r}: {exc}") from exc
+    return critic.to(device)
+
+
+def polyak_update(targets: list[Tensor], sources: list[Tensor], tau: float) -> None:
+    """``target <- (1 - tau) target + tau source`` for every pair, in one multi-tensor call."""
+    torch._foreach_lerp_(targets, sources, tau)
+
+
+def fast_adam_kwargs(device: torch.device) -> dict:
+    """Adam's fused kernels (CUDA and CPU; measured at least as fast as foreach on CPU for these sizes)."""
+    return {"fused": True}
+
+
+def use_numpy_acting(acting: str, device: torch.device) -> bool:
+    if acting == "numpy" and device.type != "cpu":
+        raise ValueError("params.acting='numpy' needs device cpu")
+    return acting == "numpy" or (acting == "auto" and device.type == "cpu")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def make_analysis_env(env_id: str, options: dict | None = None) -> gymnasium.Env:
+    """A single Gymnasium env for the gradient-accuracy estimator (needs save/restore: MuJoCo)."""
+    from aclab.envs.registry import parse_env_id
+
+    family, name = parse_env_id(env_id)
+    if family not in ("mujoco", "gym"):
+        raise ValueError(f"gradient accuracy needs a Gymnasium MuJoCo env (state save/restore); {env_id!r} is "
+                         f"{family}")
+    kwargs = {}
+    if options and "max_episode_steps" in options:
+        kwargs["max_episode_steps"] = int(options["max_episode_steps"])
+    return gymnasium.make(name, **kwargs)
+
+
+class OffPolicyLoop:
+    """Env stepping, the replay buffer, update scheduling and gradient-accuracy scheduling.
+
+    Attributes: ``buffer``, ``rng`` (NumPy: warm-up actions, exploration noise, replay indices),
+    ``steps``, ``iteration``, ``scale`` / ``offset`` (normalised -> env actions).
+    """
+
+    def __init__(self, config, env_spec, device: torch.device) -> None:
+        space = env_spec.action_space
+        if not isinstance(space, gymnasium.spaces.Box):
+            raise ValueError(f"off-policy actor-critics need continuous (Box) actions, {env_spec.env_id} has {space}")
+        low, high = np.asarray(space.low, dtype=np.float64), np.asarray(space.high, dtype=np.float64)
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
+            raise ValueError(f"{env_spec.env_id}: action bounds must be finite for tanh actors, got {space}")
+        if len(env_spec.obs_shape) != 1:
+            raise ValueError(f"off-policy MLP networks need vector observations, got shape {env_spec.obs_shape}")
+        self.config = config
+        self.params: OffPolicyConfig = config.params
+        self.device = device
+        self.env_id = env_spec.env_id
+        self.obs_dim = int(env_spec.obs_shape[0])
+        self.action_dim = int(np.prod(space.shape))
+        self.scale = ((high - low) / 2.0).astype(np.float32).reshape(-1)
+        self.offset = ((high + low) / 2.0).astype(np.float32).reshape(-1)
+        self.buffer = ReplayBuffer(self.params.buffer_size, env_spec.obs_shape, env_spec.obs_dtype, self.action_dim)
+        self.rng = np.random.default_rng(config.seed)
+        self.analysis_rng = np.random.default_rng([config.seed, 7])
+        self.steps = 0
+        self.iteration = 0
+        self.updates = 0
+        self.update_credit = 0.0
+        self.last_measured_step = 0
+        self._analysis_env: gymnasium.Env | None = None
+
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        return actions * self.scale + self.offset
+
+    def run(self, envs, explore: Callable[[np.ndarray], np.ndarray], update: Callable[[ReplayBatch], None]
+            ) -> tuple[int, np.ndarray, np.ndarray]:
+        """One iteration of env steps and updates; returns (updates done, episode returns, lengths)."""
+        p = self.params
+        num_envs = envs.num_envs
+        total = self.config.total_steps
+        vec_steps = max(1, p.steps_per_iteration // num_envs)
+        if self.steps < total:
+            vec_steps = min(vec_steps, math.ceil((total - self.steps) / num_envs))
+        buffer, rng, device = self.buffer, self.rng, self.device
+        batch_size, learning_starts, utd = p.batch_size, p.learning_starts, p.utd_ratio
+        random_shape = (num_envs, self.action_dim)
+        scale, offset = self.scale, self.offset
+        returns: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        updates = 0
+        for _ in range(vec_steps):
+            obs = envs.obs
+            valid = ~envs.next_is_dummy
+            if self.steps < learning_starts:
+                actions = rng.uniform(-1.0, 1.0, random_shape).astype(np.float32)
+            else:
+                actions = explore(obs)
+            result = envs.step(actions * scale + offset)
+            buffer.add(obs, actions, result.reward, result.obs, result.terminated, valid)
+            if np.count_nonzero(result.episode_length):
+                ended = result.episode_length > 0
+                returns.append(result.episode_return[ended])
+                lengths.append(result.episode_length[ended])
+            self.steps += num_envs
+            if self.steps >= learning_starts:
+                self.update_credit += utd * num_envs
+                while self.update_credit >= 1.0:
+                    update(buffer.sample(batch_size, rng, device))
+                    self.update_credit -= 1.0
+                    updates += 1
+        self.updates += updates
+        self.iteration += 1
+        return updates, _concat(returns), _concat(lengths)
+
+    # ------------------------------------------------------------------ gradient accuracy
+    def gradient_accuracy_due(self) -> bool:
+        every = self.params.grad_accuracy_every
+        return bool(every) and self.steps >= self.params.learning_starts and (
+            self.steps // every > self.last_measured_step // every)
+
+    def measure_gradient_accuracy(self, probe: GradientProbe) -> GradientAccuracyResult:
+        p = self.params
+        if self._analysis_env is None:
+            self._analysis_env = make_analysis_env(self.env_id, self.config.env.options)
+        self.last_measured_step = self.steps
+        return measure_gradient_accuracy(
+            self._analysis_env, probe, num_states=p.grad_accuracy_states, num_actions=p.grad_accuracy_actions,
+            noise_std=p.grad_accuracy_noise, repeat=p.grad_accuracy_repeat, gamma=p.gamma,
+            horizon=p.grad_accuracy_horizon or None, max_start_steps=p.grad_accuracy_start_steps,
+            rng=self.analysis_rng)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "buffer": self.buffer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "analysis_rng": self.analysis_rng.bit_generator.state,
+            "steps": self.steps,
+            "iteration": self.iteration,
+            "updates": self.updates,
+            "update_credit": self.update_credit,
+            "last_measured_step": self.last_measured_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.analysis_rng.bit_generator.state = state["analysis_rng"]
+        self.steps = int(state["steps"])
+        self.iteration = int(state["iteration"])
+        self.updates = int(state["updates"])
+        self.update_credit = float(state["update_credit"])
+        self.last_measured_step = int(state["last_measured_step"])
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def episode_metrics(returns: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
+    if not returns.size:
+        return {}
+    return {"episode_return": float(returns.mean()), "episode_length": float(lengths.mean()),
+            "episodes": float(returns.size)}
+
+
+def probe_obs_transform(envs) -> Callable[[np.ndarray], np.ndarray]:
+    """Frozen observation normalisation of the training envs (identity when off)."""
+    normalizer = getattr(envs, "obs_normalizer", None)
+    if normalizer is None:
+        return lambda obs: np.asarray(obs, dtype=np.float32)
+    return lambda obs: normalizer.normalize(np.asarray(obs, dtype=np.float32))
