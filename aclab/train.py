@@ -295,6 +295,8 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         if config.eval.episodes > 0:
             _run_evals(algo, config, run, envs)
     envs.close()
+    if hasattr(algo, "close"):  # actor pools (IMPALA/STAC) stop their workers now rather than at exit
+        algo.close()
     summary = {
         "algo": config.algo,
         "env_id": config.env.id,
