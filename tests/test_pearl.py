@@ -204,6 +204,15 @@ def test_encoder_learns_only_from_the_critic_and_the_kl():
     assert any(torch.count_nonzero(p.grad) > 0 for p in algo.encoder.parameters())
 
 
+@pytest.fixture
+def one_thread():
+    """Small networks on a shared 2-core machine: one intra-op thread, as the training loop uses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +247,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_pearl_learns_point_navigation_within_a_fixed_budget():
+def test_pearl_learns_point_navigation_within_a_fixed_budget(one_thread):
     """PEARL's point-robot setting (goals in [-1, 1]^2, 20 steps) at CPU scale: after 30 iterations the
     final test-episode return (posterior sampling) beats the first (prior) episode and the start."""
     algo = _algo(**{"params.num_train_tasks": 40, "params.num_test_tasks": 10, "params.meta_batch": 8,

@@ -242,14 +242,8 @@ def test_td3_learns_pendulum(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
-def test_sac_learns_pendulum(seed):
-    """5000 steps (measured: eval -223 and -63)."""
-    assert _learn("sac", "Pendulum-v1", 5000, seed) > -400
-
-
-@pytest.mark.slow
 def test_td3_learns_hopper_measurably():
     """A short MuJoCo budget: 10k steps (1k random) lift Hopper-v4 well above a random policy (~15-20);
     measured: eval 135 (seed 1)."""
     assert _learn("td3", "mujoco:Hopper-v4", 10_000, 1) > 60
+

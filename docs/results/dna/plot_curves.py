@@ -54,7 +54,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=110)
     for spec in args.curves:
-        label, pattern = spec.split("=", 1)
+        label, pattern = spec.rsplit("=", 1)
         runs = sorted(glob.glob(pattern))
         curves = [load_curve(r, args.metric) for r in runs]
         curves = [(s, smooth(v, args.smooth)) for s, v in curves if s.size]
