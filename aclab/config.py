@@ -298,7 +298,11 @@ def list_presets() -> dict[str, dict]:
     """All presets: name -> {"algo", "description", "path"}."""
     out = {}
     for path in sorted(PRESET_DIR.glob("*.toml")):
-        data = load_toml(path)
+        try:
+            data = load_toml(path)
+        except ConfigError as exc:  # one unreadable file must not break every other preset
+            out[path.stem] = {"algo": None, "description": f"unreadable: {exc}", "path": path}
+            continue
         out[path.stem] = {"algo": data.get("algo"), "description": data.get("description", ""), "path": path}
     return out
 
