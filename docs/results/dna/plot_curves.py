@@ -26,7 +26,7 @@ def load_curve(run_dir: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
     steps, values = [], []
     with open(Path(run_dir) / "metrics.csv") as f:
         for row in csv.DictReader(f):
-            if row.get(metric):
+            if row.get(metric) and np.isfinite(float(row[metric])):  # B_simple is inf while |G|^2 <= 0
                 steps.append(float(row["step"]))
                 values.append(float(row[metric]))
     return np.asarray(steps), np.asarray(values)
@@ -74,6 +74,7 @@ def main() -> None:
     if args.logy:
         ax.set_yscale("log")
     ax.set_xlabel("environment steps")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     ax.set_ylabel(args.ylabel or args.metric)
     ax.set_title(args.title)
     ax.grid(alpha=0.3)
