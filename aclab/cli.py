@@ -55,13 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="aclab report")
 
-    p = sub.add_parser("analyze", help="value-function analyses of a run's latest checkpoint")
-    p.add_argument("analysis", choices=["stiffness", "value-bias", "ood-actions"],
-                   help="stiffness (DCPG App. A), value-bias (App. C), ood-actions (Table 8, dynamics models)")
+    p = sub.add_parser("analyze", help="analyses of a run's latest checkpoint")
+    p.add_argument("analysis", choices=["stiffness", "value-bias", "ood-actions", "gradient-accuracy",
+                                        "gradient-noise"],
+                   help="stiffness (DCPG App. A), value-bias (App. C), ood-actions (Table 8, dynamics models), "
+                        "gradient-accuracy (TD3/SAC critics, hypernetwork paper Sec. 3.2), gradient-noise "
+                        "(MAML, hypernetwork paper Fig. 5)")
     p.add_argument("path", type=Path, help="a run directory (latest checkpoint) or a checkpoint file")
-    p.add_argument("--num-states", type=int, default=2 ** 14, help="stiffness: states (paper: 2^14)")
+    p.add_argument("--num-states", type=int, default=None,
+                   help="stiffness: states (default and paper: 2^14); gradient-accuracy: states (default 15)")
     p.add_argument("--sign", choices=["exact", "subset", "off"], default="subset", help="stiffness: sign mode")
-    p.add_argument("--episodes", type=int, default=100, help="value-bias: episodes")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="value-bias: episodes (default 100); gradient-noise: evaluation episodes per task")
+    p.add_argument("--updates", type=int, default=50, help="gradient-noise: independent meta-updates")
+    p.add_argument("--horizon", type=int, default=0,
+                   help="gradient-accuracy: rollout horizon (0: to the time limit, the authors' choice)")
     p.add_argument("--num-transitions", type=int, default=4096, help="ood-actions: transitions")
     p.add_argument("--value", default="value", help="which critic (e.g. separate_value for sdcpg)")
     p.add_argument("--num-envs", type=int)
@@ -236,10 +244,15 @@ def cmd_analyze(args) -> int:
 
 def _run_analysis(run_analysis, args, common) -> dict:
     if args.analysis == "stiffness":
-        return run_analysis.run_stiffness(args.path, num_states=args.num_states, value=args.value,
+        return run_analysis.run_stiffness(args.path, num_states=args.num_states or 2 ** 14, value=args.value,
                                             sign=args.sign, **common)
     elif args.analysis == "value-bias":
-        return run_analysis.run_value_bias(args.path, episodes=args.episodes, value=args.value, **common)
+        return run_analysis.run_value_bias(args.path, episodes=args.episodes or 100, value=args.value, **common)
+    elif args.analysis == "gradient-accuracy":
+        return run_analysis.run_gradient_accuracy(args.path, num_states=args.num_states or 15,
+                                                  horizon=args.horizon, **common)
+    elif args.analysis == "gradient-noise":
+        return run_analysis.run_gradient_noise(args.path, updates=args.updates, episodes=args.episodes, **common)
     return run_analysis.run_ood_actions(args.path, num_transitions=args.num_transitions, **common)
 
 

@@ -10,7 +10,11 @@ environments, and applies the pure tools of :mod:`aclab.analysis`:
 * :func:`run_value_bias`: ``V(s_0)`` against the discounted return at the first state of ``episodes``
   training episodes (seed Appendix C); each env contributes its first episodes, so short episodes are not
   over-represented;
-* :func:`run_ood_actions`: the OOD-action count of a trained dynamics discriminator (seed Table 8).
+* :func:`run_ood_actions`: the OOD-action count of a trained dynamics discriminator (seed Table 8);
+* :func:`run_gradient_accuracy`: cosine similarity of a TD3/SAC critic's action-gradient with the
+  rollout-estimated true gradient (hypernetwork paper Section 3.2);
+* :func:`run_gradient_noise`: the spread of returns after independent MAML meta-updates (hypernetwork
+  paper Section 4.2, Figure 5).
 
 Reward and observation normalisation statistics are restored from the checkpoint and frozen, so values and
 returns are in the units the critic was trained in. Every function returns a JSON-ready dict.
@@ -267,3 +271,55 @@ def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: 
     return {**_header(loaded, "ood_actions"), "num_transitions": int(all_counts.numel()),
             "num_actions": num_actions, "mean": float(all_counts.mean()), "std": float(all_counts.std()),
             "histogram": torch.bincount(all_counts.long(), minlength=num_actions).tolist()}
+
+
+def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions: int = 15, horizon: int = 0,
+                          independent_states: bool = False, num_envs: int | None = None, seed: int | None = None,
+                          device: str = "auto") -> dict:
+    """Hypernetwork paper Section 3.2 / Figure 3 on a TD3 or SAC checkpoint: cosine similarity between the
+    critic's action-gradient and the least-squares "true" gradient from repeated-action rollouts
+    (:func:`aclab.analysis.grad_accuracy.measure_gradient_accuracy`; MuJoCo envs, which save and restore
+    state). ``horizon = 0`` rolls out to the time limit (the authors' choice)."""
+    from aclab.algos.offpolicy import make_analysis_env
+    from aclab.analysis.grad_accuracy import measure_gradient_accuracy
+
+    del num_envs  # one Gymnasium env with saved simulator state
+    loaded = load_algorithm(path, device)
+    if not hasattr(loaded.algo, "gradient_probe"):
+        raise ValueError(f"gradient-accuracy needs an off-policy actor-critic run (td3, sac); this run is "
+                         f"{loaded.config.algo!r}")
+    seed = loaded.config.seed + ANALYSIS_SEED_OFFSET if seed is None else seed
+    envs = make_analysis_envs(loaded, num_envs=1, seed=seed)  # carries the run's frozen obs normalisation
+    env = make_analysis_env(loaded.config.env.id, loaded.config.env.options)
+    try:
+        result = measure_gradient_accuracy(
+            env, loaded.algo.gradient_probe(envs), num_states=num_states, num_actions=num_actions,
+            gamma=float(loaded.config.params.gamma), horizon=horizon or None, independent_states=independent_states,
+            rng=np.random.default_rng(seed))
+    finally:
+        env.close()
+        envs.close()
+    return {**_header(loaded, "gradient_accuracy"), **result.metrics(),
+            "cosines": [float(c) for c in result.cosine]}
+
+
+def run_gradient_noise(path: str | Path, *, updates: int = 50, episodes: int | None = None,
+                       num_envs: int | None = None, seed: int | None = None, device: str = "auto") -> dict:
+    """Hypernetwork paper Section 4.2 / Figure 5 on a MAML checkpoint: ``updates`` independent meta-updates
+    from the checkpoint, each from fresh episodes, and the returns of every updated policy on the same
+    held-out tasks before and after adaptation (:func:`aclab.algos.maml.gradient_noise`)."""
+    from aclab.algos.maml import MAML, gradient_noise
+
+    del num_envs  # MAML samples its own episodes
+    loaded = load_algorithm(path, device)
+    if not isinstance(loaded.algo, MAML):
+        raise ValueError(f"gradient-noise needs a MAML run (maml, maml-context, maml-hyper); this run is "
+                         f"{loaded.config.algo!r}")
+    result = gradient_noise(loaded.algo, updates, eval_episodes=episodes, eval_seed=0 if seed is None else seed)
+    out = {**_header(loaded, "gradient_noise"), "updates": updates}
+    for key in ("return_pre", "return_post"):
+        values = np.asarray(result[key], dtype=np.float64)
+        out[key] = values.tolist()
+        out[f"{key}_mean"], out[f"{key}_std"] = float(values.mean()), float(values.std())
+        out[f"{key}_before_update"] = float(result["baseline_" + key[len("return_"):]])
+    return out
