@@ -59,7 +59,8 @@ def run_sb3(algo: str, steps: int, learning_starts: int, threads: int, seed: int
     from stable_baselines3 import SAC, TD3
     from stable_baselines3.common.noise import NormalActionNoise
 
-    torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     env = gymnasium.make("HalfCheetah-v4")
     common = dict(buffer_size=1_000_000, learning_starts=learning_starts, batch_size=256, tau=0.005, gamma=0.99,
                   train_freq=1, gradient_steps=1, policy_kwargs={"net_arch": [256, 256]}, seed=seed, device="cpu",
@@ -77,19 +78,77 @@ def run_sb3(algo: str, steps: int, learning_starts: int, threads: int, seed: int
     return {"steps_per_s": steps / wall, "cpu_steps_per_s": steps / cpu}
 
 
+def td3_gemm_floor(threads: int, batch: int = 256, obs_dim: int = 17, act_dim: int = 6, hidden: int = 256,
+                   repeats: int = 300) -> dict:
+    """Seconds per TD3 learning step spent in its matrix products alone (no autograd, optimiser or env).
+
+    Lists every GEMM of one TD3 step with 256-256 networks (target actor and twin target critics
+    forward; twin critics forward, weight and input gradients; half an actor step: actor forward and
+    backward, critic forward and input gradients) at their real shapes and times them with
+    ``torch.mm`` on preallocated tensors: a floor no implementation of these hyperparameters can beat
+    in fp32 on this CPU, to read the loop's time against.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+    mlp_actor, mlp_critic = [obs_dim, hidden, hidden, act_dim], [obs_dim + act_dim, hidden, hidden, 1]
+    shapes: list[tuple[int, int, int, float]] = []  # (m, k, n, weight): [m, k] @ [k, n], weight = calls per step
+
+    def forward(widths: list[int], weight: float) -> None:
+        shapes.extend((batch, i, o, weight) for i, o in zip(widths[:-1], widths[1:]))
+
+    def backward(widths: list[int], weight: float, input_grad_first: bool, weight_grads: bool) -> None:
+        for layer, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+            if weight_grads:
+                shapes.append((i, batch, o, weight))          # dW = x^T @ dy
+            if layer > 0 or input_grad_first:
+                shapes.append((batch, o, i, weight))          # dx = dy @ W^T
+
+    forward(mlp_actor, 1.0)                                   # target actor
+    forward(mlp_critic, 2.0)                                  # twin target critics
+    forward(mlp_critic, 2.0)                                  # twin critics
+    backward(mlp_critic, 2.0, input_grad_first=False, weight_grads=True)
+    forward(mlp_actor, 0.5)                                   # actor step every second step
+    forward(mlp_critic, 0.5)
+    backward(mlp_critic, 0.5, input_grad_first=True, weight_grads=False)
+    backward(mlp_actor, 0.5, input_grad_first=False, weight_grads=True)
+    flops = sum(2 * m * k * n * w for m, k, n, w in shapes)
+    operands = [(torch.randn(m, k), torch.randn(k, n), torch.empty(m, n), w) for m, k, n, w in shapes]
+    for a, b, out, _ in operands:
+        torch.mm(a, b, out=out)
+    seconds = 0.0
+    for a, b, out, weight in operands:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b, out=out)
+        seconds += weight * (time.perf_counter() - start) / repeats
+    return {"seconds_per_step": seconds, "gflop_per_step": flops / 1e9, "gflop_per_s": flops / seconds / 1e9}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algos", nargs="+", default=["td3", "sac"], choices=["td3", "sac"])
     parser.add_argument("--steps", type=int, default=12_000)
     parser.add_argument("--learning-starts", type=int, default=5_000)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every run")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads for every run (0: the training loop's automatic setting, "
+                             "which is all cores for TD3/SAC; torch's default for SB3)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-sb3", action="store_true")
     parser.add_argument("--cleanrl-td3", type=float, default=CLEANRL["td3"])
     parser.add_argument("--cleanrl-sac", type=float, default=CLEANRL["sac"])
     parser.add_argument("--json", type=str, default=None, help="also write the results to this file")
+    parser.add_argument("--gemm-floor", action="store_true",
+                        help="also time the matrix products of one TD3 step alone and print the steps/s they allow")
     args = parser.parse_args()
+    if args.gemm_floor:
+        floor = td3_gemm_floor(args.threads)
+        learning = args.steps - args.learning_starts
+        best = args.steps / (learning * floor["seconds_per_step"])
+        print(f"TD3 GEMM floor, threads {args.threads}: {floor['gflop_per_step']:.3f} GFLOP per learning step, "
+              f"{1e3 * floor['seconds_per_step']:.2f} ms ({floor['gflop_per_s']:.0f} GFLOP/s) -> at most "
+              f"{best:.0f} steps/s for {args.steps} steps with {args.learning_starts} random ones "
+              f"(random steps counted as free)", flush=True)
     cleanrl = {"td3": args.cleanrl_td3, "sac": args.cleanrl_sac}
     results = []
     for algo in args.algos:

@@ -247,3 +247,16 @@ def test_td3_learns_hopper_measurably():
     measured: eval 135 (seed 1)."""
     assert _learn("td3", "mujoco:Hopper-v4", 10_000, 1) > 60
 
+
+
+def test_automatic_torch_threads_use_every_core_for_td3_and_one_for_ppo(tmp_path):
+    """TD3/SAC updates are arithmetic-bound (ARITHMETIC_BOUND_UPDATES): ``torch_threads = 0`` keeps torch's
+    default thread count; PPO on vector observations gets one thread."""
+    from aclab import train as train_module
+
+    train(_config("torch_threads=0", total=30), tmp_path / "td3")  # before learning_starts: no updates needed
+    assert torch.get_num_threads() == train_module._DEFAULT_TORCH_THREADS
+    train(make_config("ppo", "CartPole-v1", overrides=[*FAST, "total_steps=512", "torch_threads=0"]), tmp_path / "ppo")
+    assert torch.get_num_threads() == 1
+    train(_config("torch_threads=2", total=30), tmp_path / "td3-2")
+    assert torch.get_num_threads() == 2
