@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aclab.algos.common import Entry, check_finite
+from aclab.algos.common import Entry, check_finite, make_adam
 from aclab.algos.phasic import (
     DynamicsModel,
     PhasicConfig,
@@ -49,7 +49,6 @@ from aclab.algos.phasic import (
     state_rows,
     trajectory_dynamics_loss,
 )
-from aclab.algos.ppo import _fast_adam_kwargs
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.returns import gae
@@ -95,16 +94,15 @@ class DCPG:
         if p.dynamics != "off":
             self.dynamics = DynamicsModel(p.dynamics, policy_feature_dim(self.net), env_spec.num_actions,
                                           p.dynamics_hidden_sizes, p.dynamics_eta).to(device)
-        adam = {"eps": p.adam_eps, **_fast_adam_kwargs(device)}
         policy_parameters = [*self.net.parameters()]
         if self.value_net is not None:
             policy_parameters += list(self.value_net.parameters())
-        self.policy_optimizer = torch.optim.Adam(policy_parameters, lr=p.lr, **adam)
+        self.policy_optimizer = make_adam(policy_parameters, lr=p.lr, eps=p.adam_eps)
         aux_parameters = list(policy_parameters)
         if self.dynamics is not None:
             aux_parameters += list(self.dynamics.parameters())
         self.aux_lr = p.aux_lr if p.aux_lr is not None else p.lr
-        self.aux_optimizer = torch.optim.Adam(aux_parameters, lr=self.aux_lr, **adam)
+        self.aux_optimizer = make_adam(aux_parameters, lr=self.aux_lr, eps=p.adam_eps)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
         num_envs = config.env.num_envs

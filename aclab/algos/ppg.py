@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aclab.algos.common import Entry, check_finite
+from aclab.algos.common import Entry, check_finite, make_adam
 from aclab.algos.phasic import (
     DynamicsModel,
     PhasicConfig,
@@ -48,7 +48,6 @@ from aclab.algos.phasic import (
     state_rows,
     trajectory_dynamics_loss,
 )
-from aclab.algos.ppo import _fast_adam_kwargs
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.returns import gae
@@ -97,13 +96,12 @@ class PPG:
         if p.dynamics != "off":
             self.dynamics = DynamicsModel(p.dynamics, feature_dim, env_spec.num_actions, p.dynamics_hidden_sizes,
                                           p.dynamics_eta).to(device)
-        adam = {"eps": p.adam_eps, **_fast_adam_kwargs(device)}
-        self.policy_optimizer = torch.optim.Adam(self.net.parameters(), lr=p.lr, **adam)
+        self.policy_optimizer = make_adam(self.net.parameters(), lr=p.lr, eps=p.adam_eps)
         aux_parameters = [*self.net.parameters(), *self.aux_value_head.parameters()]
         if self.dynamics is not None:
             aux_parameters += list(self.dynamics.parameters())
         self.aux_lr = p.aux_lr if p.aux_lr is not None else p.lr
-        self.aux_optimizer = torch.optim.Adam(aux_parameters, lr=self.aux_lr, **adam)
+        self.aux_optimizer = make_adam(aux_parameters, lr=self.aux_lr, eps=p.adam_eps)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
         self.numpy_actor = None

@@ -250,8 +250,3 @@ class PPO:
 
 
 ALGORITHMS = {"ppo": Entry(PPO, "Proximal Policy Optimization (clipped surrogate), the papers' baseline")}
-
-
-def _fast_adam_kwargs(device: torch.device) -> dict:
-    """Deprecated alias kept for modules written against it: use ``aclab.algos.common.make_adam``."""
-    return {"fused": True}
