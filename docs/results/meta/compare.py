@@ -7,8 +7,11 @@ Run from the repository root:
         --preset maml-point-nav-cpu --seeds 1 2 3
     .venv/bin/python docs/results/meta/compare.py run --algos pearl pearl-hyper --preset pearl-point-nav-cpu \
         --seeds 1 2 3
-    .venv/bin/python docs/results/meta/compare.py noise --runs /tmp/meta-compare/maml-point-nav-cpu/maml-context-s1 \
-        /tmp/meta-compare/maml-point-nav-cpu/maml-hyper-s1 --updates 20
+    .venv/bin/python docs/results/meta/compare.py run --algos maml-hyper maml-context maml \
+        --preset maml-halfcheetah-fwd-back-cpu --seeds 1
+    .venv/bin/python docs/results/meta/compare.py noise --runs /tmp/meta-compare/maml-point-nav-cpu/maml-s1 \
+        /tmp/meta-compare/maml-point-nav-cpu/maml-context-s1 /tmp/meta-compare/maml-point-nav-cpu/maml-hyper-s1 \
+        --updates 20
     .venv/bin/python docs/results/meta/compare.py report     # PNGs + summary.md here
 
 Runs go to /tmp/meta-compare/<preset>/<algo>-s<seed> (``--root``); finished runs are skipped.
@@ -102,50 +105,45 @@ def plot_panels(folder: Path, panels: list[tuple[str, str]], title: str, out: Pa
 
 
 def cmd_noise(args) -> None:
-    from aclab import registry
-    from aclab.algos.common import resolve_device
-    from aclab.algos.maml import gradient_noise
-    from aclab.runs import Run
-    from aclab.train import build_envs, load_run_config
+    """``aclab analyze gradient-noise`` on each run (the same function), collected into gradient_noise.json."""
+    from aclab.analysis.run_analysis import run_gradient_noise
 
     results = {}
     for run_dir in args.runs:
-        config = load_run_config(run_dir)
-        _, checkpoint = Run.resume_readonly(run_dir)
-        envs = build_envs(config, num_envs=1)
-        algo = registry.build(config, envs.spec, resolve_device("cpu"))
-        envs.close()
-        algo.load_state_dict(checkpoint["algo"])
-        result = gradient_noise(algo, args.updates, eval_episodes=args.eval_episodes, eval_seed=0)
-        results[Path(run_dir).name] = {"step": int(checkpoint["step"]), **{k: np.asarray(v).tolist()
-                                                                              for k, v in result.items()}}
-        post = result["return_post"]
-        print(f"{run_dir}: post-update returns mean {post.mean():.2f} std {post.std():.2f}", flush=True)
+        result = run_gradient_noise(run_dir, updates=args.updates, episodes=args.eval_episodes, device="cpu")
+        results[Path(run_dir).name] = result
+        print(f"{run_dir}: post-update returns mean {result['return_post_mean']:.2f} "
+              f"std {result['return_post_std']:.2f}", flush=True)
     (OUT / "gradient_noise.json").write_text(json.dumps(results, indent=1))
 
 
 def plot_noise(out: Path) -> list[str]:
+    """Returns of the independently updated policies minus their mean (the spread is the point: the
+    runs sit at different return levels), one box per run, pre- and post-adaptation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = json.loads((OUT / "gradient_noise.json").read_text())
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     lines = []
     for ax, key, label in ((axes[0], "return_pre", "pre-adaptation"), (axes[1], "return_post", "post-adaptation")):
         names = list(data)
         values = [np.array(data[n][key]) for n in names]
-        ax.boxplot(values, showmeans=True)
-        ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
+        centred = [v - v.mean() for v in values]
+        ax.boxplot(centred, showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), [f"{n}\nstd {v.std():.2f}" for n, v in zip(names, values)],
+                      fontsize=8)
         for i, n in enumerate(names):
-            ax.scatter(np.full(len(values[i]), i + 1) + np.random.default_rng(0).uniform(-0.08, 0.08, len(values[i])),
-                       values[i], s=8, alpha=0.5)
-            ax.axhline(data[n]["baseline_" + key.split("_")[1]], color=f"C{i}", ls=":", lw=1)
+            jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(values[i]))
+            ax.scatter(np.full(len(values[i]), i + 1) + jitter, centred[i], s=8, alpha=0.5)
             lines.append(f"| {n} | {label} | {values[i].mean():.2f} | {values[i].std():.2f} | "
-                         f"{float(data[n]['baseline_' + key.split('_')[1]]):.2f} | {len(values[i])} |")
-        ax.set_title(f"{label} return after one meta-update")
+                         f"{float(data[n][key + '_before_update']):.2f} | {len(values[i])} |")
+        ax.set_title(f"{label}: return after one meta-update, minus the mean", fontsize=9)
         ax.grid(alpha=0.3)
+    axes[0].set_ylabel("return - mean over updates")
+    fig.suptitle(f"Spread of {len(values[0])} independent meta-updates from the same checkpoint (seed Fig. 5)")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -159,6 +157,11 @@ def cmd_report(args) -> None:
         lines += plot_panels(maml, [("test/return_pre", "test tasks, pre-adaptation"),
                                     ("test/return_post", "test tasks, post-adaptation")],
                              "MAML on 2-D navigation (CPU scale)", OUT / "maml_point_nav.png")
+    cheetah = Path(args.root) / "maml-halfcheetah-fwd-back-cpu"
+    if cheetah.exists():
+        lines += plot_panels(cheetah, [("test/return_pre", "test tasks, pre-adaptation"),
+                                       ("test/return_post", "test tasks, post-adaptation")],
+                             "MAML on HalfCheetah-Fwd-Back (CPU scale)", OUT / "maml_halfcheetah_fwd_back.png")
     pearl = Path(args.root) / "pearl-point-nav-cpu"
     if pearl.exists():
         lines += plot_panels(pearl, [("test/return_first", "test tasks, first episode (prior z)"),
@@ -185,7 +188,7 @@ def main() -> None:
     n = sub.add_parser("noise")
     n.add_argument("--runs", nargs="+", type=Path, required=True)
     n.add_argument("--updates", type=int, default=20)
-    n.add_argument("--eval-episodes", type=int, default=10)
+    n.add_argument("--eval-episodes", type=int, default=None, help="per test task (default: the run's setting)")
     p = sub.add_parser("report")
     p.add_argument("--root", default=str(ROOT))
     args = parser.parse_args()
