@@ -82,7 +82,7 @@ def test_analyze_gradient_accuracy_of_a_td3_run(tmp_path, capsys):
                  "300", "--quiet", "--set", "eval.episodes=0", "--set", "params.learning_starts=100",
                  "--set", "params.steps_per_iteration=100", "--set", "params.batch_size=16",
                  "--set", "params.actor_hidden=[16,16]", "--set", 'params.critic_options={"hidden_sizes":[16,16]}',
-                 "--set", "env.num_envs=1"]) == 0
+                 "--set", "env.num_envs=1", "--set", "torch_threads=1"]) == 0
     capsys.readouterr()
     out_file = tmp_path / "acc.json"
     assert main(["analyze", "gradient-accuracy", str(run), "--num-states", "3", "--horizon", "5",

@@ -16,7 +16,7 @@ from aclab.algos.sac import SAC, soft_targets
 from aclab.core.distributions import tanh_normal_sample_and_log_prob
 from aclab.train import build_envs, make_config
 
-FAST = ["progress=false", "eval.episodes=0"]
+FAST = ["progress=false", "eval.episodes=0", "torch_threads=1"]  # tiny networks: one thread
 TINY = ["params.actor_hidden=[16,16]", 'params.critic_options={"hidden_sizes":[16,16]}', "params.batch_size=8",
         "params.learning_starts=40", "params.steps_per_iteration=50"]
 

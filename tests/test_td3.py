@@ -14,7 +14,7 @@ from aclab.algos.td3 import TD3, td3_targets
 from aclab.runs import load_latest_checkpoint
 from aclab.train import build_envs, make_config, train
 
-FAST = ["progress=false", "eval.episodes=0"]
+FAST = ["progress=false", "eval.episodes=0", "torch_threads=1"]  # tiny networks: one thread
 TINY = ["params.actor_hidden=[16,16]", 'params.critic_options={"hidden_sizes":[16,16]}', "params.batch_size=8",
         "params.learning_starts=40", "params.steps_per_iteration=50"]
 
