@@ -204,6 +204,56 @@ def test_encoder_learns_only_from_the_critic_and_the_kl():
     assert any(torch.count_nonzero(p.grad) > 0 for p in algo.encoder.parameters())
 
 
+def test_critic_loss_and_kl_of_one_step_match_a_slow_reference():
+    """The first two numbers ``update`` returns (Q loss and summed KL) recomputed with Python loops from
+    the same draws: per task, the product of the encoder's factors over its context from the *encoder*
+    buffer, ``z = mu + sigma eps`` shared by the task's RL batch from the *RL* buffer, the target
+    ``reward_scale r + gamma (1 - d) V'(s', z)`` (rewards scaled here only, not in the context), the twin
+    losses summed, and ``KL(N(mu, sigma^2) || N(0, I))`` summed over latent dimensions and tasks."""
+    algo = _algo(**{"params.reward_scale": 7.0, "params.gamma": 0.9})
+    algo.iterate(None)
+    p = algo.params
+    task_ids = np.array([0, 3, 3, 5])
+    algo.replay.terminated[3, :7] = 1.0  # some terminal transitions in the RL batch
+    rng = np.random.default_rng()
+    rng.bit_generator.state = algo.rng.bit_generator.state
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(algo.generator.get_state())
+    batch = algo.replay.sample(task_ids, p.batch_size, rng)
+    context = algo.enc_replay.sample(task_ids, p.embedding_batch_size, rng)
+    noise = torch.randn(len(task_ids), p.latent_dim, generator=generator).double()
+    qf_loss, kl_sum = 0.0, 0.0
+    with torch.no_grad():
+        for k in range(len(task_ids)):
+            # encoder factors, one transition at a time, from the task's encoder buffer
+            precisions, weighted = np.zeros(p.latent_dim), np.zeros(p.latent_dim)
+            for n in range(p.embedding_batch_size):
+                c = np.concatenate([context["obs"][k, n], context["actions"][k, n], [context["rewards"][k, n]]])
+                x = torch.as_tensor(c, dtype=torch.float32)[None, None]
+                for layer in algo.encoder.layers[:-1]:
+                    x = torch.relu(layer(x))
+                out = algo.encoder.layers[-1](x).double().ravel().numpy()
+                var_n = np.maximum(np.log1p(np.exp(out[p.latent_dim:])), 1e-7)  # softplus, clamped
+                precisions += 1.0 / var_n
+                weighted += out[: p.latent_dim] / var_n
+            var = 1.0 / precisions
+            mu = var * weighted
+            kl_sum += 0.5 * np.sum(var + mu**2 - 1.0 - np.log(var))
+            z = torch.as_tensor(mu + np.sqrt(var) * noise[k].numpy(), dtype=torch.float32)
+            sq = np.zeros(2)
+            for i in range(p.batch_size):
+                s, a = torch.as_tensor(batch["obs"][k, i])[None], torch.as_tensor(batch["actions"][k, i])[None]
+                s2 = torch.as_tensor(batch["next_obs"][k, i])[None]
+                r, d = float(batch["rewards"][k, i]), float(batch["terminated"][k, i])
+                target = p.reward_scale * r + p.gamma * (1.0 - d) * float(algo.vf_target(s2, z[None])[0, 0])
+                q = algo.qf(s, z[None], a)[:, 0].double().numpy()
+                sq += (q - target) ** 2
+            qf_loss += sq.sum() / (len(task_ids) * p.batch_size)
+    stats = algo.update(task_ids)
+    assert float(stats[0]) == pytest.approx(qf_loss, rel=1e-4)
+    assert float(stats[3]) == pytest.approx(kl_sum, rel=1e-4)
+
+
 @pytest.fixture
 def one_thread():
     """Small networks on a shared 2-core machine: one intra-op thread, as the training loop uses."""
@@ -246,20 +296,46 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
 
 
+# The CPU-scale point robot of the preset pearl-point-nav-cpu (PEARL's point robot: goals and starts uniform
+# in [-1, 1]^2, 20-step episodes; 40 / 10 tasks; reward scale 5), with the tiny hypernetworks of TINY.
+POINT_ROBOT_CPU = {"params.num_train_tasks": 40, "params.num_test_tasks": 10, "params.meta_batch": 8,
+                   "params.batch_size": 128, "params.embedding_batch_size": 64, "params.num_initial_steps": 200,
+                   "params.num_steps_prior": 100, "params.num_extra_rl_steps_posterior": 100,
+                   "params.num_train_steps_per_itr": 200, "params.num_tasks_sample": 5, "params.reward_scale": 5.0,
+                   "params.hidden_sizes": [64, 64], "params.encoder_hidden": [64, 64], "params.eval_every": 0,
+                   "params.num_steps_per_eval": 60,
+                   "env.options": {"horizon": 20, "goal_low": -1.0, "goal_high": 1.0, "start_low": -1.0,
+                                   "start_high": 1.0}}
+
+
+def test_cpu_point_robot_preset_is_the_setting_the_learning_test_checks():
+    """Regression: the preset once used the point-robot JSON's reward scale 100, which does not learn at
+    this budget (docs/meta_rl.md); the preset must stay the setting the slow learning test verifies."""
+    config = make_config("pearl", preset="pearl-point-nav-cpu")
+    for key, value in POINT_ROBOT_CPU.items():
+        section, name = key.split(".", 1)
+        if key in ("params.eval_every", "params.num_test_tasks"):  # evaluation-only settings
+            continue
+        got = getattr(config.params, name) if section == "params" else config.env.options
+        expected = tuple(value) if isinstance(value, list) else value
+        assert (tuple(got) if isinstance(got, list) else got) == expected, key
+    assert config.params.reward_scale == 5.0 and config.total_steps == 8000 + 30 * 1000
+
+
 @pytest.mark.slow
-def test_pearl_learns_point_navigation_within_a_fixed_budget(one_thread):
-    """PEARL's point-robot setting (goals in [-1, 1]^2, 20 steps) at CPU scale: after 30 iterations the
-    final test-episode return (posterior sampling) beats the first (prior) episode and the start."""
-    algo = _algo(**{"params.num_train_tasks": 40, "params.num_test_tasks": 10, "params.meta_batch": 8,
-                    "params.batch_size": 128, "params.embedding_batch_size": 64, "params.num_initial_steps": 200,
-                    "params.num_steps_prior": 100, "params.num_extra_rl_steps_posterior": 100,
-                    "params.num_train_steps_per_itr": 200, "params.num_tasks_sample": 5, "params.reward_scale": 100.0,
-                    "params.hidden_sizes": [64, 64], "params.encoder_hidden": [64, 64], "params.eval_every": 0,
-                    "params.num_steps_per_eval": 60,
-                    "env.options": {"horizon": 20, "goal_low": -1.0, "goal_high": 1.0}})
+@pytest.mark.parametrize(("name", "iterations"), [("pearl", 30), ("pearl-hyper", 70)])
+def test_pearl_learns_point_navigation_within_a_fixed_budget(one_thread, name, iterations):
+    """After 30 iterations for PEARL (38k env steps, 6k gradient steps; ~65 s on one shared core) and 70
+    for Hyper-PEARL (its learning rates are 3-6x lower; 78k env steps, ~5.5 min) the final test-episode
+    return (posterior sampling) is clearly better than at the start and than the first (prior z) episode:
+    the encoder identifies the goal. Measured: PEARL -22.35 -> -11.52 (first episode -16.37); Hyper-PEARL
+    -21.86 -> -14.96 (first episode -18.99). The old version of this test (reward scale 100, starts at
+    the origin) did not move from its start."""
+    torch.manual_seed(0)
+    algo = _algo(name, **POINT_ROBOT_CPU)
     start = algo.evaluate_tasks(algo.test_tasks, seed=0)
-    for _ in range(30):
+    for _ in range(iterations):
         algo.iterate(None)
     end = algo.evaluate_tasks(algo.test_tasks, seed=0)
     assert end["return_final"] > start["return_final"] + 5.0, (start, end)
-    assert end["return_final"] > end["return_first"] + 1.0, (start, end)
+    assert end["return_final"] > end["return_first"] + 2.0, (start, end)

@@ -12,7 +12,8 @@ Run from the repository root:
     .venv/bin/python docs/results/meta/compare.py noise --runs /tmp/meta-compare/maml-point-nav-cpu/maml-s1 \
         /tmp/meta-compare/maml-point-nav-cpu/maml-context-s1 /tmp/meta-compare/maml-point-nav-cpu/maml-hyper-s1 \
         --updates 20
-    .venv/bin/python docs/results/meta/compare.py report     # PNGs + summary.md here
+    .venv/bin/python docs/results/meta/compare.py report     # MAML PNGs, gradient noise, summary.md here
+    .venv/bin/python docs/results/meta/plot_pearl.py         # the PEARL plot and table (its own script)
 
 Runs go to /tmp/meta-compare/<preset>/<algo>-s<seed> (``--root``); finished runs are skipped.
 """
@@ -162,12 +163,6 @@ def cmd_report(args) -> None:
         lines += plot_panels(cheetah, [("test/return_pre", "test tasks, pre-adaptation"),
                                        ("test/return_post", "test tasks, post-adaptation")],
                              "MAML on HalfCheetah-Fwd-Back (CPU scale)", OUT / "maml_halfcheetah_fwd_back.png")
-    pearl = Path(args.root) / "pearl-point-nav-cpu"
-    if pearl.exists():
-        lines += plot_panels(pearl, [("test/return_first", "test tasks, first episode (prior z)"),
-                                     ("test/return_final", "test tasks, final episode (posterior z)"),
-                                     ("train/return_final", "train tasks, final episode")],
-                             "PEARL on 2-D navigation (CPU scale)", OUT / "pearl_point_nav.png")
     if (OUT / "gradient_noise.json").exists():
         lines += ["", "| run | returns | mean | std | before the update | updates |",
                   "| --- | --- | --- | --- | --- | --- |"]
