@@ -25,14 +25,7 @@ SMALL_OPTIONS = {
     "as_hyper": {"primary_widths": (16, 32), "dynamic_hidden": (8,), "probe_size": 128},
 }
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks on a shared 2-core machine: a second intra-op thread only adds contention (as the
-    training loop's automatic setting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("kind", CRITIC_KINDS)

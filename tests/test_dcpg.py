@@ -34,14 +34,7 @@ DCPG_VARIANTS = ["dcpg", "sdcpg", "ddcpg", "dcpg-f", "dcpg-i", "dcpg-fi"]
 
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small MLP updates are bound by per-call overhead: one intra-op thread, as aclab.train uses for vector
-    observations (a second thread only adds contention on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def _algo(name: str, overrides: list[str], env_id: str = "CartPole-v1"):
     config = make_config(name, env_id, overrides=overrides)

@@ -37,13 +37,7 @@ SMALL = ["env.num_envs=2", "params.num_steps=32", "params.policy_minibatch_size=
 CPU = resolve_device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small MLPs on a shared 2-core CPU: one intra-op thread, as aclab.train sets for vector observations."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _config(*overrides: str, algo: str = "dna", env: str = "CartPole-v1", total: int = 512):

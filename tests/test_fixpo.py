@@ -37,13 +37,7 @@ OVERSHOOT = ["env.num_envs=4", "params.num_steps=64", "params.minibatch_size=64"
              "params.eps_kl=0.05"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small MLPs on a shared 2-core CPU: one intra-op thread, as aclab.train sets for vector observations."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _config(*overrides: str, algo: str = "fixpo", env: str = "CartPole-v1", total: int = 256 * 4):

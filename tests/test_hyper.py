@@ -19,14 +19,7 @@ from aclab.nets.hyper import (
 
 SMALL = {"primary_widths": (16, 32), "dynamic_hidden": (8,), "probe_size": 256}
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks on a shared 2-core machine: a second intra-op thread only adds contention (as the
-    training loop's automatic setting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _reference_primary(primary: PrimaryResNet, member: int, z: torch.Tensor) -> torch.Tensor:

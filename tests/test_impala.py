@@ -29,13 +29,7 @@ from aclab.train import make_config, train
 FAST = ["progress=false", "eval.episodes=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """As the training loop does for vector observations: a second intra-op thread only adds contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------

@@ -240,13 +240,6 @@ def test_wrong_env_is_rejected_with_the_valid_ids():
         MAML(config, envs.spec, torch.device("cpu"))
 
 
-@pytest.fixture
-def one_thread():
-    """Small networks on a shared 2-core machine: one intra-op thread, as the training loop uses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +284,7 @@ def test_gradient_noise_gives_one_return_per_update_and_restores_the_policy():
         assert torch.equal(value, before[key])
 
 
-def test_maml_learns_point_navigation_within_a_fixed_budget(one_thread):
+def test_maml_learns_point_navigation_within_a_fixed_budget(one_torch_thread):
     """15 meta-iterations of 10 tasks x 10 episodes of 20 steps (~1.5 s each on this CPU): the
     post-adaptation return of held-out tasks improves by a margin that random updates do not give."""
     algo = _algo("maml", **{"params.meta_batch_size": 10, "params.episodes_per_task": 10,

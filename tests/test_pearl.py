@@ -254,13 +254,6 @@ def test_critic_loss_and_kl_of_one_step_match_a_slow_reference():
     assert float(stats[3]) == pytest.approx(kl_sum, rel=1e-4)
 
 
-@pytest.fixture
-def one_thread():
-    """Small networks on a shared 2-core machine: one intra-op thread, as the training loop uses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +317,7 @@ def test_cpu_point_robot_preset_is_the_setting_the_learning_test_checks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "iterations"), [("pearl", 30), ("pearl-hyper", 70)])
-def test_pearl_learns_point_navigation_within_a_fixed_budget(one_thread, name, iterations):
+def test_pearl_learns_point_navigation_within_a_fixed_budget(one_torch_thread, name, iterations):
     """After 30 iterations for PEARL (38k env steps, 6k gradient steps; ~65 s on one shared core) and 70
     for Hyper-PEARL (its learning rates are 3-6x lower; 78k env steps, ~5.5 min) the final test-episode
     return (posterior sampling) is clearly better than at the start and than the first (prior z) episode:

@@ -7,38 +7,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from offpolicy_common import FAST, TINY, build_algo, offpolicy_config  # noqa: F401
 from torch import nn
 
-from aclab import registry
-from aclab.algos.common import resolve_device
 from aclab.algos.offpolicy import bound_log_std
 from aclab.algos.sac import SAC, soft_targets
 from aclab.core.distributions import tanh_normal_sample_and_log_prob
-from aclab.train import build_envs, make_config
+from aclab.train import make_config
 
-FAST = ["progress=false", "eval.episodes=0", "torch_threads=1"]  # tiny networks: one thread
-TINY = ["params.actor_hidden=[16,16]", 'params.critic_options={"hidden_sizes":[16,16]}', "params.batch_size=8",
-        "params.learning_starts=40", "params.steps_per_iteration=50"]
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks on a shared 2-core machine: a second intra-op thread only adds contention (as the
-    training loop's automatic setting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(*extra, env="Pendulum-v1", total=200):
-    return make_config("sac", env, overrides=[*FAST, *TINY, "env.backend=gymnasium", "env.num_envs=1",
-                                              f"total_steps={total}", *extra])
-
-
-def _algo(config, seed_envs=0):
-    envs = build_envs(config)
-    envs.reset(seed=seed_envs)
-    return registry.build(config, envs.spec, resolve_device("cpu")), envs
+    return offpolicy_config("sac", *extra, env=env, total=total)
 
 
 def test_soft_targets_by_hand():
@@ -72,7 +53,7 @@ def _twins(critic):
 def test_update_matches_a_plain_reference_implementation(policy_frequency):
     config = _config(f"params.policy_frequency={policy_frequency}", "params.tau=0.1", "params.critic_lr=1e-2",
                      "params.actor_lr=1e-2", "params.alpha_lr=1e-2")
-    algo, envs = _algo(config)
+    algo, envs = build_algo(config)
     algo.iterate(envs)
     p = algo.params
     actor, critics, critics_t = copy.deepcopy(algo.actor), _twins(algo.critic), _twins(algo.critic_target)
@@ -128,20 +109,20 @@ def test_update_matches_a_plain_reference_implementation(policy_frequency):
 
 
 def test_temperature_fixed_or_tuned():
-    fixed, envs = _algo(_config("params.autotune=false", "params.alpha=0.05"))
+    fixed, envs = build_algo(_config("params.autotune=false", "params.alpha=0.05"))
     fixed.iterate(envs)
     assert fixed.alpha_optimizer is None and fixed.alpha.item() == pytest.approx(0.05)
-    tuned, envs = _algo(_config("params.target_entropy=10.0", "params.alpha_lr=0.05"))
+    tuned, envs = build_algo(_config("params.target_entropy=10.0", "params.alpha_lr=0.05"))
     assert tuned.alpha.item() == 1.0 and tuned.target_entropy == 10.0
     metrics = tuned.iterate(envs)
     # the policy's entropy is far below the (unreachable) target: the temperature must rise
     assert metrics["alpha"] > 1.0 and tuned.alpha.item() > 1.0
-    default, _ = _algo(_config())
+    default, _ = build_algo(_config())
     assert default.target_entropy == -1.0  # -dim(A) for Pendulum
 
 
 def test_numpy_mirror_sampling_and_mean_actions():
-    algo, envs = _algo(_config())
+    algo, envs = build_algo(_config())
     algo.iterate(envs)
     algo.iterate(envs)
     obs = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
@@ -164,7 +145,7 @@ def test_mujoco_smoke_and_hyper_variant():
         *FAST, *TINY, "total_steps=100", "env.backend=gymnasium",
         'params.critic_options={"primary_widths":[16,32],"dynamic_hidden":[8],"probe_size":64}'])
     assert config.params.critic == "sa_hyper" and config.preset == "sac-mujoco"
-    algo, envs = _algo(config)
+    algo, envs = build_algo(config)
     assert isinstance(algo, SAC) and algo.critic_optimizer.param_groups[0]["lr"] == 5e-5
     while algo.steps < 100:
         metrics = algo.iterate(envs)
@@ -189,7 +170,7 @@ def _learn(env_id: str, total: int, seed: int) -> float:
         "params.actor_hidden=[64,64]", 'params.critic_options={"hidden_sizes":[64,64]}', "params.batch_size=128",
         "params.actor_lr=1e-3", "params.critic_lr=1e-3", "eval.episodes=4", "eval.num_envs=4", f"seed={seed}"])
     seed_everything(seed)
-    algo, envs = _algo(config, seed_envs=seed)
+    algo, envs = build_algo(config, seed_envs=seed)
     while algo.steps < config.total_steps:
         algo.iterate(envs)
     returns = evaluate(algo, config, "test", train_envs=envs)

@@ -6,37 +6,19 @@ import copy
 import numpy as np
 import pytest
 import torch
+from offpolicy_common import FAST, TINY, build_algo, offpolicy_config  # noqa: F401
 from torch import nn
 
-from aclab import registry
-from aclab.algos.common import resolve_device, seed_everything
+from aclab.algos.common import seed_everything
 from aclab.algos.td3 import TD3, td3_targets
 from aclab.runs import load_latest_checkpoint
-from aclab.train import build_envs, make_config, train
+from aclab.train import make_config, train
 
-FAST = ["progress=false", "eval.episodes=0", "torch_threads=1"]  # tiny networks: one thread
-TINY = ["params.actor_hidden=[16,16]", 'params.critic_options={"hidden_sizes":[16,16]}', "params.batch_size=8",
-        "params.learning_starts=40", "params.steps_per_iteration=50"]
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks on a shared 2-core machine: a second intra-op thread only adds contention (as the
-    training loop's automatic setting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(*extra, env="Pendulum-v1", algo="td3", total=200):
-    return make_config(algo, env, overrides=[*FAST, *TINY, "env.backend=gymnasium", "env.num_envs=1",
-                                             f"total_steps={total}", *extra])
-
-
-def _algo(config, seed_envs=0):
-    envs = build_envs(config)
-    envs.reset(seed=seed_envs)
-    return registry.build(config, envs.spec, resolve_device("cpu")), envs
+    return offpolicy_config(algo, *extra, env=env, total=total)
 
 
 def test_targets_by_hand():
@@ -64,7 +46,7 @@ def _reference_nets(algo: TD3):
 
 def test_update_matches_a_plain_reference_implementation():
     config = _config("params.policy_delay=2", "params.tau=0.1", "params.critic_lr=1e-2", "params.actor_lr=1e-2")
-    algo, envs = _algo(config)
+    algo, envs = build_algo(config)
     algo.iterate(envs)  # fill the buffer (and do a few updates)
     actor, critics, actor_t, critics_t = _reference_nets(algo)
     p = algo.params
@@ -111,7 +93,7 @@ def test_update_matches_a_plain_reference_implementation():
 
 def test_numpy_mirror_follows_in_place_updates_and_act_scales_to_bounds():
     config = _config()
-    algo, envs = _algo(config)
+    algo, envs = build_algo(config)
     assert algo.numpy_actor is not None
     algo.iterate(envs)
     algo.iterate(envs)
@@ -128,7 +110,7 @@ def test_numpy_mirror_follows_in_place_updates_and_act_scales_to_bounds():
 
 def test_stepping_counts_random_phase_and_utd():
     config = _config("params.learning_starts=60", "params.utd_ratio=0.5", "env.options={\"max_episode_steps\": 30}")
-    algo, envs = _algo(config)
+    algo, envs = build_algo(config)
     metrics = algo.iterate(envs)  # 50 steps, all random, no updates
     assert algo.steps == 50 and metrics["updates"] == 0 and "loss/critic" not in metrics
     assert len(algo.loop.buffer) == 50 - 1  # one dummy step after the 30-step episode
@@ -142,7 +124,7 @@ def test_several_envs_store_every_real_transition_and_scale_updates():
     config = make_config("td3", "Pendulum-v1", overrides=[
         *FAST, *TINY, "env.backend=gymnasium", "env.num_envs=3", "total_steps=300", "params.learning_starts=30",
         'env.options={"max_episode_steps": 10}'])
-    algo, envs = _algo(config)
+    algo, envs = build_algo(config)
     metrics = algo.iterate(envs)  # 50 transitions -> 16 vector steps of 3 envs = 48 transitions
     assert algo.steps == 48 and len(algo.loop.buffer) == 48 - 3  # one dummy per env after step 10
     assert metrics["updates"] == 48 - 30 + 3  # from the vector step reaching 30 on: 3 per vector step
@@ -152,7 +134,7 @@ def test_several_envs_store_every_real_transition_and_scale_updates():
 
 def test_iteration_stops_at_total_steps():
     config = _config(total=120)
-    algo, envs = _algo(config)
+    algo, envs = build_algo(config)
     while algo.steps < 120:
         algo.iterate(envs)
     assert algo.steps == 120 and algo.iteration == 3
@@ -161,7 +143,7 @@ def test_iteration_stops_at_total_steps():
 def test_hyper_critic_uses_its_learning_rate_and_trains():
     config = _config("params.critic=sa_hyper",
                      'params.critic_options={"primary_widths":[16,32],"dynamic_hidden":[8],"probe_size":64}')
-    algo, envs = _algo(config)
+    algo, envs = build_algo(config)
     assert algo.critic_optimizer.param_groups[0]["lr"] == 5e-5
     before = [p.detach().clone() for p in algo.critic.parameters()]
     metrics = algo.iterate(envs)
@@ -175,7 +157,7 @@ def test_gradient_accuracy_is_logged_on_mujoco():
     config = _config("params.grad_accuracy_every=50", "params.grad_accuracy_states=3",
                      "params.grad_accuracy_actions=4", "params.grad_accuracy_horizon=5",
                      "params.grad_accuracy_start_steps=10", env="mujoco:Hopper-v4", total=100)
-    algo, envs = _algo(config)
+    algo, envs = build_algo(config)
     first = algo.iterate(envs)
     assert "grad_cs/mean" in first and "grad_cs/frac_gt_0.5" in first
     assert 0.0 <= first["grad_cs/frac_gt_0"] <= 1.0
@@ -226,7 +208,7 @@ def _learn(algo_name: str, env_id: str, total: int, seed: int, *extra: str) -> f
         "params.actor_lr=1e-3", "params.critic_lr=1e-3", "eval.episodes=4", "eval.num_envs=4", f"seed={seed}",
         *extra])
     seed_everything(seed)
-    algo, envs = _algo(config, seed_envs=seed)
+    algo, envs = build_algo(config, seed_envs=seed)
     while algo.steps < config.total_steps:
         algo.iterate(envs)
     returns = evaluate(algo, config, "test", train_envs=envs)
