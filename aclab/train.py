@@ -171,6 +171,9 @@ def evaluate(algo, config: Config, split: str = "test", episodes: int | None = N
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+_DEFAULT_TORCH_THREADS = torch.get_num_threads()  # before any run changes it
+
+
 def _set_torch_threads(config: Config, device: torch.device, spec) -> None:
     """``torch_threads = 0`` (auto): one intra-op thread for vector observations on CPU, where small
     networks are bound by per-call overhead and a second thread only adds contention (measured ~3x
@@ -178,14 +181,14 @@ def _set_torch_threads(config: Config, device: torch.device, spec) -> None:
     for algorithms whose class sets ``ARITHMETIC_BOUND_UPDATES = True`` (TD3 and SAC: 256-wide networks
     on batches of 256, one update per env step; measured 1.5-1.65x faster with two threads than one on
     HalfCheetah on an otherwise idle 2-core machine)."""
+    arithmetic_bound = getattr(registry.get_algorithm(config.algo), "ARITHMETIC_BOUND_UPDATES", False)
     if config.torch_threads > 0:
-        torch.set_num_threads(config.torch_threads)
-    elif device.type == "cpu" and len(spec.obs_shape) == 1:
-        arithmetic_bound = getattr(registry.get_algorithm(config.algo), "ARITHMETIC_BOUND_UPDATES", False)
-        torch.set_num_threads(_DEFAULT_TORCH_THREADS if arithmetic_bound else 1)
-
-
-_DEFAULT_TORCH_THREADS = torch.get_num_threads()  # before any run changes it
+        threads = config.torch_threads
+    elif device.type == "cpu" and len(spec.obs_shape) == 1 and not arithmetic_bound:
+        threads = 1
+    else:  # the process's default, also after an earlier run in this process set another count
+        threads = _DEFAULT_TORCH_THREADS
+    torch.set_num_threads(threads)
 
 
 class _StopRequest:

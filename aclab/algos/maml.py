@@ -34,12 +34,9 @@ Conventions: trajectories are stored time-major ``[T, N]`` by the rollout and re
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -568,45 +565,6 @@ def gradient_noise(algo: MAML, num_updates: int = 50, eval_tasks: np.ndarray | N
             "baseline_pre": np.array(start["return_pre"]), "baseline_post": np.array(start["return_post"])}
 
 
-def _gradient_noise_main(argv: list[str] | None = None) -> int:
-    """``python -m aclab.algos.maml gradient-noise RUN_DIR --updates 50 --out noise.json``"""
-    parser = argparse.ArgumentParser(prog="python -m aclab.algos.maml")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("gradient-noise", help="N independent meta-updates from a run's latest checkpoint")
-    g.add_argument("run_dir", type=Path)
-    g.add_argument("--updates", type=int, default=50)
-    g.add_argument("--eval-episodes", type=int, default=None)
-    g.add_argument("--eval-seed", type=int, default=0)
-    g.add_argument("--out", type=Path, default=None, help="JSON file (default RUN_DIR/gradient_noise.json)")
-    args = parser.parse_args(argv)
-    from aclab import registry
-    from aclab.algos.common import resolve_device
-    from aclab.runs import Run
-    from aclab.train import build_envs, load_run_config
-
-    config = load_run_config(args.run_dir)
-    _, checkpoint = Run.resume_readonly(args.run_dir)
-    if checkpoint is None:
-        raise SystemExit(f"{args.run_dir} has no checkpoint")
-    envs = build_envs(config, num_envs=1)
-    algo = registry.build(config, envs.spec, resolve_device(config.device))
-    envs.close()
-    algo.load_state_dict(checkpoint["algo"])
-    result = gradient_noise(algo, args.updates, eval_episodes=args.eval_episodes, eval_seed=args.eval_seed)
-    summary = {"step": int(checkpoint["step"]), "algo": config.algo, "env_id": config.env.id,
-               **{k: np.asarray(v).tolist() for k, v in result.items()}}
-    for key in ("return_pre", "return_post"):
-        values = result[key]
-        summary[f"{key}_mean"] = float(values.mean())
-        summary[f"{key}_std"] = float(values.std())
-        start = float(result["baseline_" + key[len("return_"):]])
-        print(f"{key}: mean {values.mean():.2f} std {values.std():.2f} (before the updates {start:.2f})")
-    out = args.out or Path(args.run_dir) / "gradient_noise.json"
-    out.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
-    return 0
-
-
 ALGORITHMS = {
     "maml": Entry(MAML, "MAML-TRPO with a Gaussian MLP policy on the state (Vanilla-MAML); env: a meta task family "
                         "id such as gym:aclab/MetaPointNav-v0", defaults={"policy": "vanilla", "inner_lr": 0.1}),
@@ -617,6 +575,3 @@ ALGORITHMS = {
                         preset_prefix="maml"),
 }
 
-
-if __name__ == "__main__":
-    raise SystemExit(_gradient_noise_main())
