@@ -188,9 +188,25 @@ def polyak_update(targets: list[Tensor], sources: list[Tensor], tau: float) -> N
     torch._foreach_lerp_(targets, sources, tau)
 
 
-def fast_adam_kwargs(device: torch.device) -> dict:
-    """Adam's fused kernels (CUDA and CPU; measured at least as fast as foreach on CPU for these sizes)."""
-    return {"fused": True}
+def twin_critic_step(critic: nn.Module, optimizer: torch.optim.Optimizer, obs: Tensor, actions: Tensor,
+                     target: Tensor) -> Tensor:
+    """One optimiser step on ``sum_k mean_n (Q_k(s, a) - target)^2`` for the twin critics (``Q`` is
+    ``[E, N]``, ``target`` ``[N]``); returns the detached ``[loss, mean Q]`` (no host sync)."""
+    q = critic(obs, actions)
+    loss = (q - target).pow(2).mean(dim=1).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return torch.stack([loss.detach(), q.detach().mean()])
+
+
+def actor_only_step(loss: Tensor, actor_params: list[Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """One optimiser step on ``loss`` for the actor's parameters alone: ``autograd.grad`` computes no
+    gradient for the critic's weights the loss also runs through (``backward`` would, and discard them)."""
+    grads = torch.autograd.grad(loss, actor_params)
+    for param, grad in zip(actor_params, grads):
+        param.grad = grad
+    optimizer.step()
 
 
 def use_numpy_acting(acting: str, device: torch.device) -> bool:

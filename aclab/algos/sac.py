@@ -28,18 +28,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from aclab.algos.common import Entry, check_finite
+from aclab.algos.common import Entry, check_finite, make_adam
 from aclab.algos.offpolicy import (
     NumpyMLP,
     OffPolicyConfig,
     OffPolicyLoop,
     TanhGaussianActor,
+    actor_only_step,
     build_critic,
     episode_metrics,
-    fast_adam_kwargs,
     freeze,
     polyak_update,
     probe_obs_transform,
+    twin_critic_step,
     use_numpy_acting,
 )
 from aclab.analysis.grad_accuracy import GradientProbe
@@ -95,10 +96,8 @@ class SAC:
                                        p.log_std_squash).to(device)
         self.critic = build_critic(p, obs_dim, action_dim, device)
         self.critic_target = freeze(copy.deepcopy(self.critic))
-        adam = fast_adam_kwargs(device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=p.actor_lr, eps=p.adam_eps, **adam)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=p.critic_learning_rate,
-                                                 eps=p.adam_eps, **adam)
+        self.actor_optimizer = make_adam(self.actor.parameters(), lr=p.actor_lr, eps=p.adam_eps)
+        self.critic_optimizer = make_adam(self.critic.parameters(), lr=p.critic_learning_rate, eps=p.adam_eps)
         self.target_entropy = -float(action_dim) if p.target_entropy is None else float(p.target_entropy)
         initial = 1.0 if p.autotune else p.alpha
         self.log_alpha = torch.tensor(math.log(initial) if initial > 0 else -math.inf, device=device,
@@ -169,12 +168,8 @@ class SAC:
             next_actions, next_log_prob = tanh_normal_sample_and_log_prob(self.actor(batch.next_obs), self.generator)
             next_q = self.critic_target(batch.next_obs, next_actions)
             target = soft_targets(batch.rewards, batch.terminated, next_q, next_log_prob, alpha, p.gamma)
-        q = self.critic(batch.obs, batch.actions)  # [2, N]
-        critic_loss = (q - target).pow(2).mean(dim=1).sum()
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.critic_optimizer.step()
-        self._critic_stats.append(torch.stack([critic_loss.detach(), q.detach().mean()]))
+        self._critic_stats.append(twin_critic_step(self.critic, self.critic_optimizer, batch.obs, batch.actions,
+                                                   target))
         self.critic_updates += 1
         if self.critic_updates % p.policy_frequency == 0:
             for _ in range(p.policy_frequency):
@@ -182,10 +177,7 @@ class SAC:
                 actions, log_prob = tanh_normal_sample_and_log_prob(self.actor(batch.obs), self.generator)
                 q_pi = self.critic.q_for_actor(batch.obs, actions).min(dim=0).values
                 actor_loss = (alpha * log_prob - q_pi).mean()
-                grads = torch.autograd.grad(actor_loss, self._actor_params)
-                for param, grad in zip(self._actor_params, grads):
-                    param.grad = grad
-                self.actor_optimizer.step()
+                actor_only_step(actor_loss, self._actor_params, self.actor_optimizer)
                 log_prob = log_prob.detach()
                 if self.alpha_optimizer is not None:
                     alpha_loss = -(self.log_alpha.exp() * (log_prob + self.target_entropy)).mean()

@@ -24,18 +24,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aclab.algos.common import Entry, check_finite
+from aclab.algos.common import Entry, check_finite, make_adam
 from aclab.algos.offpolicy import (
     DeterministicActor,
     NumpyMLP,
     OffPolicyConfig,
     OffPolicyLoop,
+    actor_only_step,
     build_critic,
     episode_metrics,
-    fast_adam_kwargs,
     freeze,
     polyak_update,
     probe_obs_transform,
+    twin_critic_step,
     use_numpy_acting,
 )
 from aclab.analysis.grad_accuracy import GradientProbe
@@ -80,10 +81,8 @@ class TD3:
         self.critic = build_critic(p, obs_dim, action_dim, device)
         self.actor_target = freeze(copy.deepcopy(self.actor))
         self.critic_target = freeze(copy.deepcopy(self.critic))
-        adam = fast_adam_kwargs(device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=p.actor_lr, eps=p.adam_eps, **adam)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=p.critic_learning_rate,
-                                                 eps=p.adam_eps, **adam)
+        self.actor_optimizer = make_adam(self.actor.parameters(), lr=p.actor_lr, eps=p.adam_eps)
+        self.critic_optimizer = make_adam(self.critic.parameters(), lr=p.critic_learning_rate, eps=p.adam_eps)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
         self._actor_params = list(self.actor.parameters())
@@ -133,20 +132,12 @@ class TD3:
             next_actions = (self.actor_target(batch.next_obs) + noise).clamp_(-1.0, 1.0)
             target = td3_targets(batch.rewards, batch.terminated,
                                  self.critic_target(batch.next_obs, next_actions), p.gamma)
-        q = self.critic(batch.obs, batch.actions)  # [2, N]
-        critic_loss = (q - target).pow(2).mean(dim=1).sum()
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.critic_optimizer.step()
-        self._critic_stats.append(torch.stack([critic_loss.detach(), q.detach().mean()]))
+        self._critic_stats.append(twin_critic_step(self.critic, self.critic_optimizer, batch.obs, batch.actions,
+                                                   target))
         self.critic_updates += 1
         if self.critic_updates % p.policy_delay == 0:
             actor_loss = -self.critic.q_for_actor(batch.obs, self.actor(batch.obs), member=0).mean()
-            # gradients for the actor only: the critic's weight gradients are never computed
-            grads = torch.autograd.grad(actor_loss, self._actor_params)
-            for param, grad in zip(self._actor_params, grads):
-                param.grad = grad
-            self.actor_optimizer.step()
+            actor_only_step(actor_loss, self._actor_params, self.actor_optimizer)
             polyak_update(self._actor_target_params, self._actor_params, p.tau)
             polyak_update(self._critic_target_params, self._critic_params, p.tau)
             self._actor_stats.append(actor_loss.detach())
