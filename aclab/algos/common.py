@@ -51,6 +51,14 @@ def make_adam(params, lr: float, eps: float = 1e-8, **kwargs) -> torch.optim.Ada
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True, **kwargs)
 
 
+@torch.no_grad()
+def policy_actions(dist, params: torch.Tensor, deterministic: bool, generator: torch.Generator) -> np.ndarray:
+    """Actions for evaluation from distribution parameters ``[N, P]``: the mode when ``deterministic``,
+    else a sample from ``generator``; as a NumPy array ``[N, ...]``."""
+    actions = dist.mode(params) if deterministic else dist.sample(params, generator)
+    return actions.cpu().numpy()
+
+
 def linear_schedule(start: float, end: float, progress: float) -> float:
     """Linear interpolation from ``start`` (progress 0) to ``end`` (progress 1), clamped."""
     progress = min(max(progress, 0.0), 1.0)

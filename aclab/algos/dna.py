@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam
+from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
 from aclab.algos.ppo import PPO, PPOConfig
 from aclab.analysis.noise_scale import GradientNoiseScale, measure_noise_scale
 from aclab.config import Config, require
@@ -309,8 +309,7 @@ class DNA:
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         dist_params = self.policy_net.dist_params(torch.as_tensor(obs, device=self.device))
-        actions = self.dist.mode(dist_params) if deterministic else self.dist.sample(dist_params, self.generator)
-        return actions.cpu().numpy()
+        return policy_actions(self.dist, dist_params, deterministic, self.generator)
 
     def _random_actions(self) -> np.ndarray:
         space = self.env_spec.action_space

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam
+from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
@@ -203,8 +203,7 @@ class FixPO:
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         dist_params = self.net.dist_params(torch.as_tensor(obs, device=self.device))
-        actions = self.dist.mode(dist_params) if deterministic else self.dist.sample(dist_params, self.generator)
-        return actions.cpu().numpy()
+        return policy_actions(self.dist, dist_params, deterministic, self.generator)
 
     # ------------------------------------------------------------------ one iteration
     def iterate(self, envs) -> dict[str, float]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aclab.algos.common import Entry, check_finite, make_adam
+from aclab.algos.common import Entry, check_finite, make_adam, policy_actions
 from aclab.algos.phasic import (
     DynamicsModel,
     PhasicConfig,
@@ -147,8 +147,7 @@ class PPG:
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         params = self.net.dist_params(torch.as_tensor(obs, device=self.device))
-        actions = self.dist.mode(params) if deterministic else self.dist.sample(params, self.generator)
-        return actions.cpu().numpy()
+        return policy_actions(self.dist, params, deterministic, self.generator)
 
     # ------------------------------------------------------------------ analysis hooks
     def value_functions(self) -> dict[str, nn.Module]:

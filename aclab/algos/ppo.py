@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam
+from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
@@ -141,8 +141,7 @@ class PPO:
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         params = self.net.dist_params(torch.as_tensor(obs, device=self.device))
-        actions = self.dist.mode(params) if deterministic else self.dist.sample(params, self.generator)
-        return actions.cpu().numpy()
+        return policy_actions(self.dist, params, deterministic, self.generator)
 
     # ------------------------------------------------------------------ one iteration
     def _collector_for(self, envs) -> RolloutCollector:
