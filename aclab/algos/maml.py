@@ -49,7 +49,7 @@ from aclab.algos.trpo import TRPOStats, trpo_step
 from aclab.config import Config, require
 from aclab.core.distributions import normal_kl, normal_log_prob
 from aclab.core.returns import discounted_returns, gae
-from aclab.envs.meta import BatchTaskEnv, TaskFamily, Trajectories, family_from_env_id, rollout
+from aclab.envs.meta import BatchTaskEnv, TaskFamily, Trajectories, family_for_env_spec, rollout
 from aclab.nets.hyper import HYPER_INITS, DynamicLayer, HyperPolicy
 
 MIN_LOG_STD = math.log(1e-6)
@@ -314,13 +314,7 @@ class MAML:
         self.params: MAMLConfig = config.params
         self.device = device
         p = self.params
-        self.family = family_from_env_id(config.env.id, config.env.options)
-        f = self.family
-        expected = (f.obs_dim + f.context_dim,)
-        if tuple(env_spec.obs_shape) != expected or int(np.prod(env_spec.action_space.shape)) != f.action_dim:
-            raise ValueError(f"env {env_spec.env_id}: observations {tuple(env_spec.obs_shape)} / actions "
-                             f"{env_spec.action_space} do not match task family {f.name} ([state, context] = "
-                             f"{expected}, {f.action_dim} actions); use its meta env id without normalisation")
+        self.family = f = family_for_env_spec(config.env.id, config.env.options, env_spec)
         self.policy = build_meta_policy(p, f).to(device)
         self.param_names = [name for name, _ in self.policy.named_parameters()]
         self.rng = np.random.default_rng(config.seed)

@@ -57,7 +57,7 @@ from aclab.algos.maml import shared_dynamic_forward
 from aclab.algos.offpolicy import TanhGaussianActor, bound_log_std, freeze, polyak_update
 from aclab.config import Config, require
 from aclab.core.distributions import normal_kl, normal_split, tanh_normal_sample_and_log_prob
-from aclab.envs.meta import BatchTaskEnv, Trajectories, family_from_env_id, rollout
+from aclab.envs.meta import BatchTaskEnv, Trajectories, family_for_env_spec, rollout
 from aclab.nets.critics import HyperCritic, make_critic
 from aclab.nets.hyper import HYPER_INITS, DynamicLayer, HyperPolicy
 
@@ -320,13 +320,7 @@ class PEARL:
         self.params: PEARLConfig = config.params
         self.device = device
         p = self.params
-        self.family = family_from_env_id(config.env.id, config.env.options)
-        f = self.family
-        expected = (f.obs_dim + f.context_dim,)
-        if tuple(env_spec.obs_shape) != expected or int(np.prod(env_spec.action_space.shape)) != f.action_dim:
-            raise ValueError(f"env {env_spec.env_id}: observations {tuple(env_spec.obs_shape)} / actions "
-                             f"{env_spec.action_space} do not match task family {f.name} ([state, context] = "
-                             f"{expected}, {f.action_dim} actions); use its meta env id without normalisation")
+        self.family = f = family_for_env_spec(config.env.id, config.env.options, env_spec)
         low, high = f.action_low.astype(np.float32), f.action_high.astype(np.float32)
         self.action_scale, self.action_offset = (high - low) / 2.0, (high + low) / 2.0
         hyper = dict(dynamic_hidden=p.hyper_dynamic_hidden, primary_widths=p.hyper_primary_widths,

@@ -409,6 +409,18 @@ def family_from_env_id(env_id: str, options: dict | None = None) -> TaskFamily:
     return make_task_family(name, **kwargs)
 
 
+def family_for_env_spec(env_id: str, options: dict | None, env_spec) -> TaskFamily:
+    """:func:`family_from_env_id`, checked against the spec of the env the training loop built: its
+    observations must be ``[state, context]`` and its actions the family's (no normalisation wrappers)."""
+    family = family_from_env_id(env_id, options)
+    expected = (family.obs_dim + family.context_dim,)
+    if tuple(env_spec.obs_shape) != expected or int(np.prod(env_spec.action_space.shape)) != family.action_dim:
+        raise ValueError(f"env {env_spec.env_id}: observations {tuple(env_spec.obs_shape)} / actions "
+                         f"{env_spec.action_space} do not match task family {family.name} ([state, context] = "
+                         f"{expected}, {family.action_dim} actions); use its meta env id without normalisation")
+    return family
+
+
 # ----------------------------------------------------------------------------------------------
 # Rollouts
 # ----------------------------------------------------------------------------------------------
