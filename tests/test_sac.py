@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from offpolicy_common import FAST, TINY, build_algo, offpolicy_config  # noqa: F401
+from offpolicy_common import FAST, TINY, build_algo, learn_and_evaluate, offpolicy_config
 from torch import nn
 
 from aclab.algos.offpolicy import bound_log_std
@@ -160,32 +160,14 @@ def test_cleanrl_preset():
     assert config.eval.deterministic is True
 
 
-def _learn(env_id: str, total: int, seed: int) -> float:
-    """As tests/test_td3.py's helper: 64-unit networks, lr 1e-3, batch 128, 1k random steps."""
-    from aclab.algos.common import seed_everything
-    from aclab.train import evaluate
-
-    config = make_config("sac", env_id, overrides=[
-        *FAST, "env.backend=gymnasium", f"total_steps={total}", "params.learning_starts=1000",
-        "params.actor_hidden=[64,64]", 'params.critic_options={"hidden_sizes":[64,64]}', "params.batch_size=128",
-        "params.actor_lr=1e-3", "params.critic_lr=1e-3", "eval.episodes=4", "eval.num_envs=4", f"seed={seed}"])
-    seed_everything(seed)
-    algo, envs = build_algo(config, seed_envs=seed)
-    while algo.steps < config.total_steps:
-        algo.iterate(envs)
-    returns = evaluate(algo, config, "test", train_envs=envs)
-    envs.close()
-    return float(np.mean(returns))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sac_learns_pendulum(seed):
     """5000 steps (measured: eval -223 and -63)."""
-    assert _learn("Pendulum-v1", 5000, seed) > -400
+    assert learn_and_evaluate("sac", "Pendulum-v1", 5000, seed) > -400
 
 
 @pytest.mark.slow
 def test_sac_learns_hopper_measurably():
     """10k steps on Hopper-v4 as for TD3 (measured: eval 220, seed 1; random policy ~15-20)."""
-    assert _learn("mujoco:Hopper-v4", 10_000, 1) > 60
+    assert learn_and_evaluate("sac", "mujoco:Hopper-v4", 10_000, 1) > 60

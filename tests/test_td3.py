@@ -6,10 +6,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from offpolicy_common import FAST, TINY, build_algo, offpolicy_config  # noqa: F401
+from offpolicy_common import FAST, TINY, build_algo, learn_and_evaluate, offpolicy_config
 from torch import nn
 
-from aclab.algos.common import seed_everything
 from aclab.algos.td3 import TD3, td3_targets
 from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
@@ -198,36 +197,18 @@ def test_resume_equals_uninterrupted_including_replay(tmp_path, algo):
     _assert_same_state(_final(tmp_path / "full"), _final(tmp_path / "split"))
 
 
-def _learn(algo_name: str, env_id: str, total: int, seed: int, *extra: str) -> float:
-    """Train with 64-unit networks for ``total`` steps; mean return of the mean action on 4 eval episodes."""
-    from aclab.train import evaluate
-
-    config = make_config(algo_name, env_id, overrides=[
-        *FAST, "env.backend=gymnasium", f"total_steps={total}", "params.learning_starts=1000",
-        "params.actor_hidden=[64,64]", 'params.critic_options={"hidden_sizes":[64,64]}', "params.batch_size=128",
-        "params.actor_lr=1e-3", "params.critic_lr=1e-3", "eval.episodes=4", "eval.num_envs=4", f"seed={seed}",
-        *extra])
-    seed_everything(seed)
-    algo, envs = build_algo(config, seed_envs=seed)
-    while algo.steps < config.total_steps:
-        algo.iterate(envs)
-    returns = evaluate(algo, config, "test", train_envs=envs)
-    envs.close()
-    return float(np.mean(returns))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_td3_learns_pendulum(seed):
     """8000 steps (measured: eval -232 and -69 for seeds 1, 2; random policy about -1200 to -1400)."""
-    assert _learn("td3", "Pendulum-v1", 8000, seed) > -400
+    assert learn_and_evaluate("td3", "Pendulum-v1", 8000, seed) > -400
 
 
 @pytest.mark.slow
 def test_td3_learns_hopper_measurably():
     """A short MuJoCo budget: 10k steps (1k random) lift Hopper-v4 well above a random policy (~15-20);
     measured: eval 135 (seed 1)."""
-    assert _learn("td3", "mujoco:Hopper-v4", 10_000, 1) > 60
+    assert learn_and_evaluate("td3", "mujoco:Hopper-v4", 10_000, 1) > 60
 
 
 
