@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from run_rows import metric_rows
 
 from aclab.algos import dna as dna_module
 from aclab.algos import ppo as ppo_module
@@ -342,11 +342,6 @@ def test_gaussian_policy_with_mean_mse_constraint_trains():
 
 
 # ---------------------------------------------------------------------------------------------- training loop
-def _rows(run_dir: Path) -> list[dict]:
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    return [{k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")} for r in rows]
-
-
 def test_resume_equals_uninterrupted_with_every_option_on(tmp_path):
     options = ["params.warmup_max_steps=10", "params.repeat_action_penalty=0.1", "params.repeat_action_limit=3",
                "params.noise_scale_every=2", "params.noise_b_small=4", "params.noise_b_big=32",
@@ -362,7 +357,7 @@ def test_resume_equals_uninterrupted_with_every_option_on(tmp_path):
     for net in ("policy_net", "value_net"):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), (net, key)
-    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
 
 
 # ---------------------------------------------------------------------------------------------- PPO (2x)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from run_rows import metric_rows
 from torch import distributions as td
 
 from aclab.algos.common import resolve_device
@@ -237,11 +237,6 @@ def test_config_validation():
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _rows(run_dir: Path) -> list[dict]:
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    return [{k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")} for r in rows]
-
-
 def test_resume_equals_uninterrupted(tmp_path):
     options = ["checkpoint_every_iterations=2", "env.normalize_obs=true", "env.normalize_reward=true"]
     total = 256 * 5
@@ -253,7 +248,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     for key in a["net"]:
         assert torch.equal(a["net"][key], b["net"][key]), key
     assert torch.equal(a["beta"], b["beta"])
-    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
 
 
 # ---------------------------------------------------------------------------------------------- learning

@@ -1,13 +1,13 @@
 """IMPALA: the loss against a slow reference, masking of autoreset dummies, RMSProp, the Table 2 network
 (squashed Gaussian, LSTM), end-to-end runs, policy lag and exact resume."""
 
-import csv
 import math
 
 import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from run_rows import metric_rows
 
 from aclab.algos.impala import (
     Batch,
@@ -298,23 +298,16 @@ def _config(total_steps, *extra, algo="impala", env="CartPole-v1"):
     )
 
 
-def _rows(run_dir, drop=("time_s", "steps_per_s")):
-    return [
-        {k: v for k, v in r.items() if k not in drop}
-        for r in csv.DictReader((run_dir / "metrics.csv").open())
-    ]
-
-
 def test_sync_run_is_on_policy_without_overlap_and_lags_with_overlap(tmp_path):
     summary = train(_config(320), tmp_path / "plain")
     assert summary["status"] == "finished" and summary["steps"] == 320
-    rows = _rows(tmp_path / "plain")
+    rows = metric_rows(tmp_path / "plain")
     assert len(rows) == 10
     for r in rows:
         assert float(r["policy_lag_max"]) == 0
         assert abs(float(r["is_ratio_mean"]) - 1) < 1e-5  # learner and actor see the same policy
     train(_config(32 + 9 * 8, "params.overlap=6"), tmp_path / "overlap")  # n = 8: 2 new steps per update
-    rows = _rows(tmp_path / "overlap")
+    rows = metric_rows(tmp_path / "overlap")
     assert len(rows) == 10 and [int(r["step"]) for r in rows][:2] == [32, 40]
     assert float(rows[-1]["policy_lag_max"]) == 3  # the 6 kept steps come from the 3 previous versions
     assert 1.2 < float(rows[-1]["policy_lag_mean"]) < 1.8  # 1.5 unless dummy steps are excluded
@@ -335,14 +328,14 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
         assert torch.equal(a["net"][key], b["net"][key]), key
     for x, y in zip(a["square_avgs"], b["square_avgs"]):
         assert torch.equal(x, y)
-    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
 
 
 def test_continuous_run_end_to_end(tmp_path):
     config = _config(320, "params.lstm_size=8", "params.overlap=0", env="Pendulum-v1")
     summary = train(config, tmp_path / "pendulum")
     assert summary["status"] == "finished"
-    rows = _rows(tmp_path / "pendulum")
+    rows = metric_rows(tmp_path / "pendulum")
     assert all(math.isfinite(float(r["loss/total"])) for r in rows)
     assert float(rows[-1]["regularizer"]) >= 0  # KL(pi || N(0, I)) replaces the entropy bonus
 

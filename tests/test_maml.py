@@ -1,11 +1,11 @@
 """MAML (aclab.algos.maml): baseline and advantage math against slow references, the exact second-order
 meta-gradient against finite differences, the policies, end-to-end training, resume, learning."""
 
-import csv
 
 import numpy as np
 import pytest
 import torch
+from run_rows import metric_rows
 from torch.func import functional_call
 
 from aclab.algos.maml import (
@@ -245,17 +245,12 @@ def test_wrong_env_is_rejected_with_the_valid_ids():
 # ----------------------------------------------------------------------------------------------
 # end to end
 # ----------------------------------------------------------------------------------------------
-def _rows(path):
-    return [{k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")}
-            for r in csv.DictReader((path / "metrics.csv").open())]
-
-
 @pytest.mark.parametrize("name", ["maml", "maml-hyper"])
 def test_training_loop_end_to_end(tmp_path, name):
     config = make_config(name, ENV, overrides={**TINY, "total_steps": 3 * 2 * 3 * 4 * 8})
     summary = train(config, tmp_path / "run")
     assert summary["status"] == "finished" and summary["steps"] == 3 * 2 * 3 * 4 * 8
-    rows = _rows(tmp_path / "run")
+    rows = metric_rows(tmp_path / "run")
     assert len(rows) == 3 and rows[1]["test/return_pre"] and rows[1]["test/return_post"]
     assert all(float(r["trpo/kl"]) <= 0.01 for r in rows)
     assert "eval_test_return" in summary
@@ -271,7 +266,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     b = load_latest_checkpoint(tmp_path / "split" / "checkpoints")["algo"]["policy"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
 
 
 def test_gradient_noise_gives_one_return_per_update_and_restores_the_policy():

@@ -1,11 +1,11 @@
 """PEARL (aclab.algos.pearl): the product-of-Gaussians posterior against its closed form, the KL, the
 per-task buffers, the Hyper-PEARL wiring, end-to-end training, resume, learning."""
 
-import csv
 
 import numpy as np
 import pytest
 import torch
+from run_rows import metric_rows
 
 from aclab.algos.pearl import (
     PEARL,
@@ -259,17 +259,12 @@ def test_critic_loss_and_kl_of_one_step_match_a_slow_reference():
 # ----------------------------------------------------------------------------------------------
 # end to end
 # ----------------------------------------------------------------------------------------------
-def _rows(path):
-    return [{k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")}
-            for r in csv.DictReader((path / "metrics.csv").open())]
-
-
 @pytest.mark.parametrize("name", ["pearl", "pearl-hyper"])
 def test_training_loop_end_to_end(tmp_path, name):
     config = make_config(name, ENV, overrides={**TINY, "total_steps": 300})
     summary = train(config, tmp_path / "run")
     assert summary["status"] == "finished" and summary["steps"] >= 300
-    rows = _rows(tmp_path / "run")
+    rows = metric_rows(tmp_path / "run")
     # first iteration: 6 tasks x 2 initial episodes + 2 tasks x (2 prior + 2 posterior) episodes of 10 steps
     assert int(rows[0]["step"]) == 120 + 80 and int(rows[1]["step"]) == 280
     assert rows[1]["test/return_final"] and rows[1]["train/return_first"] and float(rows[0]["updates"]) == 5
@@ -286,7 +281,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     for net in ("encoder", "policy", "qf", "vf", "vf_target"):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), (net, key)
-    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
 
 
 # The CPU-scale point robot of the preset pearl-point-nav-cpu (PEARL's point robot: goals and starts uniform

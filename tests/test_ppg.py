@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from run_rows import metric_rows
 
 from aclab import registry
 from aclab.algos import phasic
@@ -37,11 +38,6 @@ def _algo(name: str, overrides: list[str], env_id: str = "CartPole-v1"):
 
 def _net_params(run_dir: Path) -> dict:
     return load_latest_checkpoint(run_dir / "checkpoints")["algo"]["net"]
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    return [{k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")} for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------ identity
@@ -324,7 +320,7 @@ def test_resume_mid_phase_equals_uninterrupted(tmp_path):
     for part in ("net", "aux_value_head", "dynamics"):
         for key in full[part]:
             assert torch.equal(full[part][key], split[part][key]), (part, key)
-    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
 
 
 # ------------------------------------------------------------------------------------------------ end to end

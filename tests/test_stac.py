@@ -1,11 +1,11 @@
 """STAC / STACX: metaparameter transforms, the meta-gradient against central finite differences (float64),
 frozen optimiser statistics, equality with IMPALA when nothing is tuned, end-to-end runs, resume, plots."""
 
-import csv
 
 import numpy as np
 import pytest
 import torch
+from run_rows import metric_rows
 
 from aclab.algos import stac as stac_module
 from aclab.algos.impala import Batch, Impala, ImpalaNet, LossSettings, LossWeights
@@ -288,13 +288,6 @@ def _tiny(algo, total_steps, *extra):
     )
 
 
-def _rows(run_dir, drop=("time_s", "steps_per_s")):
-    return [
-        {k: v for k, v in r.items() if k not in drop}
-        for r in csv.DictReader((run_dir / "metrics.csv").open())
-    ]
-
-
 @pytest.mark.parametrize(
     "algo,extra",
     [
@@ -313,8 +306,8 @@ def test_resume_equals_uninterrupted(tmp_path, algo, extra):
     assert torch.equal(a["logits"], b["logits"]) and not torch.all(a["logits"] == 4.6)
     for key in a["net"]:
         assert torch.equal(a["net"][key], b["net"][key]), key
-    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
-    columns = _rows(tmp_path / "full")[0].keys()
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
+    columns = metric_rows(tmp_path / "full")[0].keys()
     if algo == "stacx":
         assert {"meta/alpha_rho", "meta/alpha_c", "meta/head3/gamma"} <= set(columns)
     else:
@@ -342,7 +335,7 @@ def test_continuous_stac_runs_and_figure_5_plot(tmp_path):
     assert summary["status"] == "finished"
     out = plot_metaparameters([tmp_path / "run"], tmp_path / "meta.png", title="test", smooth=2)
     assert out.exists() and out.stat().st_size > 10_000
-    assert np.isfinite([float(r["meta/g_e"]) for r in _rows(tmp_path / "run")]).all()
+    assert np.isfinite([float(r["meta/g_e"]) for r in metric_rows(tmp_path / "run")]).all()
 
 
 # ----------------------------------------------------------------------------------------------

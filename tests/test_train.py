@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from run_rows import metric_rows
 
 from aclab.runs import list_checkpoints, load_latest_checkpoint
 from aclab.train import make_config, train
@@ -27,11 +28,6 @@ def _cartpole(total_steps: int, *extra: str):
     )
 
 
-def _rows(run_dir: Path, drop=("time_s", "steps_per_s")) -> list[dict]:
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
-
-
 def test_run_directory_contents(tmp_path):
     config = _cartpole(2048, "eval.episodes=3")
     summary = train(config, tmp_path / "run")
@@ -43,7 +39,7 @@ def test_run_directory_contents(tmp_path):
     assert saved["params"]["num_steps"] == 32 and saved["env"]["backend"] == "gymnasium"
     assert summary["status"] == "finished" and summary["steps"] >= 2048
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
-    rows = _rows(run)
+    rows = metric_rows(run)
     assert [int(r["step"]) for r in rows] == [128 * (i + 1) for i in range(len(rows))]
     assert len(list_checkpoints(run / "checkpoints")) <= config.keep_checkpoints
     evals = list(csv.DictReader((run / "evals.csv").open()))
@@ -55,7 +51,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         train(_cartpole(256), tmp_path / "run")
     train(_cartpole(256), tmp_path / "run", overwrite=True)
-    assert len(_rows(tmp_path / "run")) == 2
+    assert len(metric_rows(tmp_path / "run")) == 2
 
 
 def _final_params(run_dir: Path) -> dict:
@@ -72,7 +68,7 @@ def test_resume_after_clean_stop_equals_uninterrupted(tmp_path):
     a, b = _final_params(tmp_path / "full"), _final_params(tmp_path / "split")
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert _rows(tmp_path / "full") == _rows(tmp_path / "split")
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
@@ -87,7 +83,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
                              str(killed), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if len(list_checkpoints(killed / "checkpoints")) >= 1 and len(_rows(killed)) >= 10:
+        if len(list_checkpoints(killed / "checkpoints")) >= 1 and len(metric_rows(killed)) >= 10:
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed; raise total"
@@ -100,7 +96,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     a, b = _final_params(full), _final_params(killed)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert _rows(full) == _rows(killed)
+    assert metric_rows(full) == metric_rows(killed)
     assert json.loads((killed / "summary.json").read_text())["status"] == "finished"
 
 
