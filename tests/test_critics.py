@@ -83,7 +83,8 @@ def test_d2rl_dense_connections():
 
 
 def test_paper_sizes():
-    """MLP-Large ~ the hypernetwork's parameter count (seed 5.2: 9M), Res35 ~4.5M, ResNet Features ~6.5M."""
+    """MLP-Large ~ the hypernetwork's parameter count (hypernetwork paper, Sec. 5.2: 9M), Res35 ~4.5M,
+    ResNet-Features ~6.5M."""
     obs, act = 17, 6
     sizes = {kind: count_parameters(make_critic(kind, obs, act, ensemble_size=1))
              for kind in ("mlp", "mlp_small", "mlp_large", "res35", "d2rl")}
@@ -95,7 +96,7 @@ def test_paper_sizes():
 
 
 def test_sa_hyper_action_gradient_flows_only_through_the_dynamic_network():
-    """Seed Eq. 14 / Figure 2c: grad_a Q = W1(s) diag((1 + g1) relu'(.)) W2(s) (1 + g2); the primary is a
+    """Hypernetwork paper, Eq. 14 / Figure 2c: grad_a Q = W1(s) diag((1 + g1) relu'(.)) W2(s) (1 + g2); the primary is a
     constant of the action."""
     torch.manual_seed(3)
     critic = HyperCritic(OBS, ACT, meta="state", ensemble_size=2, primary_widths=(16, 32), dynamic_hidden=(8,),

@@ -56,7 +56,7 @@ def test_names_fix_their_switches_and_share_the_dcpg_presets():
     assert make_config("ddcpg", preset="dcpg-procgen").params.dynamics_eta == 0.5
     assert make_config("dcpg-fi", preset="dcpg-procgen").params.dynamics_eta == 1.0
     config = make_config("dcpg", "procgen:bigfish")
-    p = config.params  # seed Tables 2 and 3
+    p = config.params  # DCPG paper, Tables 2 and 3
     assert config.preset == "dcpg-procgen" and config.env.num_envs == 64 and p.encoder == "impala"
     assert (p.num_steps, p.gamma, p.num_minibatches, p.policy_epochs, p.num_policy_iterations, p.aux_epochs,
             p.aux_num_minibatches, p.clone_coef, p.value_anchor_coef, p.lr) == (256, 0.999, 8, 1, 32, 6, 16, 1.0,

@@ -373,7 +373,7 @@ def test_ppo2x_doubles_the_nature_cnn_channels():
     convs = [m for m in algo.net.policy_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [64, 128, 128]
     unique = {id(p): p.numel() for p in algo.net.parameters()}
-    assert 3.4e6 < sum(unique.values()) < 3.7e6  # seed Section 5: ~3.5M, as DNA's two networks
+    assert 3.4e6 < sum(unique.values()) < 3.7e6  # DNA paper, Section 5: ~3.5M, as DNA's two networks
     assert {id(p) for p in algo.optimizer.param_groups[0]["params"]} == set(unique)
     actions = algo.act(np.zeros((2, 4, 84, 84), np.uint8))
     assert actions.shape == (2,)

@@ -170,7 +170,7 @@ def test_fixup_that_cannot_terminate_raises():
 
 
 def test_fixup_steps_on_the_kl_alone_so_it_works_even_with_beta_zero():
-    """The seed's fixup loss is L_KL; the spec's sg(beta) L_KL has no gradient while beta = 0."""
+    """The FixPO paper's fixup loss is L_KL; the spec's sg(beta) L_KL has no gradient while beta = 0."""
     algo, envs = _build(_config("params.beta_lr=0"))  # beta stays at 0
     for _ in range(2):
         metrics = algo.iterate(envs)

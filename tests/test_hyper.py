@@ -90,7 +90,7 @@ def test_shapes_without_ensemble_and_dynamic_layer_shapes():
 
 def test_paper_architecture_sizes():
     """Primary 256 -> 512 -> 1024 with 2 blocks each, one dynamic hidden layer of 256: ~8.5M weights per
-    SA-Hyper network on HalfCheetah (seed 5.2: "9M weights")."""
+    SA-Hyper network on HalfCheetah (hypernetwork paper, Section 5.2: "9M weights")."""
     net = HyperNetwork(17, 6, 1, probe_size=64)
     assert net.primary.out_dim == 1024 and net.layer_dims == [(6, 256), (256, 1)]
     assert net.heads.weight.shape == (1, 1024, 6 * 256 + 2 * 256 + 256 + 2)
@@ -108,7 +108,7 @@ def _generated_std(net: HyperNetwork, z: torch.Tensor) -> list[tuple[float, floa
 
 def test_kaiming_init_matches_torch_linear_statistics_measured():
     """Generated weights and biases have nn.Linear's default std 1/sqrt(3 fan_in) on fresh inputs;
-    gains are exactly 1 (seed 5.2: 'resembles the Kaiming-uniform initialization')."""
+    gains are exactly 1 (hypernetwork paper, Section 5.2: 'resembles the Kaiming-uniform initialization')."""
     torch.manual_seed(1)
     net = HyperNetwork(17, 6, 1, ensemble_size=2, primary_widths=(64, 128, 256), probe_size=2048)
     stats = _generated_std(net, torch.randn(3000, 17))

@@ -1,5 +1,5 @@
-"""Delayed-Critic Policy Gradient (Moon, Lee & Song 2022), Separate DCPG (seed Algorithm 2), DDCPG and
-its ablations DCPG+F, DCPG+I, DCPG+FI (seed F.2, Tables 5-8).
+"""Delayed-Critic Policy Gradient (Moon, Lee & Song 2022), Separate DCPG (DCPG paper, Algorithm 2), DDCPG and
+its ablations DCPG+F, DCPG+I, DCPG+FI (DCPG paper, F.2, Tables 5-8).
 
 Network: one shared torso with a policy head and a value head V_theta (PPO's shared actor-critic).
 Separate DCPG adds a value network V_phi with its own torso, used for the advantages.
@@ -376,16 +376,16 @@ class DCPG:
 _DCPG = "dcpg"
 ALGORITHMS = {
     "dcpg": Entry(DCPG, "Delayed-Critic Policy Gradient: value anchored in the policy phase, trained in the "
-                        "auxiliary phase (seed Tables 5-7)"),
+                        "auxiliary phase (DCPG paper, Tables 5-7)"),
     "sdcpg": Entry(DCPG, "Separate DCPG: extra value network with its own encoder for the advantages "
-                         "(seed Algorithm 2, Table 6)", defaults={"separate_value": True}, preset_prefix=_DCPG),
+                         "(DCPG paper, Algorithm 2, Table 6)", defaults={"separate_value": True}, preset_prefix=_DCPG),
     "ddcpg": Entry(DCPG, "Dynamics-aware DCPG: one discriminator, wrong-action and wrong-next-state negatives, "
-                         "eta = 0.5 (seed F.2, Tables 5, 7-9)",
+                         "eta = 0.5 (DCPG paper, F.2, Tables 5, 7-9)",
                    defaults={"dynamics": "joint", "dynamics_eta": 0.5}, preset_prefix=_DCPG),
-    "dcpg-f": Entry(DCPG, "DCPG+F: forward-dynamics discriminator (wrong next states only; seed Table 7)",
+    "dcpg-f": Entry(DCPG, "DCPG+F: forward-dynamics discriminator (wrong next states only; DCPG paper, Table 7)",
                     defaults={"dynamics": "forward"}, preset_prefix=_DCPG),
-    "dcpg-i": Entry(DCPG, "DCPG+I: inverse-dynamics discriminator (wrong actions only; seed Table 7)",
+    "dcpg-i": Entry(DCPG, "DCPG+I: inverse-dynamics discriminator (wrong actions only; DCPG paper, Table 7)",
                     defaults={"dynamics": "inverse"}, preset_prefix=_DCPG),
-    "dcpg-fi": Entry(DCPG, "DCPG+FI: separate forward and inverse discriminators, eta = 1.0 (seed Table 7)",
+    "dcpg-fi": Entry(DCPG, "DCPG+FI: separate forward and inverse discriminators, eta = 1.0 (DCPG paper, Table 7)",
                      defaults={"dynamics": "two", "dynamics_eta": 1.0}, preset_prefix=_DCPG),
 }

@@ -1,7 +1,7 @@
 """DNA: PPO with a Dual Network Architecture (Aitchison & Sweetser 2022), and the PPO (2x) baseline.
 
 Two independent networks: the policy network outputs ``pi`` and its own value head ``V_pi`` (used only
-by distillation); the value network outputs ``V_V``. One iteration (seed Algorithm 1):
+by distillation); the value network outputs ``V_V``. One iteration (DNA paper, Algorithm 1):
 
     1. collect T steps from B envs with pi; the rollout-time values are the value network's;
     2. once per rollout, from V_V:  A = GAE(gamma, lambda_pi) = TD(lambda_pi) - V_V     (Eqs. 7-9)
@@ -13,15 +13,15 @@ by distillation); the value network outputs ``V_V``. One iteration (seed Algorit
                                    L = (V_pi(s) - sg(V_V(s)))^2 + beta * KL(pi_old || pi) (Eq. 10)
        on the policy network only. Constraint options: ``logit_mse`` (the authors' code:
        ``0.5 * mean_a (z_old - z)^2`` on pre-softmax logits) and ``mean_mse`` (Gaussian policies,
-       seed Appendix K: ``mean_d (mu_old - mu)^2``).
+       DNA paper, Appendix K: ``mean_d (mu_old - mu)^2``).
 
 Each phase has its own Adam (eps 1e-5), epochs, minibatch size and global gradient-norm clip over
-its own parameters. Optional (seed Appendix A): a repeated-action penalty subtracted from the
+its own parameters. Optional (DNA paper, Appendix A): a repeated-action penalty subtracted from the
 (normalised) rewards after the env's normaliser, a uniform-random-action warm-up that seeds the
 normalisers and de-synchronises the envs, and gradient-noise-scale measurements (Section 3.2,
 Appendix N) of the three losses every K iterations.
 
-``PPO2x`` is aclab's PPO with the Nature-CNN channels doubled (64, 128, 128; the seed's "PPO (2x)",
+``PPO2x`` is aclab's PPO with the Nature-CNN channels doubled (64, 128, 128; the DNA paper's "PPO (2x)",
 about 3.5M parameters like DNA's two networks).
 """
 
@@ -54,7 +54,7 @@ NOISE_LOSSES = ("policy", "value", "distil")
 
 @dataclass
 class DNAConfig:
-    """DNA hyperparameters. Defaults: the seed's Atari setting (Table 1 with the tuned epochs 2/1/2 of
+    """DNA hyperparameters. Defaults: the DNA paper's Atari setting (Table 1 with the tuned epochs 2/1/2 of
     Section 6.1 and lambdas 0.8/0.95 of Section 6.2)."""
 
     num_steps: int = 128
@@ -163,7 +163,7 @@ def policy_phase_loss(
     dist, dist_params: torch.Tensor, actions: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
     clip_coef: float, ent_coef: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Seed Eq. 11 as a loss: ``-mean(min(rho A, clip(rho, 1 +- eps) A)) - c_eb * mean H[pi]``."""
+    """DNA paper, Eq. 11 as a loss: ``-mean(min(rho A, clip(rho, 1 +- eps) A)) - c_eb * mean H[pi]``."""
     pg_loss, approx_kl, clip_fraction = losses.clipped_surrogate_loss(
         dist.log_prob(dist_params, actions), old_log_probs, advantages, clip_coef)
     entropy = dist.entropy(dist_params).mean()
@@ -173,16 +173,16 @@ def policy_phase_loss(
 
 
 def value_phase_loss(values: torch.Tensor, targets: torch.Tensor, coef: float = 1.0) -> torch.Tensor:
-    """Seed Eq. 12: ``coef * mean((V_V(s) - V_targ)^2)`` (coef 1 in the paper)."""
+    """DNA paper, Eq. 12: ``coef * mean((V_V(s) - V_targ)^2)`` (coef 1 in the paper)."""
     return coef * (values - targets).square().mean()
 
 
 def distil_constraint(kind: str, dist, old_params: torch.Tensor, new_params: torch.Tensor) -> torch.Tensor:
     """The policy constraint of the distil phase, a scalar.
 
-    ``kl``: ``mean_s KL(pi_old(.|s) || pi(.|s))`` (seed Eq. 10, exact per state). ``logit_mse``: the
+    ``kl``: ``mean_s KL(pi_old(.|s) || pi(.|s))`` (DNA paper, Eq. 10, exact per state). ``logit_mse``: the
     authors' code, ``0.5 * mean_{s, a} (z_old - z)^2`` on logits (categorical only). ``mean_mse``:
-    seed Appendix K for Gaussian policies, ``mean_{s, d} (mu_old - mu)^2``.
+    DNA paper, Appendix K for Gaussian policies, ``mean_{s, d} (mu_old - mu)^2``.
     """
     if kind == "kl":
         return dist.kl(old_params, new_params).mean()
@@ -199,7 +199,7 @@ def distil_phase_loss(
     policy_values: torch.Tensor, value_targets: torch.Tensor, dist, old_params: torch.Tensor,
     new_params: torch.Tensor, beta: float, kind: str = "kl",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seed Eq. 10: ``mean((V_pi(s) - V_V(s))^2) + beta * constraint``; returns (loss, mse, constraint).
+    """DNA paper, Eq. 10: ``mean((V_pi(s) - V_V(s))^2) + beta * constraint``; returns (loss, mse, constraint).
 
     ``value_targets`` and ``old_params`` must carry no gradient (the value network is not trained here).
     """
@@ -212,7 +212,7 @@ def repeated_action_mask(
     actions: np.ndarray, valid: np.ndarray, ends: np.ndarray, last_action: np.ndarray, run_length: np.ndarray,
     limit: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where the repeated-action penalty applies (seed Appendix A), carried across rollouts.
+    """Where the repeated-action penalty applies (DNA paper, Appendix A), carried across rollouts.
 
     actions, valid, ends: [T, B]; last_action, run_length: [B] (the state after the previous rollout;
     ``last_action = -1`` means none). On a valid step the run length becomes ``run + 1`` if the action
@@ -320,7 +320,7 @@ class DNA:
         return self.np_rng.uniform(low, high, size=(self.num_envs, *space.shape)).astype(np.float32)
 
     def _warmup(self, envs) -> int:
-        """Seed Appendix A: env b first takes n_b ~ U(1, W) uniformly random actions.
+        """DNA paper, Appendix A: env b first takes n_b ~ U(1, W) uniformly random actions.
 
         The envs step in lockstep, so env b then acts with the current (untrained) policy until the
         longest warm-up ends; nothing is learned from these steps. They count towards ``steps``.
@@ -556,7 +556,7 @@ class DNA:
 
 
 # ----------------------------------------------------------------------------------------------
-# PPO (2x): the seed's PPO baseline with doubled encoder channels
+# PPO (2x): the DNA paper's PPO baseline with doubled encoder channels
 # ----------------------------------------------------------------------------------------------
 class ScaledNatureCNN(nn.Module):
     """Nature CNN with ``channel_multiplier`` times the channels (2: 64 8x8 s4, 128 4x4 s2, 128 3x3 s1),
@@ -594,7 +594,7 @@ class ScaledNatureCNN(nn.Module):
 
 @dataclass
 class PPO2xConfig(PPOConfig):
-    """PPO's parameters plus the encoder width multiplier (2 = the seed's PPO (2x))."""
+    """PPO's parameters plus the encoder width multiplier (2 = the DNA paper's PPO (2x))."""
 
     channel_multiplier: int = 2
 
@@ -635,11 +635,12 @@ class PPO2x(PPO):
 _DNA = "DNA (dual network PPO): separate policy and value networks, three phases, TD(lambda) returns per task"
 ALGORITHMS = {
     "dna": Entry(DNA, _DNA),
-    "dna-no-distil": Entry(DNA, "DNA ablation: no distillation phase (seed Appendix C)", defaults={"distil_epochs": 0},
+    "dna-no-distil": Entry(DNA, "DNA ablation: no distillation phase (DNA paper, Appendix C)",
+                           defaults={"distil_epochs": 0},
                            preset_prefix="dna"),
-    "dna-mb512": Entry(DNA, "DNA ablation: minibatch 512 for all three phases (seed Appendix C)",
+    "dna-mb512": Entry(DNA, "DNA ablation: minibatch 512 for all three phases (DNA paper, Appendix C)",
                        defaults={"single_minibatch_size": 512}, preset_prefix="dna"),
-    "dna-same-lambda": Entry(DNA, "DNA ablation: lambda_pi = lambda_V = 0.95 (seed Appendix C)",
+    "dna-same-lambda": Entry(DNA, "DNA ablation: lambda_pi = lambda_V = 0.95 (DNA paper, Appendix C)",
                              defaults={"lambda_pi": 0.95, "lambda_v": 0.95}, preset_prefix="dna"),
-    "ppo2x": Entry(PPO2x, "PPO (2x): PPO with doubled Nature-CNN channels, DNA's baseline (seed Section 5)"),
+    "ppo2x": Entry(PPO2x, "PPO (2x): PPO with doubled Nature-CNN channels, DNA's baseline (DNA paper, Section 5)"),
 }

@@ -3,15 +3,15 @@
 For a batch collected by pi_old with GAE advantages A (no clipping anywhere in the policy loss):
 
     D(s)     = KL(pi_old(.|s) || pi_theta(.|s))                          exact, per state
-    L_theta  = -mean(rho A) + c_VF L_VF - c_ent H + sg(beta) mean_s D(s)  (seed Section 3.1, L_pi + L_VF + beta L_KL)
-    L_beta   = beta * sg(eps_KL - C_beta max_s D(s))                      (seed L_beta; minibatch max)
+    L_theta  = -mean(rho A) + c_VF L_VF - c_ent H + sg(beta) mean_s D(s)  (FixPO paper, Sec. 3.1)
+    L_beta   = beta * sg(eps_KL - C_beta max_s D(s))                      (FixPO paper, L_beta; minibatch max)
 
 beta is a Lagrange multiplier with its own Adam (lr gamma_beta), clamped at 0 (and optionally capped).
-Algorithm (seed Algorithm 1), for each epoch:
+Algorithm (FixPO paper, Algorithm 1), for each epoch:
 
     1. primary phase: for each shuffled minibatch, one step on L_theta (grad-norm clip), then one on L_beta;
     2. fixup phase: pass over the whole batch in minibatches of B_fix; wherever some state has
-       D(s) > eps_KL, one step on L_KL = mean_s D(s) alone (the seed's "gamma_theta L_KL + gamma_beta L_beta";
+       D(s) > eps_KL, one step on L_KL = mean_s D(s) alone (the FixPO paper's "gamma_theta L_KL + gamma_beta L_beta";
        ``fixup_loss="beta_kl"``: sg(beta) mean_s D(s), the spec's / authors' form) and one on L_beta;
        repeat full passes until a pass finds no violation.
 
@@ -19,7 +19,7 @@ Postcondition, checked independently after every fixup phase: ``max_s D(s) <= ep
 batch (within a float tolerance ``check_rtol``); a violation raises :class:`TrustRegionViolation`. The
 run logs the max KL and the number of fixup steps of every update.
 
-Ablations (seed Section 4.2) as switches: ``fixup="off"`` (no fixup phase; the check then only logs),
+Ablations (FixPO paper, Section 4.2) as switches: ``fixup="off"`` (no fixup phase; the check then only logs),
 ``kl_target="mean"`` (beta and the fixup exit use the mean KL), ``c_beta=1``, ``fixup="last_epoch"``,
 constant beta (``beta_lr=0``, ``beta_init=10``). Works with any distribution with an exact KL:
 categorical, diagonal Gaussian, and the Beta policy of :mod:`aclab.core.distributions_extra`.
@@ -76,7 +76,7 @@ class FixPOConfig:
     beta_max: float | None = None
     kl_target: Literal["max", "mean"] = "max"
     fixup: Literal["every_epoch", "last_epoch", "off"] = "every_epoch"
-    fixup_loss: Literal["kl", "beta_kl"] = "kl"  # seed: L_KL; "beta_kl": sg(beta) L_KL (spec / authors' code)
+    fixup_loss: Literal["kl", "beta_kl"] = "kl"  # FixPO paper: L_KL; "beta_kl": sg(beta) L_KL (spec / authors' code)
     trust_region_check: Literal["auto", "raise", "log"] = "auto"  # auto: raise unless fixup="off"
     check_rtol: float = 1e-4
     max_fixup_steps: int = 10_000
@@ -108,7 +108,7 @@ class FixPOConfig:
 def importance_weighted_policy_loss(
     log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor
 ) -> torch.Tensor:
-    """Unclipped surrogate as a loss: ``-mean(exp(log pi - log pi_old) * A)`` (seed L_pi)."""
+    """Unclipped surrogate as a loss: ``-mean(exp(log pi - log pi_old) * A)`` (FixPO paper, L_pi)."""
     return -(torch.exp(log_probs - old_log_probs) * advantages).mean()
 
 
@@ -397,14 +397,16 @@ class FixPO:
 _FIXPO = "FixPO: KL-penalised surrogate with a Lagrange-multiplier beta and a fixup phase (guaranteed trust region)"
 ALGORITHMS = {
     "fixpo": Entry(FixPO, _FIXPO),
-    "fixpo-no-fixup": Entry(FixPO, "FixPO ablation: no fixup phase (seed Section 4.2)", defaults={"fixup": "off"},
-                            preset_prefix="fixpo"),
-    "fixpo-mean-kl": Entry(FixPO, "FixPO ablation: limit the mean KL instead of the max (seed Section 4.2)",
+    "fixpo-no-fixup": Entry(FixPO, "FixPO ablation: no fixup phase (FixPO paper, Section 4.2)",
+                            defaults={"fixup": "off"}, preset_prefix="fixpo"),
+    "fixpo-mean-kl": Entry(FixPO, "FixPO ablation: limit the mean KL instead of the max (FixPO paper, Section 4.2)",
                            defaults={"kl_target": "mean"}, preset_prefix="fixpo"),
-    "fixpo-cbeta1": Entry(FixPO, "FixPO ablation: C_beta = 1, Lagrangian optimum on the boundary (seed Section 4.2)",
+    "fixpo-cbeta1": Entry(FixPO, "FixPO ablation: C_beta = 1, the Lagrangian optimum on the boundary "
+                          "(FixPO paper, Section 4.2)",
                           defaults={"c_beta": 1.0}, preset_prefix="fixpo"),
-    "fixpo-last-epoch-fixup": Entry(FixPO, "FixPO ablation: fixup phase only after the last epoch (seed Section 4.2)",
+    "fixpo-last-epoch-fixup": Entry(FixPO, "FixPO ablation: fixup phase only after the last epoch "
+                                    "(FixPO paper, Section 4.2)",
                                     defaults={"fixup": "last_epoch"}, preset_prefix="fixpo"),
-    "fixpo-const-beta": Entry(FixPO, "FixPO ablation: constant beta = 10, gamma_beta = 0 (seed Section 4.2)",
+    "fixpo-const-beta": Entry(FixPO, "FixPO ablation: constant beta = 10, gamma_beta = 0 (FixPO paper, Section 4.2)",
                               defaults={"beta_lr": 0.0, "beta_init": 10.0}, preset_prefix="fixpo"),
 }

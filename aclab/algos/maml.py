@@ -1,5 +1,5 @@
 """MAML for RL (Finn et al. 2017, Algorithm 3) with a TRPO meta-update, and the three policy models of
-the hypernetwork paper (Sarafian et al. 2021, seed Section 4, Eqs. 15-18): Vanilla-MAML (state),
+the hypernetwork paper (Sarafian et al. 2021, hypernetwork paper, Section 4, Eqs. 15-18): Vanilla-MAML (state),
 Context-MAML (state + oracle context) and Hyper-MAML (context -> primary network, state -> dynamic
 network, Eq. 16).
 
@@ -58,7 +58,7 @@ POLICY_KINDS = ("vanilla", "context", "hyper")
 
 @dataclass
 class MAMLConfig:
-    """MAML-TRPO hyperparameters (defaults: the hypernetwork paper's MAML setup, seed Section 4 and the
+    """MAML-TRPO hyperparameters (defaults: the hypernetwork paper's MAML setup, hypernetwork paper, Section 4 and the
     authors' code: 40 tasks x 20 episodes, one inner step, TRPO with max KL 0.01)."""
 
     policy: Literal["vanilla", "context", "hyper"] = "vanilla"
@@ -67,7 +67,7 @@ class MAMLConfig:
     num_train_tasks: int = 100  # fixed pool of training tasks (0: fresh tasks every iteration)
     num_test_tasks: int = 20
     inner_steps: int = 1
-    inner_lr: float = 0.1  # MLP policies 0.1, hypernetwork policies 5e-5 (seed Section 4)
+    inner_lr: float = 0.1  # MLP policies 0.1, hypernetwork policies 5e-5 (hypernetwork paper, Section 4)
     first_order: bool = False
     gamma: float = 0.95  # the authors' code (Finn et al. use 0.99)
     gae_lambda: float = 1.0
@@ -144,7 +144,7 @@ class MLPMetaPolicy(nn.Module):
 
 
 class HyperMetaPolicy(nn.Module):
-    """Hyper-MAML's policy (seed Eq. 16): the context drives the primary network, which generates the
+    """Hyper-MAML's policy (hypernetwork paper, Eq. 16): the context drives the primary network, which generates the
     dynamic network that maps the state to the action mean; state-independent log std.
 
     Wraps :class:`aclab.nets.hyper.HyperPolicy`; the dynamic weights are generated once per task (one
@@ -530,7 +530,7 @@ class MAML:
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradient-noise analysis (seed Section 4.2, Figure 5)
+# Gradient-noise analysis (hypernetwork paper, Section 4.2, Figure 5)
 # ----------------------------------------------------------------------------------------------
 def gradient_noise(algo: MAML, num_updates: int = 50, eval_tasks: np.ndarray | None = None,
                    eval_episodes: int | None = None, eval_seed: int = 0) -> dict[str, np.ndarray]:

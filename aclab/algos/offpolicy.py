@@ -42,7 +42,7 @@ class OffPolicyConfig:
 
     ``critic`` picks the critic model (:mod:`aclab.nets.critics`); ``critic_options`` go to its
     constructor (e.g. ``{"primary_widths": [64, 128, 256]}`` for a smaller hypernetwork). Hyper
-    critics train with ``hyper_critic_lr`` (seed: 5e-5), the others with ``critic_lr``.
+    critics train with ``hyper_critic_lr`` (hypernetwork paper: 5e-5), the others with ``critic_lr``.
     ``grad_accuracy_every > 0`` runs the gradient-accuracy estimator
     (:mod:`aclab.analysis.grad_accuracy`) every that many env steps on a separate Gymnasium env
     (MuJoCo only) and logs ``grad_cs/*``; ``grad_accuracy_horizon = 0`` rolls out to the episode's

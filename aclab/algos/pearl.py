@@ -1,5 +1,5 @@
 """PEARL (Rakelly et al. 2019, Algorithms 1 and 2): off-policy meta-RL with SAC and a probabilistic
-context encoder, and Hyper-PEARL (Sarafian et al. 2021, seed Sections 3 and 5.3).
+context encoder, and Hyper-PEARL (Sarafian et al. 2021, hypernetwork paper, Sections 3 and 5.3).
 
 Networks (latent z of ``latent_dim``):
 
@@ -20,7 +20,7 @@ z is detached everywhere except in L_Q (the encoder learns from the critic and t
 
 Models (``params.model``): ``"mlp"``: the inputs concatenated (PEARL); ``"hyper"`` (Hyper-PEARL, the
 spec's wiring): policy ``f_{w(z)}(s)`` (z -> primary, state -> dynamic), ``Q = f_{w(s)}([a, z])``,
-``V = f_{w(s)}(z)`` (the context as a base variable, seed Section 3 end), with the learning rates of
+``V = f_{w(s)}(z)`` (the context as a base variable, hypernetwork paper, Section 3 end), with the learning rates of
 the paper (Q/V 5e-5, policy 1e-4).
 
 Data (PEARL Algorithm 1): per-task replay buffers for the RL batch and separate per-task encoder buffers
@@ -89,7 +89,7 @@ class PEARLConfig:
     qf_lr: float = 3e-4
     vf_lr: float = 3e-4
     context_lr: float = 3e-4
-    hyper_policy_lr: float = 1e-4  # seed Section 5 / spec: Hyper-PEARL policy lr
+    hyper_policy_lr: float = 1e-4  # hypernetwork paper, Section 5 / spec: Hyper-PEARL policy lr
     hyper_critic_lr: float = 5e-5  # Hyper-PEARL Q and V lr
     reward_scale: float = 5.0
     kl_lambda: float = 0.1

@@ -1,4 +1,4 @@
-"""Pieces shared by the phasic family (PPG, DCPG and their variants; DCPG seed Algorithms 1 and 2).
+"""Pieces shared by the phasic family (PPG, DCPG and their variants; DCPG paper, Algorithms 1 and 2).
 
 Every algorithm of the family alternates two phases:
 
@@ -10,8 +10,8 @@ Every algorithm of the family alternates two phases:
 
 This module holds the phase-independent parts: the configuration fields every member shares
 (:class:`PhasicConfig`), the auxiliary buffer (:class:`AuxBuffer`, uint8 frames stay uint8), the
-dynamics discriminator of DDCPG and its ablations (:class:`DynamicsModel`, seed F.2), the OOD-action
-count (seed Table 8), masked means, and the value-function analyses logged during training
+dynamics discriminator of DDCPG and its ablations (:class:`DynamicsModel`, DCPG paper, F.2), the OOD-action
+count (DCPG paper, Table 8), masked means, and the value-function analyses logged during training
 (:class:`TrainingAnalyses`: value bias at episode starts, stiffness). The phases themselves are written
 out in :mod:`aclab.algos.ppg` and :mod:`aclab.algos.dcpg`.
 """
@@ -45,7 +45,7 @@ DYNAMICS_MODES = ("off", "joint", "forward", "inverse", "two")
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class PhasicConfig:
-    """Hyperparameters shared by PPG and DCPG. Defaults: DCPG seed Tables 2 and 3 (Procgen).
+    """Hyperparameters shared by PPG and DCPG. Defaults: DCPG paper, Tables 2 and 3 (Procgen).
 
     Policy phase: ``policy_epochs`` (E_pi) epochs of the policy loss and ``value_epochs`` (E_V) of the value
     loss over the rollout, on the same ``num_minibatches`` shuffled minibatches (the longer of the two
@@ -59,16 +59,16 @@ class PhasicConfig:
     ``aux_buffer_device``: ``"learner"`` keeps the buffer where the networks are, ``"host"`` in (pinned)
     host memory with one transfer per minibatch.
 
-    Dynamics learning (seed F.2), trained in the auxiliary phase with weight ``dynamics_coef`` (beta_f) on
+    Dynamics learning (DCPG paper, F.2), trained in the auxiliary phase with weight ``dynamics_coef`` (beta_f) on
     the policy torso's features: ``"joint"`` (DDCPG: one discriminator, wrong-action negatives weighted by
     ``dynamics_eta``), ``"forward"`` (DCPG+F), ``"inverse"`` (DCPG+I), ``"two"`` (DCPG+FI: a forward and an
     inverse discriminator, the inverse one weighted by ``dynamics_eta``). ``dynamics_mask_resets`` leaves
     out transitions that cross an episode reset (next-step autoreset dummies); the authors keep them.
 
     Analyses during training: ``log_value_bias`` logs ``value_bias/*`` (mean over the last
-    ``value_bias_episodes`` finished episodes of ``V(s_0)`` against the discounted return; seed Appendix C);
+    ``value_bias_episodes`` finished episodes of ``V(s_0)`` against the discounted return; DCPG paper, Appendix C);
     ``stiffness_every`` > 0 logs the value network's stiffness every that many iterations on
-    ``stiffness_states`` states of the rollout (seed Appendix A), sign stiffness per ``stiffness_sign``.
+    ``stiffness_states`` states of the rollout (DCPG paper, Appendix A), sign stiffness per ``stiffness_sign``.
     """
 
     num_steps: int = 256
@@ -357,7 +357,7 @@ def mean_kl_over_buffer(policy_fn, dist, buffer: AuxBuffer, old_name: str, chunk
 
 
 # ----------------------------------------------------------------------------------------------
-# Dynamics discriminator (DDCPG, seed F.2)
+# Dynamics discriminator (DDCPG, DCPG paper, F.2)
 # ----------------------------------------------------------------------------------------------
 class DynamicsDiscriminator(nn.Module):
     """``f(s, a, s')``: an MLP (ReLU, hidden ``[256, 256]``, orthogonal init) over
@@ -401,7 +401,7 @@ def bce_with_logits(logits: torch.Tensor, label: float) -> torch.Tensor:
 def dynamics_objective(mode: str, eta: float, positive: torch.Tensor, wrong_action: torch.Tensor | None,
                        wrong_next: torch.Tensor | None, inverse_positive: torch.Tensor | None = None,
                        inverse_wrong_action: torch.Tensor | None = None) -> torch.Tensor:
-    """The dynamics loss ``L_f`` (negative of seed F.2's ``J_f``) from discriminator logits [N].
+    """The dynamics loss ``L_f`` (negative of DCPG paper, F.2's ``J_f``) from discriminator logits [N].
 
     joint (DDCPG):   ``BCE(f(s,a,s'),1) + eta BCE(f(s,a_hat,s'),0) + BCE(f(s,a,s_hat'),0)``;
     forward (+F):    ``BCE(f(s,a,s'),1) + BCE(f(s,a,s_hat'),0)``;
@@ -475,7 +475,7 @@ class DynamicsModel(nn.Module):
 @torch.no_grad()
 def ood_action_counts(discriminator: DynamicsDiscriminator, features: torch.Tensor, actions: torch.Tensor,
                       next_features: torch.Tensor) -> torch.Tensor:
-    """Seed Table 8: per transition, ``sum_{a_hat != a} 1[f(s, a_hat, s') > 0.5]`` (int64 [N]).
+    """DCPG paper, Table 8: per transition, ``sum_{a_hat != a} 1[f(s, a_hat, s') > 0.5]`` (int64 [N]).
 
     ``f > 0.5`` is ``logit > 0``. Evaluates all ``N * A`` (transition, action) pairs in one call.
     """
@@ -513,7 +513,7 @@ def trajectory_dynamics_loss(model: DynamicsModel, features: torch.Tensor, actio
 # Analyses logged during training
 # ----------------------------------------------------------------------------------------------
 class TrainingAnalyses:
-    """Value bias at episode starts and value-network stiffness, logged on request (seed Appendices A, C).
+    """Value bias at episode starts and value-network stiffness, logged on request (DCPG paper, Appendices A, C).
 
     ``critics``: the names of the value functions to follow (the first is reported without a name
     suffix: ``value_bias/bias``, ``stiffness/cosine``; the others as ``value_bias/<name>/bias`` ...).

@@ -1,5 +1,5 @@
-"""Phasic Policy Gradient (Cobbe et al. 2021) as in DCPG seed Algorithm 1 and Table 3, with PPG+DR,
-PPG+AR (seed Appendix B) and DPPG (PPG + the dynamics loss, seed F.2, Table 9).
+"""Phasic Policy Gradient (Cobbe et al. 2021) as in DCPG paper, Algorithm 1 and Table 3, with PPG+DR,
+PPG+AR (DCPG paper, Appendix B) and DPPG (PPG + the dynamics loss, DCPG paper, F.2, Table 9).
 
 Networks: the policy network pi_theta (torso + policy head + auxiliary value head V_theta_aux) and a
 separate value network V_phi (own torso + value head); built by PPO's builder with separate networks,
@@ -60,7 +60,7 @@ from aclab.nets.numpy_policy import NumpyActorCritic
 @dataclass
 class PPGConfig(PhasicConfig):
     """PPG hyperparameters (see :class:`aclab.algos.phasic.PhasicConfig`) plus the explicit value
-    regularisers of seed Appendix B (our reading of Amit, Meir & Ciosek 2020):
+    regularisers of DCPG paper, Appendix B (our reading of Amit, Meir & Ciosek 2020):
 
     ``value_gamma`` (PPG+DR): the discount gamma' of the value targets R_hat (advantages keep ``gamma``);
     None uses ``gamma``. ``value_reg_coef`` (PPG+AR): alpha in ``J_V + alpha E[V_phi(s)^2]``, in both phases.
@@ -356,11 +356,11 @@ class PPG:
 
 
 ALGORITHMS = {
-    "ppg": Entry(PPG, "Phasic Policy Gradient (DCPG seed Algorithm 1, Table 3)"),
-    "ppg-dr": Entry(PPG, "PPG with discount regularisation: value targets with gamma' = 0.995 (seed App. B)",
+    "ppg": Entry(PPG, "Phasic Policy Gradient (DCPG paper, Algorithm 1, Table 3)"),
+    "ppg-dr": Entry(PPG, "PPG with discount regularisation: value targets with gamma' = 0.995 (DCPG paper, App. B)",
                     defaults={"value_gamma": 0.995}, preset_prefix="ppg"),
-    "ppg-ar": Entry(PPG, "PPG with activation regularisation alpha E[V^2], alpha = 0.05 (seed App. B)",
+    "ppg-ar": Entry(PPG, "PPG with activation regularisation alpha E[V^2], alpha = 0.05 (DCPG paper, App. B)",
                     defaults={"value_reg_coef": 0.05}, preset_prefix="ppg"),
-    "dppg": Entry(PPG, "PPG + DDCPG's dynamics discriminator on the policy torso (seed F.2, Table 9)",
+    "dppg": Entry(PPG, "PPG + DDCPG's dynamics discriminator on the policy torso (DCPG paper, F.2, Table 9)",
                   defaults={"dynamics": "joint", "dynamics_eta": 0.5}, preset_prefix="ppg"),
 }

@@ -1,4 +1,4 @@
-"""TD3 (Fujimoto, van Hoof & Meger 2018) with a selectable critic model (hypernetwork seed Section 3).
+"""TD3 (Fujimoto, van Hoof & Meger 2018) with a selectable critic model (hypernetwork paper, Section 3).
 
 One gradient step per env step (``utd_ratio``), after ``learning_starts`` uniformly random steps:
 
@@ -6,7 +6,7 @@ One gradient step per env step (``utd_ratio``), after ``learning_starts`` unifor
     y   = r + gamma (1 - terminated) min_k Q'_k(s', a~')                     (clipped double Q)
     L_Q = sum_{k=1,2} mean (Q_k(s, a) - y)^2                                 (both twins, one batched call)
     every ``policy_delay`` critic steps:
-        L_pi = -mean Q_1(s, pi(s))          (seed Eq. 5; only grad_a Q_1 is used)
+        L_pi = -mean Q_1(s, pi(s))          (hypernetwork paper, Eq. 5; only grad_a Q_1 is used)
         theta' <- (1 - tau) theta' + tau theta for the actor and the critics
 
 Exploration: ``clip(pi(s) + N(0, 0.1^2), -1, 1)`` in the normalised action space (see

@@ -1,7 +1,7 @@
-"""Gradient accuracy of a critic's action-gradient (hypernetwork seed Section 3.2 "Empirical
+"""Gradient accuracy of a critic's action-gradient (hypernetwork paper, Section 3.2 "Empirical
 analysis", Figure 3; the authors' ``bias_test.py``).
 
-Off-policy actors follow ``grad_a Q_theta(s, a)`` (seed Eq. 5). How well does it point along the true
+Off-policy actors follow ``grad_a Q_theta(s, a)`` (hypernetwork paper, Eq. 5). How well does it point along the true
 ``grad_a Q^pi(s, a)``? The "true" gradient is estimated without the critic, from the simulator:
 
 1. draw ``N_s`` states from the current policy's state distribution (run the mean policy from a reset
@@ -14,7 +14,7 @@ Off-policy actors follow ``grad_a Q_theta(s, a)`` (seed Eq. 5). How well does it
    critic at ``(s_T, pi(s_T))``);
 4. fit ``G ~ c + g . a`` by least squares over the ``N_r`` pairs: ``g`` is the "true" gradient;
 5. report the cosine similarity ``cs = g . grad_a Q(s, a_mu) / (|g| |grad_a Q|)`` per state, its mean
-   and the fraction of states with ``cs > tau`` for thresholds ``tau`` (seed Figure 3a-c).
+   and the fraction of states with ``cs > tau`` for thresholds ``tau`` (hypernetwork paper, Figure 3a-c).
 
 A state where either gradient is exactly zero has an undefined cosine (NaN here): it counts as not
 above any threshold and is left out of the mean.

@@ -1,9 +1,9 @@
-"""Gradient noise scale (McCandlish et al. 2018) as measured by DNA (seed Section 3.2, Appendix N, Alg. 2).
+"""Gradient noise scale (McCandlish et al. 2018) as measured by DNA (DNA paper, Section 3.2, Appendix N, Alg. 2).
 
-The simple noise scale of a loss is ``B_simple = tr(Sigma) / |G|^2`` (seed Eq. 3 / 20), where ``G`` is the
+The simple noise scale of a loss is ``B_simple = tr(Sigma) / |G|^2`` (DNA paper, Eq. 3 / 20), where ``G`` is the
 true (expected) gradient and ``Sigma`` the per-sample gradient covariance. With ``G_B`` the mean gradient
 of a minibatch of ``B`` samples, ``E|G_B|^2 = |G|^2 + tr(Sigma) / B``, so two batch sizes give the
-unbiased estimators (seed Eqs. 4, 5)::
+unbiased estimators (DNA paper, Eqs. 4, 5)::
 
     |G|^2_est = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
     S_est     = (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)      (E[S_est] = tr(Sigma))
@@ -67,13 +67,13 @@ class NoiseScaleEstimate:
 
 
 def true_gradient_sq_estimate(g_small_sq: float, g_big_sq: float, b_small: int, b_big: int) -> float:
-    """Unbiased estimate of ``|G|^2`` (seed Eq. 4)."""
+    """Unbiased estimate of ``|G|^2`` (DNA paper, Eq. 4)."""
     _check_batch_sizes(b_small, b_big)
     return (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
 
 
 def trace_covariance_estimate(g_small_sq: float, g_big_sq: float, b_small: int, b_big: int) -> float:
-    """Unbiased estimate ``S`` of ``tr(Sigma)`` (seed Eq. 5)."""
+    """Unbiased estimate ``S`` of ``tr(Sigma)`` (DNA paper, Eq. 5)."""
     _check_batch_sizes(b_small, b_big)
     return (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big)
 

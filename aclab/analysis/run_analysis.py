@@ -6,11 +6,11 @@ fresh experience with the trained policy (sampled actions) on new instances of t
 environments, and applies the pure tools of :mod:`aclab.analysis`:
 
 * :func:`run_stiffness`: value-network stiffness over ``num_states`` states with their value targets
-  ``R_hat = GAE + V`` (DCPG seed Appendix A; the paper uses 2^14 states);
+  ``R_hat = GAE + V`` (DCPG paper, Appendix A; the paper uses 2^14 states);
 * :func:`run_value_bias`: ``V(s_0)`` against the discounted return at the first state of ``episodes``
-  training episodes (seed Appendix C); each env contributes its first episodes, so short episodes are not
+  training episodes (DCPG paper, Appendix C); each env contributes its first episodes, so short episodes are not
   over-represented;
-* :func:`run_ood_actions`: the OOD-action count of a trained dynamics discriminator (seed Table 8);
+* :func:`run_ood_actions`: the OOD-action count of a trained dynamics discriminator (DCPG paper, Table 8);
 * :func:`run_gradient_accuracy`: cosine similarity of a TD3/SAC critic's action-gradient with the
   rollout-estimated true gradient (hypernetwork paper Section 3.2);
 * :func:`run_gradient_noise`: the spread of returns after independent MAML meta-updates (hypernetwork
@@ -229,7 +229,7 @@ def run_value_bias(path: str | Path, *, episodes: int = 100, value: str = "value
 
 def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: int | None = None,
                     seed: int | None = None, device: str = "auto", chunk_size: int = 1024) -> dict:
-    """Seed Table 8: per transition ``(s, a, s')`` of fresh training rollouts, the number of actions
+    """DCPG paper, Table 8: per transition ``(s, a, s')`` of fresh training rollouts, the number of actions
     ``a_hat != a`` that the trained (forward) discriminator accepts, ``f(s, a_hat, s') > 0.5``.
 
     Needs an algorithm with a dynamics model (ddcpg, dcpg-f, dcpg-i, dcpg-fi, dppg). Transitions that cross

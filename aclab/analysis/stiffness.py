@@ -1,4 +1,4 @@
-"""Stiffness of a value network between states (Fort et al. 2019, as used by DCPG, seed Appendix A).
+"""Stiffness of a value network between states (Fort et al. 2019, as used by DCPG, DCPG paper, Appendix A).
 
 For states ``s_i`` with value targets ``y_i`` let ``g_i = d/dtheta 0.5 * (V_theta(s_i) - y_i)^2`` be the
 per-sample gradient of the value loss over the selected parameters ``theta``. Two stiffness measures,
@@ -209,7 +209,7 @@ def value_stiffness(
     uniformly without replacement (``generator``) and averages over all pairs inside the subset: an
     unbiased estimate of the exact mean at a fraction of the cost (use it for large ``N`` on CPU).
     ``"off"`` skips the sign stiffness. The cosine stiffness is always exact over all states.
-    The paper (DCPG seed Appendix A) uses ``N = 2^14`` states and averages over training epochs.
+    The paper (DCPG paper, Appendix A) uses ``N = 2^14`` states and averages over training epochs.
     """
     if sign not in _SIGN_METHODS:
         raise ValueError(f"unknown sign method {sign!r}; expected one of {_SIGN_METHODS}")

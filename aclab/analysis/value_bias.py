@@ -1,4 +1,4 @@
-"""Value bias at episode starts (DCPG seed Appendix C, Figures 2-4).
+"""Value bias at episode starts (DCPG paper, Appendix C, Figures 2-4).
 
 For the initial state ``s_0`` of each of K training episodes, compare the value prediction ``V(s_0)`` with
 the discounted Monte-Carlo return of that episode ``G_0 = sum_t gamma^t r_t`` (the paper's "true value");

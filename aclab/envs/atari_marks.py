@@ -1,4 +1,4 @@
-"""DNA's frame annotations for Atari (seed Appendix A, "Integrating time and action information").
+"""DNA's frame annotations for Atari (DNA paper, Appendix A, "Integrating time and action information").
 
 Two optional marks drawn into EnvPool's stacked grayscale frames ``obs: uint8 [B, S, H, W]``
 (S = frame stack, index 0 the oldest frame):

@@ -76,7 +76,7 @@ _ATARI_COMMON = {
     "noop_max": 30,
     "use_fire_reset": False,
 }
-# DNA seed Table 3.
+# DNA paper, Table 3.
 ATARI_SETTING_CONFIGS: dict[str, dict[str, Any]] = {
     "easy": {**_ATARI_COMMON, "episodic_life": True, "full_action_space": False, "repeat_action_probability": 0.0},
     "hard": {**_ATARI_COMMON, "episodic_life": False, "full_action_space": True, "repeat_action_probability": 0.25},

@@ -1,4 +1,4 @@
-"""Task families for meta-RL (Sarafian et al. 2021, seed Section 4 and 5.1; MAML; PEARL).
+"""Task families for meta-RL (Sarafian et al. 2021, hypernetwork paper, Section 4 and 5.1; MAML; PEARL).
 
 A *task family* is a distribution of tasks that share states and actions and differ in the reward:
 
@@ -28,7 +28,7 @@ Ant: ``c = 5e-4 sum clip(cfrc_ext, -1, 1)^2`` (contact cost) and ``s = 1`` while
 bonus), both from Gymnasium's Ant-v5; the episode terminates when the torso leaves z in [0.2, 1]
 (Gymnasium's default, as PEARL). The Ant observation is ``qpos[2:], qvel`` (27 numbers, PEARL's;
 ``include_cfrc_ext_in_observation=True`` adds the contact forces). The control costs are the
-reduced ones of PEARL (seed footnote 3). Direction tasks use ``d * v_x`` (the spec; the authors'
+reduced ones of PEARL (hypernetwork paper, footnote 3). Direction tasks use ``d * v_x`` (the spec; the authors'
 Ant code treats d as an angle).
 
 ``point-nav`` (MAML's 2-D navigation, Finn et al. 2017 Section 5.3; PEARL's point robot uses the same

@@ -8,7 +8,7 @@
   updated with every real observation before normalising it (the DNA / FixPO / PPO-continuous
   convention).
 * :class:`RewardScaler` -- divides rewards by the running std of a per-env discounted return, with no mean
-  subtraction (DNA seed Appendix A, phasic.md "Reward normalisation"):
+  subtraction (DNA paper, Appendix A, phasic.md "Reward normalisation"):
   ``c_t = r_t + gamma * c_{t-1} * (1 - done_{t-1})``; the statistics are updated with ``c_t``, then
   ``r_t / sqrt(var(c) + eps)`` is clipped to ``[-clip, clip]``. ``done`` is the *training* episode end
   (terminated or truncated, including Atari's life loss when ``episodic_life`` is on); ``c`` is zeroed

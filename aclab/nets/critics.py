@@ -1,4 +1,4 @@
-"""The critic zoo of the hypernetwork paper (seed Sections 3 and 5.2): Q(s, a) models for TD3 / SAC.
+"""The critic zoo of the hypernetwork paper (hypernetwork paper, Sections 3 and 5.2): Q(s, a) models for TD3 / SAC.
 
 Every critic is an ensemble of ``E`` independent members (twin critics: ``E = 2``) evaluated in one
 batched call (:class:`aclab.nets.hyper.EnsembleLinear`): ``critic(obs [N, D], actions [N, A])`` ->
@@ -20,7 +20,7 @@ use the primary network's (authors') initialisation; hypernetworks see :mod:`acl
 
 :meth:`q_for_actor` is what the actor loss calls: only ``grad_a Q`` is needed there, so SA-Hyper runs
 its primary network without autograd (the action gradient flows only through the dynamic network,
-seed Figure 2c, Eq. 14); for the other critics it equals ``forward``.
+hypernetwork paper, Figure 2c, Eq. 14); for the other critics it equals ``forward``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class D2RLCritic(nn.Module):
 
 class ResNetFeaturesCritic(nn.Module):
     """ResNet Features: ``Q = MLP([ResNet(s), a])`` with the hypernetwork's primary ResNet as the state
-    encoder and an MLP-Standard head (seed 5.2)."""
+    encoder and an MLP-Standard head (hypernetwork paper, Section 5.2)."""
 
     def __init__(self, obs_dim: int, action_dim: int, primary_widths: Sequence[int] = (256, 512, 1024),
                  blocks_per_stage: int = 2, head_hidden: Sequence[int] = (256, 256), ensemble_size: int = 2) -> None:
@@ -112,7 +112,7 @@ class ResNetFeaturesCritic(nn.Module):
 
 class Res35Critic(nn.Module):
     """Res35: ``[s, a]`` -> Linear(width) -> ``num_blocks`` pre-activation residual blocks -> ReLU ->
-    Linear 1 (35 blocks of 256: ~4.6M weights, seed 5.2)."""
+    Linear 1 (35 blocks of 256: ~4.6M weights, hypernetwork paper, Section 5.2)."""
 
     def __init__(self, obs_dim: int, action_dim: int, width: int = 256, num_blocks: int = 35,
                  ensemble_size: int = 2) -> None:

@@ -1,4 +1,4 @@
-"""Hypernetworks (Sarafian, Keynan & Kraus, ICML 2021; seed Section 2, Figure 1, Eq. 1) and the
+"""Hypernetworks (Sarafian, Keynan & Kraus, ICML 2021; hypernetwork paper, Section 2, Figure 1, Eq. 1) and the
 ensemble layers every off-policy network here is built from.
 
 A hypernetwork maps a pair ``(z, x)`` (meta-input, base-input) to ``y``: the *primary* network
@@ -20,7 +20,7 @@ twin critics are evaluated in one batched call (one ``baddbmm`` per layer instea
 calls). Shapes are ``[E, N, ...]``; an input shared by all members may be given as ``[N, ...]``.
 ``member=k`` evaluates member ``k`` only (output ``[1, N, ...]``).
 
-**Initialisation.** ``init="kaiming"`` (default, the paper's intent, seed Section 5.2): the heads are
+**Initialisation.** ``init="kaiming"`` (default, the paper's intent, hypernetwork paper, Section 5.2): the heads are
 scaled so that the generated weights and biases of each dynamic layer have the variance of PyTorch's
 ``nn.Linear`` default (Kaiming-uniform with ``a = sqrt(5)``: ``U(+-1/sqrt(fan_in))``, variance
 ``1 / (3 fan_in)``), measured by passing a probe batch of standard-normal meta-inputs through the
@@ -102,7 +102,7 @@ class EnsembleResidualBlock(nn.Module):
 
 
 class PrimaryResNet(nn.Module):
-    """The hypernetwork's primary trunk (seed Figure 1): per width ``w`` in ``widths``, a Linear to ``w``
+    """The hypernetwork's primary trunk (hypernetwork paper, Figure 1): per width ``w`` in ``widths``, a Linear to ``w``
     then ``blocks_per_stage`` residual blocks. Input ``[N, in]`` or ``[E, N, in]``; output the latent
     ``[E, N, widths[-1]]`` (no final activation). Weights ``U(+-1/(2 sqrt(fan_in)))`` (authors' code)."""
 
@@ -160,7 +160,7 @@ def dynamic_forward(layers: Sequence[DynamicLayer], x: Tensor) -> Tensor:
 
 
 class HyperNetwork(nn.Module):
-    """``y = f_{w(meta)}(base)`` (seed Section 2, Eq. 1). See the module docstring.
+    """``y = f_{w(meta)}(base)`` (hypernetwork paper, Section 2, Eq. 1). See the module docstring.
 
     Args:
         meta_dim, base_dim, out_dim: sizes of the meta-input ``z``, base-input ``x`` and output ``y``.
@@ -301,7 +301,7 @@ class InputSplit:
 
 class HyperPolicy(nn.Module):
     """A policy whose weights are generated from a meta-input: ``pi(a | s, c) = mu_{w(c)}(eps | s)``
-    (seed Eq. 16; Hyper-MAML, Hyper-PEARL).
+    (hypernetwork paper, Eq. 16; Hyper-MAML, Hyper-PEARL).
 
     ``forward(meta [N, M], base [N, B])`` returns the parameter tensor of an
     :mod:`aclab.core.distributions` adapter: ``cat(mean, log_std)`` ``[N, 2A]`` for ``"gaussian"`` /

@@ -1,4 +1,4 @@
-"""Gradient noise scale of DNA's three losses (seed Figure 2 and Appendix D) from aclab run directories.
+"""Gradient noise scale of DNA's three losses (DNA paper, Figure 2 and Appendix D) from aclab run directories.
 
     python docs/results/dna/plot_noise.py OUT.png "lambda_pi=0.8=/tmp/runs/noise_lp0.8" \
         "lambda_pi=0.95=/tmp/runs/noise_lp0.95" [--title ...]

@@ -1,5 +1,5 @@
 """CPU-scale meta-RL comparisons (docs/meta_rl.md): Vanilla vs Context vs Hyper MAML and PEARL vs
-Hyper-PEARL on 2-D point navigation, the gradient-noise experiment (seed Figure 5), and the plots.
+Hyper-PEARL on 2-D point navigation, the gradient-noise experiment (hypernetwork paper, Figure 5), and the plots.
 
 Run from the repository root:
 
@@ -144,7 +144,7 @@ def plot_noise(out: Path) -> list[str]:
         ax.set_title(f"{label}: return after one meta-update, minus the mean", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("return - mean over updates")
-    fig.suptitle(f"Spread of {len(values[0])} independent meta-updates from the same checkpoint (seed Fig. 5)")
+    fig.suptitle(f"Spread of {len(values[0])} independent meta-updates from the same checkpoint (hypernetwork paper, Fig. 5)")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
