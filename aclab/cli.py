@@ -226,7 +226,7 @@ def cmd_report(args) -> int:
 def cmd_analyze(args) -> int:
     import json
 
-    from aclab.analysis import run_analysis
+    from aclab import analyze as run_analysis
 
     common = {"num_envs": args.num_envs, "seed": args.seed, "device": args.device}
     try:

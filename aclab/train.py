@@ -38,7 +38,7 @@ from aclab.config import (
     parse_override,
     set_key,
 )
-from aclab.envs import make_env, parse_env_id
+from aclab.envs import build_envs, make_env, parse_env_id
 from aclab.runs import Run
 
 RECENT_EPISODES = 100
@@ -100,23 +100,6 @@ def load_run_config(run_dir: Path) -> Config:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     data = json.loads(path.read_text())
     return config_from_dict(data, registry.get_algorithm(data["algo"]).Config)
-
-
-def build_envs(config: Config, *, num_envs: int | None = None, seed: int | None = None, options: dict | None = None):
-    e = config.env
-    return make_env(
-        e.id,
-        num_envs or e.num_envs,
-        config.seed if seed is None else seed,
-        backend=e.backend,
-        num_threads=e.num_threads,
-        options={**e.options, **(options or {})},
-        normalize_obs=e.normalize_obs,
-        obs_clip=e.obs_clip,
-        normalize_reward=e.normalize_reward,
-        reward_gamma=e.reward_gamma,
-        reward_clip=e.reward_clip,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def _impala_config(*extra):
 def _parameter_versions(config, count: int) -> list[np.ndarray]:
     """Distinct flat parameter vectors (version k = a net initialised with seed k)."""
     from aclab.algos.impala import build_network
-    from aclab.train import build_envs
+    from aclab.envs import build_envs
 
     envs = build_envs(config, num_envs=1)
     out = []

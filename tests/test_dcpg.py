@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from aclab import analyze as run_analysis
 from aclab import registry
 from aclab.algos import phasic
 from aclab.algos.common import resolve_device
@@ -24,9 +25,9 @@ from aclab.algos.phasic import (
     sample_wrong_actions,
     trajectory_dynamics_loss,
 )
-from aclab.analysis import run_analysis
+from aclab.envs import build_envs
 from aclab.runs import load_latest_checkpoint
-from aclab.train import build_envs, make_config, train
+from aclab.train import make_config, train
 
 FAST = ["progress=false", "eval.episodes=0", "env.backend=gymnasium"]
 TINY = [*FAST, "env.num_envs=4", "params.num_steps=32", "params.num_minibatches=4", "params.gamma=0.99"]

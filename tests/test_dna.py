@@ -28,8 +28,9 @@ from aclab.config import Config, ConfigError
 from aclab.core.distributions import Categorical, DiagGaussian
 from aclab.core.returns import gae, td_lambda_returns
 from aclab.data.rollout import RolloutCollector
+from aclab.envs import build_envs
 from aclab.runs import load_latest_checkpoint
-from aclab.train import build_envs, make_config, train
+from aclab.train import make_config, train
 
 FAST = ["progress=false", "eval.episodes=0", "env.backend=gymnasium"]
 SMALL = ["env.num_envs=2", "params.num_steps=32", "params.policy_minibatch_size=32",

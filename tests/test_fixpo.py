@@ -26,8 +26,9 @@ from aclab.algos.fixpo import (
 from aclab.config import ConfigError
 from aclab.core.distributions import Categorical, DiagGaussian
 from aclab.core.distributions_extra import Beta
+from aclab.envs import build_envs
 from aclab.runs import load_latest_checkpoint
-from aclab.train import build_envs, make_config, train
+from aclab.train import make_config, train
 
 CPU = resolve_device("cpu")
 FAST = ["progress=false", "eval.episodes=0", "env.backend=gymnasium"]

@@ -342,7 +342,7 @@ def test_continuous_run_end_to_end(tmp_path):
 
 def test_async_modes_reject_normalisation_and_bad_actor_splits():
     from aclab.algos.impala import Impala
-    from aclab.train import build_envs
+    from aclab.envs import build_envs
 
     config = _config(320, "params.actor_mode=thread", "env.normalize_obs=true")
     envs = build_envs(config)

@@ -17,8 +17,9 @@ from aclab import registry
 from aclab.algos import phasic
 from aclab.algos.common import resolve_device, seed_everything
 from aclab.algos.phasic import AuxBuffer, masked_mean, state_rows
+from aclab.envs import build_envs
 from aclab.runs import load_latest_checkpoint
-from aclab.train import build_envs, make_config, train
+from aclab.train import make_config, train
 
 FAST = ["progress=false", "eval.episodes=0", "env.backend=gymnasium"]
 TINY = [*FAST, "env.num_envs=4", "params.num_steps=32", "params.num_minibatches=4", "params.gamma=0.99"]

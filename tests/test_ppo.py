@@ -11,7 +11,8 @@ from aclab import registry
 from aclab.algos.common import resolve_device
 from aclab.core import losses
 from aclab.data.rollout import shuffled_minibatches
-from aclab.train import build_envs, make_config, train
+from aclab.envs import build_envs
+from aclab.train import make_config, train
 
 
 def test_clipped_surrogate_by_hand():

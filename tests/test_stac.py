@@ -20,8 +20,9 @@ from aclab.algos.stac import (
     tuned_mask,
 )
 from aclab.core.distributions import Categorical, TanhGaussian
+from aclab.envs import build_envs
 from aclab.runs import load_latest_checkpoint
-from aclab.train import build_envs, make_config, train
+from aclab.train import make_config, train
 
 FAST = ["progress=false", "eval.episodes=0"]
 

@@ -137,7 +137,8 @@ def test_image_envs_train_end_to_end(tmp_path, env_id, encoder):
 def test_eval_counts_first_episodes_per_env(tmp_path):
     from aclab import registry
     from aclab.algos.common import resolve_device
-    from aclab.train import build_envs, evaluate
+    from aclab.envs import build_envs
+    from aclab.train import evaluate
 
     config = _cartpole(256, "eval.num_envs=3")
     envs = build_envs(config)

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from aclab.envs import build_envs
+
 __all__ = [
     "ActingPolicy",
     "ActorSpec",
@@ -310,8 +312,6 @@ class ActorWorker:
     """One actor's state: its envs, policy and collector. Used in threads, processes and Ray actors."""
 
     def __init__(self, spec: ActorSpec):
-        from aclab.train import build_envs  # deferred: aclab.train imports the registry
-
         self.spec = spec
         self.envs = build_envs(spec.config, num_envs=spec.num_envs, seed=spec.seed)
         self.envs.reset(seed=spec.seed)

@@ -12,6 +12,7 @@ See :mod:`aclab.envs.vec` for the autoreset / statistics conventions and :mod:`a
 the families, options and default backends.
 """
 
+from aclab.envs.build import build_envs
 from aclab.envs.make import ATARI_SETTING_CONFIGS, BACKENDS, make_env
 from aclab.envs.normalize import ObsNormalizer, RewardScaler, RunningMeanStd
 from aclab.envs.registry import (
@@ -37,6 +38,7 @@ __all__ = [
     "RunningMeanStd",
     "StepResult",
     "VecEnv",
+    "build_envs",
     "copy_normalization",
     "make_env",
     "parse_env_id",

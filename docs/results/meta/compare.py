@@ -107,7 +107,7 @@ def plot_panels(folder: Path, panels: list[tuple[str, str]], title: str, out: Pa
 
 def cmd_noise(args) -> None:
     """``aclab analyze gradient-noise`` on each run (the same function), collected into gradient_noise.json."""
-    from aclab.analysis.run_analysis import run_gradient_noise
+    from aclab.analyze import run_gradient_noise
 
     results = {}
     for run_dir in args.runs:
@@ -144,7 +144,8 @@ def plot_noise(out: Path) -> list[str]:
         ax.set_title(f"{label}: return after one meta-update, minus the mean", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("return - mean over updates")
-    fig.suptitle(f"Spread of {len(values[0])} independent meta-updates from the same checkpoint (hypernetwork paper, Fig. 5)")
+    fig.suptitle(f"Spread of {len(values[0])} independent meta-updates from the same checkpoint "
+                 "(hypernetwork paper, Fig. 5)")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

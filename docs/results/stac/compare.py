@@ -133,8 +133,9 @@ def _bench_one(algo: str, env_id: str, preset: str, overrides: list[str], repeat
     import torch
 
     from aclab.algos.impala import batch_from_chunk
+    from aclab.envs import build_envs
     from aclab.registry import build
-    from aclab.train import build_envs, make_config
+    from aclab.train import make_config
 
     config = make_config(algo, env_id, preset=preset, overrides=["progress=false", *overrides])
     envs = build_envs(config)

@@ -12,7 +12,7 @@ environments, and applies the pure tools of :mod:`aclab.analysis`:
   over-represented;
 * :func:`run_ood_actions`: the OOD-action count of a trained dynamics discriminator (DCPG paper, Table 8);
 * :func:`run_gradient_accuracy`: cosine similarity of a TD3/SAC critic's action-gradient with the
-  rollout-estimated true gradient (hypernetwork paper Section 3.2);
+  rollout-estimated true gradient (hypernetwork paper, Section 3.2);
 * :func:`run_gradient_noise`: the spread of returns after independent MAML meta-updates (hypernetwork
   paper Section 4.2, Figure 5).
 
@@ -41,8 +41,9 @@ from aclab.analysis.value_bias import EpisodeStartTracker, value_bias_from_start
 from aclab.config import Config
 from aclab.core.returns import gae
 from aclab.data.rollout import RolloutCollector
+from aclab.envs import build_envs
 from aclab.runs import CHECKPOINT_RE, list_checkpoints
-from aclab.train import build_envs, load_run_config
+from aclab.train import load_run_config
 
 ANALYSIS_SEED_OFFSET = 2_000_003
 

@@ -1,0 +1,26 @@
+"""Envs for a run's config: one place that turns ``config.env`` into :func:`aclab.envs.make_env` arguments.
+
+Used by the training loop, evaluation, actors (threads, processes, Ray) and the analyses. ``config`` is an
+:class:`aclab.config.Config` (not imported here: the env layer sits on the ground floor).
+"""
+
+from __future__ import annotations
+
+from aclab.envs.make import make_env
+
+
+def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, options: dict | None = None):
+    e = config.env
+    return make_env(
+        e.id,
+        num_envs or e.num_envs,
+        config.seed if seed is None else seed,
+        backend=e.backend,
+        num_threads=e.num_threads,
+        options={**e.options, **(options or {})},
+        normalize_obs=e.normalize_obs,
+        obs_clip=e.obs_clip,
+        normalize_reward=e.normalize_reward,
+        reward_gamma=e.reward_gamma,
+        reward_clip=e.reward_clip,
+    )
