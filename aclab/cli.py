@@ -158,8 +158,10 @@ def cmd_eval(args) -> int:
 
     from aclab import registry
     from aclab.algos.common import resolve_device
+    from aclab.envs import build_envs
+    from aclab.evaluate.policy import evaluate
     from aclab.runs import Run
-    from aclab.train import build_envs, evaluate, load_run_config
+    from aclab.train import load_run_config
 
     config = load_run_config(args.run_dir)
     run, checkpoint = Run.resume_readonly(args.run_dir)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from aclab.config import (
     set_key,
 )
 from aclab.envs import build_envs, make_env, parse_env_id
+from aclab.evaluate.policy import evaluate
 from aclab.runs import Run
 
 RECENT_EPISODES = 100
@@ -100,55 +100,6 @@ def load_run_config(run_dir: Path) -> Config:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     data = json.loads(path.read_text())
     return config_from_dict(data, registry.get_algorithm(data["algo"]).Config)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-EVAL_SEED_OFFSET = 1_000_003
-
-
-def eval_options(config: Config, split: str) -> dict:
-    """Env options for an evaluation split: Procgen uses its level sets, other envs new seeds."""
-    family, _ = parse_env_id(config.env.id)
-    if family == "procgen":
-        return {"levels": "train" if split == "train" else "test"}
-    return {}
-
-
-def evaluate(algo, config: Config, split: str = "test", episodes: int | None = None,
-             train_envs=None, deterministic: bool | None = None) -> list[float]:
-    """Raw returns of ``episodes`` episodes on separate env instances.
-
-    Each eval env contributes its first episodes in order (Procgen protocol: the first episode of
-    each env), so short episodes are not over-represented. Observation-normalisation statistics are
-    copied from ``train_envs`` and frozen.
-    """
-    episodes = config.eval.episodes if episodes is None else episodes
-    deterministic = config.eval.deterministic if deterministic is None else deterministic
-    num_envs = min(config.eval.num_envs, episodes)
-    per_env = math.ceil(episodes / num_envs)
-    envs = build_envs(config, num_envs=num_envs, seed=config.seed + EVAL_SEED_OFFSET,
-                      options=eval_options(config, split))
-    try:
-        if train_envs is not None:
-            envs.copy_normalization_from(train_envs, freeze=True)
-        envs.reset(seed=config.seed + EVAL_SEED_OFFSET)
-        counts = np.zeros(num_envs, dtype=np.int64)
-        collected: list[list[float]] = [[] for _ in range(num_envs)]
-        max_steps = 1_000_000
-        for _ in range(max_steps):
-            result = envs.step(algo.act(envs.obs, deterministic))
-            for i in np.nonzero(result.episode_length > 0)[0]:
-                if counts[i] < per_env:
-                    collected[i].append(float(result.episode_return[i]))
-                    counts[i] += 1
-            if counts.sum() >= num_envs * per_env:
-                break
-    finally:
-        envs.close()
-    flat = [r for k in range(per_env) for env_returns in collected for r in env_returns[k:k + 1]]
-    return flat[:episodes]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import numpy as np
 from aclab import registry
 from aclab.algos.common import resolve_device, seed_everything
 from aclab.envs import build_envs
-from aclab.train import evaluate, make_config
+from aclab.evaluate.policy import evaluate
+from aclab.train import make_config
 
 FAST = ["progress=false", "eval.episodes=0", "torch_threads=1"]  # tiny networks: one thread
 TINY = ["params.actor_hidden=[16,16]", 'params.critic_options={"hidden_sizes":[16,16]}', "params.batch_size=8",

@@ -138,7 +138,7 @@ def test_eval_counts_first_episodes_per_env(tmp_path):
     from aclab import registry
     from aclab.algos.common import resolve_device
     from aclab.envs import build_envs
-    from aclab.train import evaluate
+    from aclab.evaluate.policy import evaluate
 
     config = _cartpole(256, "eval.num_envs=3")
     envs = build_envs(config)
