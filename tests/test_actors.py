@@ -197,6 +197,32 @@ def _reference(spec, params: list[np.ndarray], versions: list[int]) -> list[Chun
         worker.close()
 
 
+def test_each_chunk_acts_with_the_parameters_of_the_version_it_reports():
+    """A chunk's behaviour log-probabilities are those of the broadcast parameters of its version, recomputed
+    here with a fresh network: an actor that keeps old parameters while reporting a new version fails."""
+    from aclab.algos.impala import build_network, load_flat_state
+
+    config = _impala_config()
+    params = _parameter_versions(config, 3)
+    (spec,) = make_actor_specs(config, make_acting_policy, 1, 2, 8, 0)
+    worker = ActorWorker(spec)
+    versions = [0, 1, 1, 2]
+    try:
+        chunks = [worker.collect(params[v], v) for v in versions]
+    finally:
+        worker.close()
+    net = build_network(config.params, worker.envs.spec)
+    for version, chunk in zip(versions, chunks):
+        assert (chunk.versions == version).all()
+        load_flat_state(net, params[version])
+        with torch.no_grad():
+            for t in range(chunk.num_steps):
+                logits, _ = net.step(torch.as_tensor(chunk.obs[t]), torch.as_tensor(chunk.first[t]), None)
+                expected = torch.log_softmax(logits, -1).gather(1, torch.as_tensor(chunk.actions[t])[:, None])
+                np.testing.assert_allclose(chunk.behaviour_log_probs[t], expected[:, 0].numpy(), rtol=1e-5,
+                                           atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_local_actor_chunks_equal_in_process_chunks(backend):
     config = _impala_config("params.overlap=3")

@@ -167,6 +167,27 @@ def test_without_the_fixup_phase_the_same_run_breaks_the_trust_region():
     envs.close()
 
 
+@pytest.mark.parametrize("target", ["max", "mean"])
+def test_one_state_outside_the_trust_region_is_a_violation_of_the_max_constraint(target):
+    """The postcondition bounds every state's KL (FixPO's max_s D(s)): one state far outside eps_KL among
+    63 unchanged ones violates it, though the mean KL stays inside; the mean-KL ablation bounds the mean."""
+    algo, envs = _build(_config("params.trust_region_check=raise", f"params.kl_target={target}"))
+    obs = torch.as_tensor(np.random.default_rng(0).normal(size=(64, 4)), dtype=torch.float32)
+    with torch.no_grad():
+        old = algo.net.dist_params(obs).clone()
+    old[0] += torch.tensor([3.0, -3.0])  # KL about 2.6 at this state, 0 elsewhere: mean about 0.04 < 0.05
+    kl = _independent_kl(algo, old, algo.net.dist_params(obs).detach())
+    assert float(kl.max()) > 0.05 > float(kl.mean())
+    batch = {"obs": obs, "old_params": old}
+    if target == "max":
+        with pytest.raises(TrustRegionViolation, match="trust region violated"):
+            algo._check_trust_region(batch)
+    else:
+        max_kl, mean_kl = algo._check_trust_region(batch)
+        assert (max_kl, mean_kl) == pytest.approx((float(kl.max()), float(kl.mean())), rel=1e-4)
+    envs.close()
+
+
 def test_fixup_that_cannot_terminate_raises():
     algo, envs = _build(_config("params.max_fixup_steps=3"))
     with pytest.raises(TrustRegionViolation, match="did not terminate"):
