@@ -107,10 +107,13 @@ def _slow_gae(rewards, values, terminated, ends, gamma, lam):
     return adv
 
 
-def _spy_update(algo, captured: list) -> None:
+def _spy_update(algo, captured: list, envs=None) -> None:
     real = algo.update
 
     def update(rollout, advantages, returns):
+        if envs is not None:  # V of the observation that follows the rollout, before any update
+            with torch.no_grad():
+                captured.append({"next_value": algo.net.value(torch.as_tensor(envs.obs)).clone()})
         captured.append({"rollout": {k: getattr(rollout, k).clone() for k in
                                      ("obs", "actions", "log_probs", "values", "rewards", "terminated", "ends",
                                       "valid")},
@@ -125,10 +128,11 @@ def test_advantages_are_gae_and_returns_add_the_rollout_values():
     not, and R_t = A_t + V_t (the PPO paper, Eqs. 11-12; CleanRL), against a loop reference."""
     _, envs, algo = _algo(["env.num_envs=2", "params.num_steps=64", "env.options={\"max_episode_steps\": 10}"])
     captured = []
-    _spy_update(algo, captured)
+    _spy_update(algo, captured, envs)
     algo.iterate(envs)
     envs.close()
-    c = captured[0]
+    c = captured[1]
+    torch.testing.assert_close(c["rollout"]["values"][-1], captured[0]["next_value"], rtol=1e-5, atol=1e-6)
     r = {k: v.double().numpy() for k, v in c["rollout"].items()}
     assert (r["ends"] * (1 - r["terminated"])).any()  # some truncations
     expected = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.99, 0.95)
