@@ -28,6 +28,11 @@ JOBS ?= 2
 mutation: $(STAMP)
 	$(PY) mutation/semantic.py --jobs $(JOBS) $(if $(ONLY),--only $(ONLY)) $(if $(FAMILY),--family $(FAMILY))
 
+## The generic mutation tool (mutmut) over aclab/core and VecEnv.reset/step; equivalents in
+## mutation/equivalent.toml; fails below a 90% score (docs/testing.md). JOBS: mutmut's --max-children.
+mutation-generic: $(STAMP)
+	$(PY) mutation/generic.py --max-children $(JOBS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aclab tests benchmarks
 
