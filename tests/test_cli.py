@@ -1,5 +1,6 @@
 """The command line: bad input gives one clear line and exit code 2; train/eval/list work."""
 
+import math
 import subprocess
 import sys
 
@@ -70,6 +71,14 @@ def test_analyze_value_bias_and_wrong_analysis(tmp_path, capsys):
                  "--out", str(out_file)]) == 0
     result = json.loads(out_file.read_text())
     assert result["num_episodes"] + result["num_truncated_excluded"] == 6
+    # CartPole pays 1 per step, so each G_0 is (1 - gamma^L) / (1 - gamma) for a whole episode length L,
+    # with the run's gamma (0.99)
+    assert result["gamma"] == 0.99 and len(result["returns"]) == result["num_episodes"] > 0
+    for g in result["returns"]:
+        length = math.log(1 - 0.01 * g) / math.log(0.99)
+        assert length >= 1 and abs(length - round(length)) < 1e-6, g
+    bias = sum(v - g for v, g in zip(result["values"], result["returns"])) / len(result["returns"])
+    assert result["bias"] == pytest.approx(bias, rel=1e-6)
     assert main(["analyze", "ood-actions", str(run), "--device", "cpu"]) == 2
     assert "no dynamics discriminator" in capsys.readouterr().err
 
