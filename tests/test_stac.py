@@ -372,7 +372,7 @@ def test_resume_equals_uninterrupted(tmp_path, algo, extra):
         assert {f"meta/{n}" for n in ETA_NAMES} <= set(columns)
 
 
-def test_continuous_stac_runs_and_figure_5_plot(tmp_path):
+def test_continuous_stac_runs_and_figure_5_plot(tmp_path, monkeypatch):
     config = make_config(
         "stacx",
         "Pendulum-v1",
@@ -391,9 +391,29 @@ def test_continuous_stac_runs_and_figure_5_plot(tmp_path):
     )
     summary = train(config, tmp_path / "run")
     assert summary["status"] == "finished"
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
     out = plot_metaparameters([tmp_path / "run"], tmp_path / "meta.png", title="test", smooth=2)
-    assert out.exists() and out.stat().st_size > 10_000
-    assert np.isfinite([float(r["meta/g_e"]) for r in metric_rows(tmp_path / "run")]).all()
+    monkeypatch.setattr(plt, "close", real_close)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = metric_rows(tmp_path / "run")
+    assert np.isfinite([float(r["meta/g_e"]) for r in rows]).all()
+    # Figure 5's panels: one per self-tuned metaparameter plus the return; one line per head (STACX: 3),
+    # each the 2-row moving average of that head's logged column
+    axes = {ax.get_title(): ax for ax in figures[0].axes if ax.get_title()}
+    assert set(axes) == {"gamma", "lambda", "g_v", "g_p", "g_e", "alpha_rho", "alpha_c", "episode_return"} or \
+        set(axes) == {"gamma", "lambda", "g_v", "g_p", "g_e", "alpha", "episode_return"}
+    for name in ("gamma", "g_e"):
+        lines = axes[name].get_lines()
+        assert len(lines) == 3
+        for head, line in enumerate(lines, 1):
+            column = f"meta/{name}" if head == 1 else f"meta/head{head}/{name}"
+            values = np.array([float(r[column]) for r in rows])
+            np.testing.assert_allclose(line.get_ydata(), (values[1:] + values[:-1]) / 2, rtol=1e-6)
+    real_close(figures[0])
 
 
 # ----------------------------------------------------------------------------------------------
