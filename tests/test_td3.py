@@ -119,6 +119,21 @@ def test_stepping_counts_random_phase_and_utd():
     assert len(algo.loop.buffer) == 100 - 3
 
 
+@pytest.mark.parametrize("algo", ["td3", "sac"])
+def test_actions_before_learning_starts_are_uniform_over_the_action_range(algo):
+    """TD3 / SAC papers (and CleanRL): the first learning_starts steps take uniform random actions in the
+    (normalised) action box, whatever the untrained policy would do."""
+    config = offpolicy_config(algo, "params.learning_starts=1000", total=400)
+    algo_, envs = build_algo(config)
+    while algo_.steps < 400:
+        algo_.iterate(envs)
+    envs.close()
+    actions = algo_.loop.buffer.actions[:len(algo_.loop.buffer), 0]
+    assert actions.size >= 390 and actions.min() >= -1.0 and actions.max() <= 1.0
+    quarters = np.histogram(actions, bins=4, range=(-1.0, 1.0))[0] / actions.size
+    assert (quarters > 0.17).all() and (quarters < 0.33).all(), quarters
+
+
 def test_several_envs_store_every_real_transition_and_scale_updates():
     config = make_config("td3", "Pendulum-v1", overrides=[
         *FAST, *TINY, "env.backend=gymnasium", "env.num_envs=3", "total_steps=300", "params.learning_starts=30",
