@@ -208,13 +208,29 @@ def test_gradient_accuracy_is_logged_on_mujoco():
                      "params.grad_accuracy_actions=4", "params.grad_accuracy_horizon=5",
                      "params.grad_accuracy_start_steps=10", env="mujoco:Hopper-v4", total=100)
     algo, envs = build_algo(config)
+    results = []
+    real_measure = algo.loop.measure_gradient_accuracy
+    algo.loop.measure_gradient_accuracy = lambda probe: results.append(real_measure(probe)) or results[-1]
     first = algo.iterate(envs)
-    assert "grad_cs/mean" in first and "grad_cs/frac_gt_0.5" in first
-    assert 0.0 <= first["grad_cs/frac_gt_0"] <= 1.0
-    probe = algo.gradient_probe(envs)
-    obs = envs.obs.astype(np.float32)
-    grad = probe.critic_gradient(obs, probe.policy(obs))
-    assert grad.shape == (1, 3)
+    envs.close()
+    (result,) = results
+    cos = result.cosine
+    # the logged columns summarise the per-state cosines
+    assert first["grad_cs/mean"] == pytest.approx(float(np.nanmean(cos)))
+    for tau in (0.0, 0.5):
+        assert first[f"grad_cs/frac_gt_{tau:g}"] == pytest.approx(float(np.mean(cos > tau)))
+    # the critic side is grad_a Q_1(s, a) at the policy's action (what TD3's actor follows), via autograd here
+    obs = torch.as_tensor(result.obs, dtype=torch.float32)
+    actions = algo.actor(obs).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(algo.critic(obs, actions)[0].sum(), actions)
+    np.testing.assert_allclose(result.critic_gradient, grad.numpy(), rtol=1e-4, atol=1e-6)
+    # the true side is the least-squares slope of the measured returns on the tried actions
+    for a, r, g in zip(result.actions, result.returns, result.true_gradient):
+        design = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+        np.testing.assert_allclose(g, np.linalg.lstsq(design, r, rcond=None)[0][:-1], rtol=1e-6, atol=1e-8)
+    expected_cos = [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))
+                    for x, y in zip(result.true_gradient, result.critic_gradient)]
+    np.testing.assert_allclose(cos, expected_cos, rtol=1e-6)
 
 
 def _final(run_dir):
