@@ -97,3 +97,78 @@ def test_vec_env_state_after_step_and_reset():
     second = env.reset()
     assert not np.array_equal(first, second)  # the envs' random streams continue
     env.close()
+
+
+def test_losses_on_inputs_where_signs_and_scales_matter():
+    """PPO's clipped surrogate and the (clipped) value loss by hand with nonzero old log-probs, advantages
+    away from +-1 and nonzero returns (inputs on which a swapped sign or a division would show)."""
+    from aclab.core.losses import clipped_surrogate_loss, value_loss
+
+    old = torch.tensor([-1.0, -0.5, -2.0], dtype=torch.float64)
+    log_probs = old + torch.log(torch.tensor([1.3, 0.7, 1.05], dtype=torch.float64))  # ratios 1.3, 0.7, 1.05
+    adv = torch.tensor([2.0, -3.0, 0.5], dtype=torch.float64)
+    loss, _, clip_fraction = clipped_surrogate_loss(log_probs, old, adv, 0.2)
+    # min(r A, clip(r) A): 1.2 * 2 = 2.4; min(-2.1, -2.4) = -2.4; 1.05 * 0.5 = 0.525
+    assert float(loss) == pytest.approx(-(2.4 - 2.4 + 0.525) / 3)
+    edge = clipped_surrogate_loss(torch.log(torch.tensor([1.2], dtype=torch.float64)), torch.zeros(1,
+                                  dtype=torch.float64), torch.ones(1, dtype=torch.float64), 0.2 + 1e-12)[2]
+    assert float(clip_fraction) == pytest.approx(2 / 3) and float(edge) == 0.0  # |r - 1| = eps is not clipped
+    values = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    returns = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    assert float(value_loss(values, returns)) == pytest.approx(0.5 * (1 + 4) / 2)
+    old_values = torch.tensor([0.0, 3.5], dtype=torch.float64)
+    # V_clip = (0.2, 3.3): max((1-2)^2, (0.2-2)^2) = 3.24; max((3-1)^2, (3.3-1)^2) = 5.29
+    assert float(value_loss(values, returns, old_values, 0.2)) == pytest.approx(0.5 * (3.24 + 5.29) / 2)
+    up = value_loss(torch.tensor([5.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64),
+                    torch.tensor([0.0], dtype=torch.float64), 0.2)
+    assert float(up) == pytest.approx(0.5 * 25.0)  # V_clip = 0.2: max(25, 0.04); clipped above as well as below
+    far = value_loss(torch.tensor([5.0], dtype=torch.float64), torch.tensor([10.0], dtype=torch.float64),
+                     torch.tensor([0.0], dtype=torch.float64), 0.2)
+    assert float(far) == pytest.approx(0.5 * 9.8 ** 2)  # V_clip = 0.2 (clipped at +0.2): (0.2 - 10)^2
+
+
+def test_return_estimators_check_the_value_shape():
+    from aclab.core.returns import gae, td_lambda_returns
+
+    rewards = torch.zeros(4, 2)
+    discounts = torch.full((4, 2), 0.9)
+    for bad in (torch.zeros(4, 2), torch.zeros(6, 2), torch.zeros(5, 3)):
+        for fn in (lambda v: gae(rewards, v, discounts, 0.9), lambda v: td_lambda_returns(rewards, v, discounts, 0.9),
+                   lambda v: n_step_returns(rewards, discounts, v, 2),
+                   lambda v: vtrace(torch.zeros(4, 2), rewards, v, discounts)):
+            with pytest.raises(ValueError):
+                fn(bad)
+    with pytest.raises(ValueError, match=r"time-major \[T, B\], got shape \(4,\)"):
+        gae(torch.zeros(4), torch.zeros(5), torch.zeros(4), 0.9)
+    gen = torch.Generator().manual_seed(1)
+    log_rhos, values = torch.randn(4, 2, generator=gen), torch.randn(5, 2, generator=gen)
+    r = torch.randn(4, 2, generator=gen)
+    torch.testing.assert_close(vtrace(log_rhos, r, values, discounts).vs,
+                               vtrace(log_rhos, r, values, discounts, lambda_=1.0).vs)  # lambda defaults to 1
+
+
+def test_beta_works_on_time_major_batches():
+    """Batches [T, B, 2D] (time-major rollouts) reduce over the action dimension only."""
+    beta = Beta(2)
+    params = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    flat = params.reshape(12, 4)
+    actions = beta.sample(params, torch.Generator().manual_seed(3))
+    assert actions.shape == (3, 4, 2)
+    torch.testing.assert_close(beta.log_prob(params, actions).reshape(12), beta.log_prob(flat, actions.reshape(12, 2)))
+    torch.testing.assert_close(beta.entropy(params).reshape(12), beta.entropy(flat))
+    other = params.flip(0)
+    torch.testing.assert_close(beta.kl(params, other).reshape(12), beta.kl(flat, other.reshape(12, 4)))
+    a, _ = beta.concentrations(params)
+    assert a.shape == (3, 4, 2)
+
+
+def test_make_distribution_accepts_categorical_for_discrete_and_rejects_it_for_box():
+    import gymnasium
+
+    from aclab.core.distributions import Categorical, make_distribution
+
+    assert isinstance(make_distribution(gymnasium.spaces.Discrete(3), "categorical"), Categorical)
+    with pytest.raises(ValueError, match="kind 'categorical' does not apply to a Box action space"):
+        make_distribution(gymnasium.spaces.Box(-1, 1, (2,)), "categorical")
+    with pytest.raises(ValueError, match=r"supported are gymnasium.spaces.Discrete \(Categorical\)"):
+        make_distribution(gymnasium.spaces.MultiBinary(2))
