@@ -84,7 +84,7 @@ def test_vec_env_state_after_step_and_reset():
     the reward scaler's discounted return restarts at an episode end seen through the VecEnv."""
     env = make_env("CartPole-v1", 2, seed=1, backend="gymnasium", options={"max_episode_steps": 5},
                    normalize_reward=True)
-    with pytest.raises(RuntimeError, match="call reset"):
+    with pytest.raises(RuntimeError, match=r"^call reset\(\) before step\(\)$"):
         env.step(np.zeros(2, dtype=np.int64))
     env.reset()
     for _ in range(5):
