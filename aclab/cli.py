@@ -21,7 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an algorithm (or resume a run)")
     p.add_argument("algo", nargs="?", help="algorithm name (see 'aclab list')")
     p.add_argument("--env", dest="env_id", help="env id, e.g. CartPole-v1, procgen:bigfish, atari:Breakout, "
-                                                 "mujoco:HalfCheetah-v4, dmc:cheetah-run, metaworld:reach-v3")
+                                                 "mujoco:HalfCheetah-v4, dmc:cheetah-run, metaworld:reach-v3; your "
+                                                 "own: gym:MODULE:EnvId or factory:MODULE:FUNCTION")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE before the env is made (it registers your env ids); saved as env.imports "
+                        "(repeatable)")
     p.add_argument("--preset", help="preset name (see 'aclab list') or a path to a .toml file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set params.lr=3e-4 --set env.num_envs=8 (repeatable)")
@@ -48,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("report"))
     p.add_argument("--normalization", default="auto", choices=["auto", "none", "procgen_minmax", "atari_hns"])
     p.add_argument("--metric", default="episode_return", help="training metric for curves and final scores")
-    p.add_argument("--last-k", type=int, default=10, help="final score: mean of the last k logged points")
+    p.add_argument("--last-episodes", type=int, default=100,
+                   help="final training score: mean return of the last N finished episodes (episodes.csv)")
+    p.add_argument("--last-k", type=int, default=10,
+                   help="final training score of runs without episodes.csv: mean of the last k logged points")
     p.add_argument("--last-k-evals", type=int, default=1, help="final eval score: mean of the last k evaluations")
     p.add_argument("--ppo-baseline", help="algorithm to normalise against (PPO-normalised score)")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
@@ -110,10 +117,14 @@ def _domain_errors() -> tuple[type[Exception], ...]:
 
 
 def cmd_train(args) -> int:
+    import json
+
     from aclab.config import ConfigError
     from aclab.train import make_config, resume_config, train
 
     overrides = list(args.overrides)
+    if args.imports:
+        overrides.append("env.imports=" + json.dumps(args.imports))
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     if args.total_steps is not None:
@@ -131,6 +142,11 @@ def cmd_train(args) -> int:
     else:
         if not args.algo:
             raise ConfigError("missing algorithm: 'aclab train ALGO --env ID' (see 'aclab list')")
+        if args.env_id is None and args.preset is None and not any(
+                o.split("=", 1)[0].strip() == "env.id" for o in overrides):
+            raise ConfigError(f"missing --env: which environment should {args.algo} train on? e.g. 'aclab train "
+                              f"{args.algo} --env CartPole-v1' (families and presets: 'aclab list'; a --preset "
+                              "that names an env also works)")
         config = make_config(args.algo, args.env_id, args.preset, overrides)
         summary = train(config, args.run_dir, overwrite=args.overwrite)
     _print_summary(summary, args.resume or args.run_dir)
@@ -219,6 +235,7 @@ def cmd_report(args) -> int:
     from aclab.evaluate.report import build_report
 
     path = build_report(args.run_dirs, args.out, normalization=args.normalization, last_k=args.last_k,
+                        last_episodes=args.last_episodes,
                         last_k_evals=args.last_k_evals, metric=args.metric, seed=args.seed, reps=args.reps,
                         ppo_baseline=args.ppo_baseline, title=args.title)
     print(f"report written to {path}")

@@ -7,10 +7,14 @@ Used by the training loop, evaluation, actors (threads, processes, Ray) and the 
 from __future__ import annotations
 
 from aclab.envs.make import make_env
+from aclab.envs.registry import import_env_modules
 
 
 def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, options: dict | None = None):
+    """``make_env`` for ``config.env`` (its ``imports`` are imported first), ``num_envs`` / ``seed`` / extra
+    ``options`` overriding the config's."""
     e = config.env
+    import_env_modules(getattr(e, "imports", ()))
     return make_env(
         e.id,
         num_envs or e.num_envs,

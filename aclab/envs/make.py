@@ -11,7 +11,7 @@ Default backends (``backend="auto"``), measured on the 2-core CPU machine, us pe
 | mujoco with <= 2 envs | Gymnasium (direct MuJoCo) | HalfCheetah 1 env: ~70 us vs EnvPool ~185 us |
 | procgen, atari, mujoco, dmc, metaworld | EnvPool, min(B, cores) threads | only EnvPool has them; 2 threads |
 | | | beat 1 by 1.4-1.7x (bigfish 64 envs: 82k vs 48k steps/s) |
-| gym:<id>, factories | Gymnasium ``SyncVectorEnv`` (NEXT_STEP) | generic |
+| gym:<id>, gym:<module>:<id>, factory:<module>:<fn>, callables | Gymnasium ``SyncVectorEnv`` | generic |
 
 :class:`VecEnv` adds ~7 us per step on top of the backend (4 envs; no normalisation); observation plus
 reward normalisation add ~25-30 us more.
@@ -20,6 +20,7 @@ Family options (``options=``; unknown keys raise :class:`EnvIdError` listing the
 
 * classic / gym: ``max_episode_steps`` and (Gymnasium backend) the env constructor's keyword arguments;
   EnvPool backend: EnvPool's config keys.
+* factory: the factory's keyword arguments (``options={"length": 8}`` calls ``factory(length=8)``).
 * procgen: ``levels`` = ``"train"`` (default; levels ``[0, 200)``: ``num_levels=200, start_level=0``),
   ``"test"`` (the full distribution, ``num_levels=0``), ``"test-unseen"`` (levels ``>= 200`` only:
   ``start_level=200, num_levels=2**31-1-200``, EnvPool draws level seeds uniformly in
@@ -43,6 +44,7 @@ Family options (``options=``; unknown keys raise :class:`EnvIdError` listing the
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ from aclab.envs import registry
 from aclab.envs.atari_marks import AtariFrameMarks
 from aclab.envs.backends import EnvPoolBackend, GymnasiumBackend, default_num_threads, derive_env_seeds
 from aclab.envs.normalize import ObsNormalizer, RewardScaler
-from aclab.envs.registry import EnvIdError, check_option_keys, coerce_option, parse_env_id
+from aclab.envs.registry import EnvIdError, check_option_keys, coerce_option, parse_env_id, resolve_env_factory
 from aclab.envs.spec import EnvSpec
 from aclab.envs.vec import VecEnv
 
@@ -218,8 +220,27 @@ def _plan_simulated(env_id: str, family: str, task_id: str, options: dict, backe
     return _Plan(family, env_id, "envpool", task_id=task_id, config=_envpool_options(env_id, task_id, options))
 
 
+def _plan_factory(env_id: str, path: str, options: dict[str, Any], backend: str) -> _Plan:
+    if backend == "envpool":
+        raise EnvIdError(f"{env_id!r}: an env factory runs on the Gymnasium backend; use backend='auto' or 'gymnasium'")
+    factory = resolve_env_factory(path)
+    if options:
+        try:
+            inspect.signature(factory).bind(**options)
+        except TypeError as exc:
+            raise EnvIdError(f"options {sorted(options)} for {env_id!r} do not fit the factory's arguments: "
+                             f"{exc}") from exc
+        except ValueError:  # no signature (a builtin): let the call decide
+            pass
+        kwargs = dict(options)
+        factory = functools.partial(factory, **kwargs)
+    return _Plan("factory", env_id, "gymnasium", factory=factory)
+
+
 def _plan(env_id: str, options: dict[str, Any], backend: str, num_envs: int = 1) -> _Plan:
     family, name = parse_env_id(env_id)
+    if family == "factory":
+        return _plan_factory(env_id, name, options, backend)
     if family in ("classic", "gym"):
         return _plan_classic_or_gym(env_id, family, name, options, backend)
     if family == "procgen":
