@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="Procgen: train or held-out test levels (other envs: new seeds)")
     p.add_argument("--deterministic", action="store_true", help="greedy/mean actions instead of sampling")
     p.add_argument("--no-log", action="store_true", help="do not append the result to the run's evals.csv")
+    p.add_argument("--checkpoint", default="final", metavar="final|best|PATH",
+                   help="final: the latest checkpoint (default); best: the checkpoint of the run's best evaluation "
+                        "(checkpoints/best.pt); or a checkpoint file")
+    p.add_argument("--video", type=Path, metavar="DIR",
+                   help="write videos of --episodes episodes (default 1) into DIR instead of evaluating")
+    p.add_argument("--gif", action="store_true", help="with --video: GIFs (for docs) instead of MP4s")
+    p.add_argument("--fps", type=int, help="with --video: frames per second (default: the env's own, else 30)")
 
     sub.add_parser("list", help="algorithms, env families and presets")
 
@@ -108,7 +115,8 @@ def _domain_errors() -> tuple[type[Exception], ...]:
     """Input errors of the reporting and sweep layers (imported only when present)."""
     errors: list[type[Exception]] = []
     for module, name in (("aclab.evaluate.report", "ReportError"), ("aclab.evaluate.runs_io", "RunDirError"),
-                         ("aclab.evaluate.stats", "StatsError"), ("aclab.sweep", "SweepError")):
+                         ("aclab.evaluate.stats", "StatsError"), ("aclab.sweep", "SweepError"),
+                       ("aclab.evaluate.video", "VideoError"), ("aclab.tune", "TuneError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -177,24 +185,35 @@ def cmd_eval(args) -> int:
     from aclab.envs import build_envs
     from aclab.evaluate.policy import evaluate
     from aclab.runs import Run
-    from aclab.train import load_run_config
+    from aclab.train import load_run_checkpoint, load_run_config
 
     config = load_run_config(args.run_dir)
-    run, checkpoint = Run.resume_readonly(args.run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"{args.run_dir} has no checkpoint to evaluate")
+    run, _ = Run.resume_readonly(args.run_dir)
+    checkpoint, which = load_run_checkpoint(args.run_dir, args.checkpoint)
     envs = build_envs(config)  # the training envs' shape, to restore their normalisation statistics
     algo = registry.build(config, envs.spec, resolve_device(config.device))
     algo.load_state_dict(checkpoint["algo"])
     envs.load_state_dict(checkpoint["envs"])
     splits = ["train", "test"] if args.split == "both" else [args.split]
-    for split in splits:
-        returns = evaluate(algo, config, split, args.episodes, train_envs=envs, deterministic=args.deterministic)
-        print(f"{split}: mean return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes "
-              f"(step {checkpoint['step']})")
-        if not args.no_log:
-            run.log_eval(int(checkpoint["step"]), split, returns)
-    envs.close()
+    try:
+        if args.video is not None:
+            from aclab.evaluate.video import record_videos
+
+            for split in splits:
+                written = record_videos(algo, config, args.video, episodes=args.episodes or 1, split=split,
+                                        fmt="gif" if args.gif else "mp4", deterministic=args.deterministic or None,
+                                        train_envs=envs, fps=args.fps, prefix=f"{split}-step{checkpoint['step']}")
+                for path, ret, length in written:
+                    print(f"{path}: return {ret:.2f}, {length} steps ({which} checkpoint, step {checkpoint['step']})")
+            return 0
+        for split in splits:
+            returns = evaluate(algo, config, split, args.episodes, train_envs=envs, deterministic=args.deterministic)
+            print(f"{split}: mean return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes "
+                  f"({which} checkpoint, step {checkpoint['step']})")
+            if not args.no_log and which != "best":
+                run.log_eval(int(checkpoint["step"]), split, returns)
+    finally:
+        envs.close()
     return 0
 
 

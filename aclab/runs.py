@@ -10,6 +10,7 @@ Layout of a run directory::
       episodes.csv         one row per finished training episode: step, env, return, length, level, task
       summary.json         algo, env_id, seed, steps, wall_time_s, steps_per_s, final_return, status, ...
       checkpoints/ckpt_<step>.pt   written atomically (temporary file, fsync, rename)
+      checkpoints/best.pt  the checkpoint of the best evaluation so far (best.json: its step and score)
       tb/                  TensorBoard event files
       learning_curve.png   episode return against env steps
 
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 CHECKPOINT_RE = re.compile(r"ckpt_(\d+)\.pt$")
+BEST_CHECKPOINT, BEST_INFO = "best.pt", "best.json"
 EVAL_COLUMNS = ["step", "split", "mean_return", "std_return", "num_episodes", "returns"]
 # step: env steps when the episode ended; env: index of the env in the batch (empty when the algorithm
 # collected it elsewhere, e.g. actor processes); level: Procgen level seed; task: Meta-World / meta-RL task.
@@ -131,6 +133,7 @@ class Run:
             lines = [ln for ln in jsonl.read_text().splitlines() if ln.strip()]
             keep_lines = [ln for ln in lines if json.loads(ln)["step"] <= step]
             atomic_write_text(jsonl, "".join(ln + "\n" for ln in keep_lines))
+        self._drop_best_after(step)
         for name, columns in (("evals.csv", EVAL_COLUMNS), ("episodes.csv", EPISODE_COLUMNS)):
             path = self.path / name
             if path.exists():
@@ -141,6 +144,12 @@ class Run:
                 writer.writeheader()
                 writer.writerows(keep)
                 atomic_write_text(path, buf.getvalue())
+
+    def _drop_best_after(self, step: int) -> None:
+        info = self.best_checkpoint_info()
+        if info is not None and info["step"] > step:  # found by work that the resume repeats
+            (self.checkpoint_dir / BEST_CHECKPOINT).unlink(missing_ok=True)
+            (self.checkpoint_dir / BEST_INFO).unlink(missing_ok=True)
 
     def _rewrite_csv(self, rows: list[dict]) -> None:
         buf = io.StringIO()
@@ -241,6 +250,25 @@ class Run:
         if self._tb is not None:
             self._tb.flush()
         return path
+
+    def best_checkpoint_info(self) -> dict | None:
+        """``{"step", "score", "split"}`` of ``checkpoints/best.pt``, or None when there is none."""
+        path = self.checkpoint_dir / BEST_INFO
+        if not path.exists() or not (self.checkpoint_dir / BEST_CHECKPOINT).exists():
+            return None
+        return json.loads(path.read_text())
+
+    def save_best_checkpoint(self, step: int, state: dict, score: float, split: str) -> bool:
+        """Write ``checkpoints/best.pt`` when ``score`` (an evaluation's mean return) beats the best so far."""
+        info = self.best_checkpoint_info()
+        if info is not None and not score > info["score"]:
+            return False
+        buf = io.BytesIO()
+        torch.save(dict(state, step=int(step)), buf)
+        atomic_write_bytes(self.checkpoint_dir / BEST_CHECKPOINT, buf.getvalue())
+        atomic_write_text(self.checkpoint_dir / BEST_INFO,
+                          json.dumps({"step": int(step), "score": float(score), "split": split}))
+        return True
 
     # ---------------------------------------------------------------- summary
     def write_summary(self, summary: dict) -> None:

@@ -135,6 +135,28 @@ def load_run_config(run_dir: Path) -> Config:
     return config
 
 
+def load_run_checkpoint(run_dir: Path, which: str = "final") -> tuple[dict, str]:
+    """``(checkpoint, description)`` of a run: ``"final"`` (or ``"latest"``) = its newest checkpoint,
+    ``"best"`` = ``checkpoints/best.pt`` (the best evaluation so far), else a checkpoint file's path."""
+    from aclab.runs import BEST_CHECKPOINT, load_latest_checkpoint
+
+    run_dir = Path(run_dir)
+    if which in ("final", "latest"):
+        checkpoint = load_latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint to evaluate")
+        status = json.loads((run_dir / "summary.json").read_text()).get("status") if (
+            run_dir / "summary.json").exists() else None
+        return checkpoint, "final" if status == "finished" else f"latest ({status or 'unfinished'} run)"
+    path = run_dir / "checkpoints" / BEST_CHECKPOINT if which == "best" else Path(which)
+    if not path.is_file():
+        if which == "best":
+            raise FileNotFoundError(f"{run_dir} has no best checkpoint (checkpoints/{BEST_CHECKPOINT}): it is written "
+                                    "at evaluations (eval.every_steps, or the evaluation at the end)")
+        raise FileNotFoundError(f"--checkpoint {which}: expected final, best or a checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=False), "best" if which == "best" else str(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -237,15 +259,24 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     if config.logging.wandb:
         run.sinks.append(_wandb_sink(config, run))
 
-    def save(step: int) -> None:
-        path = run.save_checkpoint(step, {
+    def state() -> dict:
+        return {
             "algo": algo.state_dict(),
             "envs": envs.state_dict(),
             "rng": global_rng_state(),
             "recent_returns": list(recent),
             "wall_time_s": wall_before + (time.time() - start),
-        }, keep=config.keep_checkpoints)
+        }
+
+    def save(step: int) -> None:
+        path = run.save_checkpoint(step, state(), keep=config.keep_checkpoints)
         hooks.on_checkpoint(int(step), path)
+
+    def evaluate_now(final: bool = False) -> None:
+        best_split = "test" if config.eval.split == "both" else config.eval.split
+        for split, returns in _run_evals(algo, config, run, envs, hooks, final=final):
+            if split == best_split and returns:
+                run.save_best_checkpoint(algo.steps, state(), float(np.mean(returns)), split)
 
     run.tensorboard()  # import and open the writer before the clock starts
     start = time.time()
@@ -275,7 +306,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                                                  np.asarray(algo.last_episode_returns, dtype=np.float64).reshape(-1),
                                                  run.path, config, algo))
                 if config.eval.every_steps and algo.steps - last_eval_step >= config.eval.every_steps:
-                    _run_evals(algo, config, run, envs, hooks)
+                    evaluate_now()
                     last_eval_step = algo.steps
                 done = algo.steps >= config.total_steps
                 if (config.checkpoint_every_iterations and iteration % config.checkpoint_every_iterations == 0
@@ -299,7 +330,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     if status == "finished":
         save(algo.steps)
     if (status == "finished" or (status == "stopped" and hooks.stop.final_eval)) and config.eval.episodes > 0:
-        _run_evals(algo, config, run, envs, hooks, final=True)
+        evaluate_now(final=True)
     if recorder is not None:
         recorder.close()
     envs.close()
@@ -343,13 +374,17 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     return summary
 
 
-def _run_evals(algo, config: Config, run: Run, envs, hooks: CallbackList | None = None, final: bool = False) -> None:
+def _run_evals(algo, config: Config, run: Run, envs, hooks: CallbackList | None = None,
+               final: bool = False) -> list[tuple[str, list[float]]]:
     splits = ["train", "test"] if config.eval.split == "both" else [config.eval.split]
+    done = []
     for split in splits:
         returns = evaluate(algo, config, split, train_envs=envs)
         run.log_eval(algo.steps, split, returns)
+        done.append((split, returns))
         if hooks is not None:
             hooks.on_evaluation(EvaluationInfo(int(algo.steps), split, returns, final, run.path))
+    return done
 
 
 def _wandb_sink(config: Config, run: Run) -> WandbSink:

@@ -100,6 +100,7 @@ class _Plan:
     game_over_from_info: bool = False
     marks: dict[str, Any] | None = None
     factory: Callable[[], gymnasium.Env] | None = None
+    render_only_sync: bool = False  # frames: one Gymnasium env per slot (not a numpy-vectorised env)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -276,6 +277,27 @@ def _single_env_max_steps(env: gymnasium.Env) -> int | None:
     return None
 
 
+def _plan_rendering(plan: _Plan) -> None:
+    """Ask the backend for RGB frames (``render_mode="rgb_array"``); EnvIdError where there are none."""
+    if plan.backend == "envpool":
+        if plan.family in ("mujoco", "dmc", "metaworld"):
+            raise EnvIdError(
+                f"{plan.env_id!r}: no frames: EnvPool's MuJoCo renderer cannot create a GL context on this machine"
+                + (" (use backend='gymnasium' for MuJoCo)" if plan.family == "mujoco" else
+                   "; DM Control and Meta-World have no other renderer here"))
+        plan.config["render_mode"] = "rgb_array"
+    elif plan.factory is not None:
+        try:
+            takes = "render_mode" in inspect.signature(plan.factory).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            plan.factory = functools.partial(plan.factory, render_mode="rgb_array")
+    else:
+        plan.config["render_mode"] = "rgb_array"
+        plan.render_only_sync = True
+
+
 def _build_gymnasium(plan: _Plan, num_envs: int, seeds: list[int]) -> tuple[GymnasiumBackend, int | None]:
     if plan.factory is not None:
         factory = plan.factory
@@ -289,7 +311,7 @@ def _build_gymnasium(plan: _Plan, num_envs: int, seeds: list[int]) -> tuple[Gymn
         )
         return backend, _single_env_max_steps(backend.env.envs[0])
     gym_id, kwargs = plan.task_id, dict(plan.config)
-    if _vector_entry_accepts(gym_id, kwargs):
+    if not plan.render_only_sync and _vector_entry_accepts(gym_id, kwargs):
         backend = GymnasiumBackend(
             lambda: gymnasium.make_vec(gym_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **kwargs),
             num_envs,
@@ -334,6 +356,7 @@ def make_env(
     normalize_reward: bool = False,
     reward_gamma: float = 0.99,
     reward_clip: float = 10.0,
+    render: bool = False,
 ) -> VecEnv:
     """Build ``num_envs`` copies of an environment as one :class:`VecEnv` (not yet reset).
 
@@ -351,6 +374,11 @@ def make_env(
         normalize_obs / obs_clip: per-element running observation normalisation, clipped to +-obs_clip.
         normalize_reward / reward_gamma / reward_clip: reward scaling by the running std of the
             discounted return with discount ``reward_gamma``, clipped to +-reward_clip.
+        render: make env 0 give RGB frames (:meth:`VecEnv.render`): EnvPool's renderer for classic
+            control (then on EnvPool), Atari and Procgen; Gymnasium's ``render_mode="rgb_array"`` for
+            Gymnasium ids and MuJoCo (which then runs on the Gymnasium backend); a factory gets
+            ``render_mode="rgb_array"`` when it takes that argument. DM Control and Meta-World give no
+            frames here (EnvPool's MuJoCo renderer cannot create a GL context on CPU machines).
 
     Raises :class:`EnvIdError` (a ValueError) for unknown ids, families, options or backends, and
     ValueError for a bad ``num_envs`` / ``seed`` -- before any env is built.
@@ -373,7 +401,14 @@ def make_env(
         name = getattr(env_id, "__name__", type(env_id).__name__)
         plan = _Plan("gym", f"callable:{name}", "gymnasium", factory=env_id)
     else:
+        family = parse_env_id(env_id)[0] if render and backend == "auto" else None
+        if family == "mujoco":
+            backend = "gymnasium"  # EnvPool's MuJoCo renderer needs a GL context it cannot create on CPUs
+        elif family == "classic":
+            backend = "envpool"  # renders without pygame (which Gymnasium's classic control needs)
         plan = _plan(env_id, options, backend, num_envs)
+    if render:
+        _plan_rendering(plan)
 
     seeds = derive_env_seeds(seed, num_envs)
     if plan.backend == "envpool":

@@ -192,6 +192,15 @@ class VecEnv:
         self._any_dummy = np.count_nonzero(done) > 0
         return StepResult(obs, reward, terminated, truncated, raw_reward, episode_return, episode_length)
 
+    def render(self) -> np.ndarray:
+        """The current RGB frame ``[H, W, 3]`` uint8 of env 0; the env must be made with
+        ``make_env(..., render=True)``."""
+        frame = self._backend.render() if hasattr(self._backend, "render") else None
+        if frame is None:
+            raise RuntimeError(f"{self.spec.env_id}: this env gives no frames (make it with make_env(..., render=True);"
+                               " a factory must create its env with render_mode='rgb_array')")
+        return frame
+
     def record_episodes(self, on: bool = True) -> None:
         """Start (or stop) recording finished episodes into :attr:`episode_log` (drained by the caller)."""
         self.episode_log = [] if on else None
