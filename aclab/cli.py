@@ -1,4 +1,4 @@
-"""Command line: ``aclab train | eval | list | report | sweep | analyze``.
+"""Command line: ``aclab train | eval | list | report | sweep | tune | analyze``.
 
 Bad input (unknown algorithm, env id, preset or config key, invalid value, missing run directory)
 prints one line ``aclab: error: ...`` naming the problem and the valid choices, and exits with 2.
@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, help="also write the JSON result to this file")
 
+    p = sub.add_parser("tune", help="hyperparameter search (Optuna) from a TOML spec; resumes a killed tuning")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--max-parallel", type=int, help="trials at a time (default: the spec's, else 1)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report of the study, run no trial")
+
     p = sub.add_parser("sweep", help="run a grid of algorithms x envs x seeds from a TOML spec")
     p.add_argument("spec", type=Path)
     p.add_argument("--dry-run", action="store_true", help="print the jobs without running them")
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "report": cmd_report,
-                "sweep": cmd_sweep, "analyze": cmd_analyze}[args.command](args)
+                "sweep": cmd_sweep, "analyze": cmd_analyze, "tune": cmd_tune}[args.command](args)
     except (ConfigError, EnvIdError, FileExistsError, FileNotFoundError, *_domain_errors()) as exc:
         print(f"aclab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -146,7 +151,7 @@ def cmd_train(args) -> int:
             raise ConfigError("--resume takes the run's saved config; drop ALGO/--env/--preset "
                               "(use --set to change keys)")
         config = resume_config(args.resume, overrides)
-        summary = train(config, args.resume, resume=True)
+        summary = train(config, args.resume, resume=True, callbacks=_trial_callbacks())
     else:
         if not args.algo:
             raise ConfigError("missing algorithm: 'aclab train ALGO --env ID' (see 'aclab list')")
@@ -156,9 +161,20 @@ def cmd_train(args) -> int:
                               f"{args.algo} --env CartPole-v1' (families and presets: 'aclab list'; a --preset "
                               "that names an env also works)")
         config = make_config(args.algo, args.env_id, args.preset, overrides)
-        summary = train(config, args.run_dir, overwrite=args.overwrite)
+        summary = train(config, args.run_dir, overwrite=args.overwrite, callbacks=_trial_callbacks())
     _print_summary(summary, args.resume or args.run_dir)
-    return 0 if summary["status"] in ("finished", "interrupted") else EXIT_FAILED_RUN
+    return 0 if summary["status"] in ("finished", "interrupted", "stopped") else EXIT_FAILED_RUN
+
+
+def _trial_callbacks() -> list:
+    """A tuning trial (``aclab tune`` started this process) reports its evaluations and can be pruned."""
+    import os
+
+    if "ACLAB_TUNE_TRIAL_ID" not in os.environ:
+        return []
+    from aclab.tune import callbacks_from_environment
+
+    return callbacks_from_environment()
 
 
 def _print_summary(summary: dict, run_dir) -> None:
@@ -169,7 +185,8 @@ def _print_summary(summary: dict, run_dir) -> None:
     table.add_column("key")
     table.add_column("value")
     for key in ("status", "algo", "env_id", "preset", "seed", "steps", "wall_time_s", "steps_per_s",
-                "final_return", "final_return_episodes", "eval_test_return", "eval_train_return", "error"):
+                "final_return", "final_return_episodes", "eval_test_return", "eval_train_return", "stop_reason",
+                "error"):
         if summary.get(key) is not None:
             value = summary[key]
             table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
@@ -292,6 +309,15 @@ def _run_analysis(run_analysis, args, common) -> dict:
     elif args.analysis == "gradient-noise":
         return run_analysis.run_gradient_noise(args.path, updates=args.updates, episodes=args.episodes, **common)
     return run_analysis.run_ood_actions(args.path, num_transitions=args.num_transitions, **common)
+
+
+def cmd_tune(args) -> int:
+    from aclab.tune import report_only, run_tune
+
+    path = report_only(args.spec) if args.report_only else run_tune(args.spec, max_parallel=args.max_parallel)
+    print(f"tuning report written to {path}")
+    print(path.read_text())
+    return 0
 
 
 def cmd_sweep(args) -> int:
