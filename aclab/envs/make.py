@@ -371,9 +371,12 @@ def make_env(
             ``"gymnasium"``.
         num_threads: EnvPool worker threads (default 1 for classic control, else min(B, cores)).
         options: family options, validated (see the module docstring).
-        normalize_obs / obs_clip: per-element running observation normalisation, clipped to +-obs_clip.
-        normalize_reward / reward_gamma / reward_clip: reward scaling by the running std of the
-            discounted return with discount ``reward_gamma``, clipped to +-reward_clip.
+        normalize_obs: per-element running observation normalisation, clipped to ``+-obs_clip``.
+        obs_clip: the observation clip (with ``normalize_obs``).
+        normalize_reward: reward scaling by the running std of the discounted return with discount
+            ``reward_gamma``, clipped to ``+-reward_clip``.
+        reward_gamma: the discount of that return.
+        reward_clip: the reward clip (with ``normalize_reward``).
         render: make env 0 give RGB frames (:meth:`VecEnv.render`): EnvPool's renderer for classic
             control (then on EnvPool), Atari and Procgen; Gymnasium's ``render_mode="rgb_array"`` for
             Gymnasium ids and MuJoCo (which then runs on the Gymnasium backend); a factory gets
