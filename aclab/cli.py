@@ -254,7 +254,8 @@ def cmd_list(args) -> int:
     for family, example in (("classic", "CartPole-v1, Pendulum-v1"), ("procgen", "procgen:bigfish"),
                             ("atari", "atari:Breakout"), ("mujoco", "mujoco:HalfCheetah-v4"),
                             ("dmc", "dmc:cheetah-run"), ("metaworld", "metaworld:reach-v3"),
-                            ("gym", "gym:<any registered Gymnasium id>")):
+                            ("gym", "gym:<any registered Gymnasium id>, gym:<module>:<EnvId> (your own)"),
+                            ("factory", "factory:<module>:<function returning a gymnasium.Env>")):
         t.add_row(family, example)
     console.print(t)
     t = Table(title="presets")

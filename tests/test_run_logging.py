@@ -65,8 +65,12 @@ def test_episodes_csv_has_every_episode_with_its_env_step_and_length(tmp_path):
 
 
 def test_episodes_csv_after_a_resume_equals_an_uninterrupted_run(tmp_path):
+    """A run killed after iteration 5 whose last checkpoint is from iteration 4 logged episodes that the
+    resume repeats: they are dropped, not written twice."""
     train(_cartpole(12 * BATCH), tmp_path / "full")
-    train(_cartpole(12 * BATCH), tmp_path / "cut", stop_after_iterations=5)  # checkpoint at iteration 5
+    train(_cartpole(12 * BATCH), tmp_path / "cut", stop_after_iterations=5)
+    list_checkpoints(tmp_path / "cut" / "checkpoints")[-1].unlink()  # as if killed before the 5th checkpoint
+    assert max(int(r["step"]) for r in _episodes(tmp_path / "cut")) > 4 * BATCH
     assert train(_cartpole(12 * BATCH), tmp_path / "cut", resume=True)["status"] == "finished"
     assert _episodes(tmp_path / "cut") == _episodes(tmp_path / "full")
 
