@@ -96,6 +96,21 @@ def test_procgen_episodes_carry_their_level():
     assert level == start_levels[env] and 0 <= level < 200 and task is None and length == call
 
 
+def test_metaworld_episodes_carry_their_task():
+    """Meta-World's ``task_id`` (which goal variation) of the episode that ended."""
+    envs = make_env("metaworld:reach-v3", 1, 0)
+    envs.record_episodes(True)
+    envs.reset()
+    task = int(envs.info["task_id"][0])
+    for _ in range(600):
+        envs.step(np.zeros((1, 4), np.float32))
+        if envs.episode_log:
+            break
+    envs.close()
+    call, env, ret, length, level, got = envs.episode_log[0]
+    assert (call, env, length, level, got) == (500, 0, 500, None, task) and np.isfinite(ret)
+
+
 def test_recorder_falls_back_to_the_algorithms_returns():
     """Algorithms that collect on other envs (actor processes, meta-RL tasks) give returns, lengths and tasks;
     their rows carry the iteration's last step and no env index."""
