@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.aclab-installed
 
-.PHONY: setup demo test test-slow lint bench clean mutation mutation-generic
+.PHONY: setup demo test test-slow lint bench docs clean mutation mutation-generic
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -34,10 +34,15 @@ mutation-generic: $(STAMP)
 	$(PY) mutation/generic.py --max-children $(JOBS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check aclab tests benchmarks
+	$(VENV)/bin/ruff check aclab tests benchmarks docs
+
+## The documentation site (MkDocs Material, API pages from the docstrings) in site/; strict: any warning fails.
+## The test suite builds it too (tests/test_docs.py), so CI checks it.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/ppo_speed.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs site .pytest_cache
