@@ -25,6 +25,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
     args = parser.parse_args(argv)
     if not args.report_only:
+        # a fresh run: mutmut caches verdicts and the test-to-function map in mutants/, which would
+        # otherwise outlive changes to the code or the tests
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         subprocess.run([*_mutmut(), "run", "--max-children", str(args.max_children), *SCOPE], cwd=ROOT, env=env,
                        stdout=subprocess.DEVNULL)
