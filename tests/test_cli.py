@@ -53,9 +53,13 @@ def test_train_then_eval(tmp_path, capsys):
     assert "finished" in out and "final_return" in out
     assert main(["eval", str(run), "--episodes", "4", "--split", "test"]) == 0
     out = capsys.readouterr().out
-    assert "over 4 episodes" in out
+    assert "over 4 episodes" in out and "evals_adhoc.csv" in out
     evals = (run / "evals.csv").read_text().strip().splitlines()
-    assert len(evals) == 3  # header, end-of-training eval, the eval command
+    assert len(evals) == 2  # header, end-of-training eval: an ad-hoc eval never enters the run's record
+    adhoc = (run / "evals_adhoc.csv").read_text().strip().splitlines()
+    assert len(adhoc) == 2 and adhoc[0].endswith(",deterministic") and adhoc[1].startswith("1024,test,")
+    assert main(["eval", str(run), "--episodes", "2", "--out", str(run / "evals.csv")]) == 2
+    assert "evals.csv holds the training loop's own evaluations" in capsys.readouterr().err
 
 
 def test_analyze_value_bias_and_wrong_analysis(tmp_path, capsys):

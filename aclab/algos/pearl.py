@@ -60,6 +60,7 @@ from aclab.core.distributions import normal_kl, normal_split, tanh_normal_sample
 from aclab.envs.meta import BatchTaskEnv, Trajectories, family_for_env_spec, rollout
 from aclab.nets.critics import HyperCritic, make_critic
 from aclab.nets.hyper import HYPER_INITS, DynamicLayer, HyperPolicy
+from aclab.runs import check_stop
 
 MODELS = ("mlp", "hyper")
 
@@ -406,6 +407,7 @@ class PEARL:
         normalised: list[np.ndarray] = []
 
         def act(obs: np.ndarray, t: int) -> np.ndarray:
+            check_stop()
             a = self.policy_actions(obs, z, deterministic, generator)
             normalised.append(a)
             return a * self.action_scale + self.action_offset
@@ -555,6 +557,7 @@ class PEARL:
         steps += self.collect(sampled, p.num_extra_rl_steps_posterior, p.update_post_train, False)
         stats = []
         for _ in range(p.num_train_steps_per_itr):
+            check_stop()
             stats.append(self.update(self.rng.choice(p.num_train_tasks, size=p.meta_batch)))
         self.steps += steps
         self.iteration += 1
