@@ -170,7 +170,7 @@ def _print_summary(summary: dict, run_dir) -> None:
     table.add_column("value")
     for key in ("status", "algo", "env_id", "preset", "seed", "steps", "overshoot_steps", "wall_time_s", "steps_per_s",
                 "final_return", "final_return_episodes", "eval_test_return", "eval_train_return", "error"):
-        if summary.get(key) is not None:
+        if summary.get(key) is not None and not (key == "overshoot_steps" and summary[key] == 0):
             value = summary[key]
             table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
     console = Console()

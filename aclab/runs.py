@@ -32,10 +32,12 @@ Guarantees:
   ``RUN_DIR/discarded-<time>/``. Retention keeps the newest ``keep`` checkpoints *that load*. Torn
   temporary files (``.*.tmp<pid>``) of a process killed mid-write are removed at create and resume.
 
-Stopping: the training loop's signal handler calls :func:`request_stop`; the loops inside an iteration
-(env steps, minibatches) call :func:`check_stop`, which raises :class:`StopRequested` in the main thread
-so a run stops within seconds. The state inside an iteration is not checkpointed (it is not
-consistent); the run resumes from its latest checkpoint.
+Stopping: the training loop's signal handler calls :func:`request_stop`. An iteration that ends within
+``STOP_GRACE_S`` seconds (default 3; environment variable ``ACLAB_STOP_GRACE_S``) of the request is
+completed and checkpointed; a longer one is abandoned: the loops inside an iteration (env steps,
+minibatches, evaluation episodes) call :func:`check_stop`, which then raises :class:`StopRequested` in
+the main thread. The state inside an iteration is not checkpointed (it is not consistent); the run
+resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -86,10 +88,14 @@ class StopRequested(Exception):
     """Raised by :func:`check_stop` inside an iteration after SIGINT/SIGTERM."""
 
 
+STOP_GRACE_S = float(os.environ.get("ACLAB_STOP_GRACE_S", "3"))
 _stop = threading.Event()
+_stop_time = [0.0]
 
 
 def request_stop() -> None:
+    if not _stop.is_set():
+        _stop_time[0] = time.monotonic()
     _stop.set()
 
 
@@ -102,9 +108,11 @@ def stop_requested() -> bool:
 
 
 def check_stop() -> None:
-    """Raise :class:`StopRequested` if a stop was requested (main thread only: actor threads go on until
-    the learner stops them). Costs ~0.1 us; call it between env steps and between minibatches."""
-    if _stop.is_set() and threading.current_thread() is threading.main_thread():
+    """Raise :class:`StopRequested` once a stop was requested more than ``STOP_GRACE_S`` seconds ago (main
+    thread only: actor threads go on until the learner stops them). Costs ~0.1 us; call it between env
+    steps and between minibatches."""
+    if (_stop.is_set() and time.monotonic() - _stop_time[0] >= STOP_GRACE_S
+            and threading.current_thread() is threading.main_thread()):
         raise StopRequested("stop requested")
 
 

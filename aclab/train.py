@@ -318,6 +318,9 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                     if saved_step != algo.steps:
                         save()
                     status = "interrupted"
+                    if stop.requested:
+                        notice(f"stopped at step {algo.steps:,} after a checkpoint; continue with "
+                               f"'aclab train --resume {run.path}'")
                     break
                 metrics = algo.iterate(envs)
                 iterations_here += 1
