@@ -313,6 +313,7 @@ def test_sigterm_inside_a_long_iteration_stops_there_and_resumes_exactly(tmp_pat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "stopped during an iteration" in summary["error"], err
     assert summary["checkpoint_step"] == 4 * 4096 and "stopped during an iteration" in err
+    assert summary["steps"] == 4 * 4096  # stopped while collecting the rollout (PPO counts it when complete)
     config = make_config("ppo", "CartPole-v1", overrides=sets)
     assert train(config, run_dir, resume=True)["status"] == "finished"
     train(config, tmp_path / "full")
