@@ -478,8 +478,12 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if str(os.getppid()) != parent:  # the sweep died before prctl took effect
+    try:
+        os.kill(int(parent), 0)
+    except ProcessLookupError:  # the sweep died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+    except (ValueError, PermissionError):
+        pass
 
 
 class _SweepSignals:
