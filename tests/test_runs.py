@@ -352,3 +352,23 @@ def test_step_budget_overshoot_is_reported(tmp_path):
         'params.critic_options={"hidden_sizes":[8]}']), tmp_path / "td3")
     assert td3["steps"] == 102 and td3["overshoot_steps"] == 1  # within one vectorised env step
     assert np.isfinite(td3["wall_time_s"])
+
+
+def test_envpool_resume_says_on_the_console_that_it_is_not_exact(tmp_path, capsys):
+    config = _ppo(128 * 4, "env.backend=envpool")
+    train(config, tmp_path / "run", stop_after_iterations=2)
+    capsys.readouterr()
+    summary = train(config, tmp_path / "run", resume=True)
+    assert summary["resumed_with_exact_env_state"] is False
+    err = capsys.readouterr().err
+    assert "aclab: warning: the envpool backend cannot save its simulators" in err and "freshly reset" in err
+
+
+def test_checkpoints_come_every_n_iterations_and_every_m_minutes():
+    from aclab.train import _checkpoint_due
+
+    by_iterations = _ppo(128, "checkpoint_every_iterations=3", "checkpoint_every_minutes=0")
+    assert [_checkpoint_due(by_iterations, i, time.monotonic()) for i in range(1, 7)] == [False, False, True] * 2
+    by_time = _ppo(128, "checkpoint_every_iterations=0", "checkpoint_every_minutes=10")
+    assert not _checkpoint_due(by_time, 7, time.monotonic() - 590)
+    assert _checkpoint_due(by_time, 7, time.monotonic() - 601)
