@@ -184,7 +184,7 @@ def cmd_eval(args) -> int:
     from aclab.config import ConfigError
     from aclab.envs import build_envs
     from aclab.evaluate.policy import evaluate
-    from aclab.runs import ADHOC_EVALS_FILE, EVALS_FILE, Run, append_eval, eval_record
+    from aclab.runs import ADHOC_EVALS_FILE, EVALS_FILE, append_eval, eval_record, find_readable_checkpoint
     from aclab.train import build_algorithm, load_run_config
 
     if args.episodes is not None and args.episodes < 1:
@@ -194,9 +194,12 @@ def cmd_eval(args) -> int:
     if out is not None and out.resolve() == (args.run_dir / EVALS_FILE).resolve():
         raise ConfigError(f"--out {out}: evals.csv holds the training loop's own evaluations (the report reads it); "
                           "write ad-hoc evaluations to another file (default evals_adhoc.csv)")
-    _, checkpoint = Run.open_readonly(args.run_dir)
+    checkpoint, path, unreadable = find_readable_checkpoint(args.run_dir / "checkpoints")
     if checkpoint is None:
         raise FileNotFoundError(f"{args.run_dir} has no readable checkpoint to evaluate")
+    if unreadable:
+        print(f"aclab: warning: {', '.join(p.name for p in unreadable)} cannot be read; evaluating {path.name}",
+              file=sys.stderr)
     envs = build_envs(config)  # the training envs' shape, to restore their normalisation statistics
     algo = None
     try:

@@ -332,15 +332,6 @@ class Run:
             raise
         return run, ResumePoint(checkpoint, notes, final_eval_done)
 
-    @classmethod
-    def open_readonly(cls, path: Path) -> tuple[Run, dict | None]:
-        """Open ``path`` without the lock to read its newest readable checkpoint (``aclab eval``); writes
-        nothing to the run's own logs."""
-        path = Path(path)
-        config_dict = read_run_config(path)
-        checkpoint, _, _ = find_readable_checkpoint(path / "checkpoints")
-        return cls(path, config_dict), checkpoint
-
     def write_config(self, config_dict: dict) -> None:
         """Replace config.json (a resume that changed e.g. ``total_steps`` records it for later resumes)."""
         self.config_dict = config_dict

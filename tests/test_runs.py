@@ -211,7 +211,8 @@ def test_retention_counts_only_checkpoints_that_load(tmp_path):
 
 def test_torn_temporary_files_are_removed_at_resume(tmp_path):
     train(_ppo(128 * 4), tmp_path / "run", stop_after_iterations=2)
-    torn = [tmp_path / "run" / "checkpoints" / ".ckpt_000000000384.pt.tmp4242", tmp_path / "run" / ".summary.json.tmp99"]
+    torn = [tmp_path / "run" / "checkpoints" / ".ckpt_000000000384.pt.tmp4242",
+            tmp_path / "run" / ".summary.json.tmp99"]
     for path in torn:
         path.write_bytes(b"x" * 1000)
     summary = train(_ppo(128 * 4), tmp_path / "run", resume=True)
