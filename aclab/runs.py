@@ -11,8 +11,10 @@ Layout of a run directory::
                            num_episodes, returns (space-separated)
       evals_adhoc.csv      ``aclab eval`` results (not part of the run's record; the report ignores them
                            unless asked)
+      episodes.csv         one row per finished training episode: step, env, return, length, level, task
       summary.json         algo, env_id, seed, steps, wall_time_s, steps_per_s, final_return, status, ...
       checkpoints/ckpt_<step>.pt   written atomically (temporary file, fsync, rename)
+      checkpoints/best.pt  the checkpoint of the best evaluation so far (best.json: its step and score)
       tb/                  TensorBoard event files
       learning_curve.png   episode return against env steps
       .lock                held (``filelock``) by the one process that writes the run
@@ -60,13 +62,18 @@ from typing import Any
 import torch
 
 CHECKPOINT_RE = re.compile(r"ckpt_(\d+)\.pt$")
+BEST_CHECKPOINT, BEST_INFO = "best.pt", "best.json"
 EVAL_COLUMNS = ["step", "split", "mean_return", "std_return", "num_episodes", "returns"]
 ADHOC_EVAL_COLUMNS = [*EVAL_COLUMNS, "deterministic"]
 EVALS_FILE = "evals.csv"
 ADHOC_EVALS_FILE = "evals_adhoc.csv"
 LOCK_FILE = ".lock"
-LOG_FILES = ("metrics.csv", "metrics.jsonl", EVALS_FILE, "summary.json", "learning_curve.png", "tb")
+EPISODES_FILE = "episodes.csv"
+LOG_FILES = ("metrics.csv", "metrics.jsonl", EVALS_FILE, EPISODES_FILE, "summary.json", "learning_curve.png", "tb")
 _TEMP_RE = re.compile(r"^\..+\.tmp\d+$")
+# step: env steps when the episode ended; env: index of the env in the batch (empty when the algorithm
+# collected it elsewhere, e.g. actor processes); level: Procgen level seed; task: Meta-World / meta-RL task.
+EPISODE_COLUMNS = ["step", "env", "return", "length", "level", "task"]
 
 
 class RunError(ValueError):
@@ -257,6 +264,7 @@ class Run:
         self._time_offset = 0.0
         self.started = time.time()
         self._readable: set[str] = set()  # checkpoint file names known to load (written or read here)
+        self.sinks: list = []  # mirrors of the logs (e.g. Weights & Biases): log(step, dict), close()
 
     # ---------------------------------------------------------------- construction
     @staticmethod
@@ -364,6 +372,15 @@ class Run:
                 except (ValueError, KeyError, TypeError):  # a torn last line
                     continue
             atomic_write_text(jsonl, "".join(ln + "\n" for ln in keep_lines))
+        self._drop_best_after(step)
+        episodes = self.path / EPISODES_FILE
+        if episodes.exists():
+            _, rows = _csv_rows(episodes)
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=EPISODE_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(r for r in rows if _row_step(r) is not None and _row_step(r) <= step)
+            atomic_write_text(episodes, buf.getvalue())
         final = self.read_summary().get("final_eval") or {}
         final_done = checkpoint is not None and final.get("step") == step
         evals = self.path / EVALS_FILE
@@ -388,6 +405,12 @@ class Run:
     def eval_rows(self) -> int:
         """Rows in evals.csv (recorded in each checkpoint)."""
         return len(_csv_rows(self.path / EVALS_FILE)[1])
+
+    def _drop_best_after(self, step: int) -> None:
+        info = self.best_checkpoint_info()
+        if info is not None and info["step"] > step:  # found by work that the resume repeats
+            (self.checkpoint_dir / BEST_CHECKPOINT).unlink(missing_ok=True)
+            (self.checkpoint_dir / BEST_INFO).unlink(missing_ok=True)
 
     def _rewrite_csv(self, rows: list[dict]) -> None:
         buf = io.StringIO()
@@ -417,6 +440,21 @@ class Run:
             for k, v in metrics.items():
                 if v is not None and math.isfinite(float(v)):
                     tb.add_scalar(k, float(v), int(step))
+        for sink in self.sinks:
+            sink.log(int(step), {k: v for k, v in clean.items() if k != "step"})
+
+    def log_episodes(self, rows: list[dict]) -> None:
+        """Append finished training episodes (dicts with :data:`EPISODE_COLUMNS` keys) to episodes.csv."""
+        if not rows:
+            return
+        path = self.path / "episodes.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=EPISODE_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows({k: (f"{v:.8g}" if isinstance(v, float) else _format(v)) for k, v in
+                              ((k, row.get(k)) for k in EPISODE_COLUMNS)} for row in rows)
 
     def log_eval(self, step: int, split: str, returns: list[float]) -> dict:
         """Append an evaluation (per-episode raw returns) to evals.csv and TensorBoard."""
@@ -425,6 +463,10 @@ class Run:
         tb = self.tensorboard()
         if tb is not None and record["num_episodes"]:
             tb.add_scalar(f"eval/{split}_return", record["mean_return"], int(step))
+        if record["num_episodes"]:
+            for sink in self.sinks:
+                sink.log(int(step), {f"eval/{split}_return": record["mean_return"],
+                                     f"eval/{split}_return_std": record["std_return"]})
         return record
 
     def mark_final_eval(self, step: int) -> None:
@@ -470,6 +512,25 @@ class Run:
             else:
                 path.rename(path.with_name(path.name + ".unreadable"))
 
+    def best_checkpoint_info(self) -> dict | None:
+        """``{"step", "score", "split"}`` of ``checkpoints/best.pt``, or None when there is none."""
+        path = self.checkpoint_dir / BEST_INFO
+        if not path.exists() or not (self.checkpoint_dir / BEST_CHECKPOINT).exists():
+            return None
+        return json.loads(path.read_text())
+
+    def save_best_checkpoint(self, step: int, state: dict, score: float, split: str) -> bool:
+        """Write ``checkpoints/best.pt`` when ``score`` (an evaluation's mean return) beats the best so far."""
+        info = self.best_checkpoint_info()
+        if info is not None and not score > info["score"]:
+            return False
+        buf = io.BytesIO()
+        torch.save(dict(state, step=int(step)), buf)
+        atomic_write_bytes(self.checkpoint_dir / BEST_CHECKPOINT, buf.getvalue())
+        atomic_write_text(self.checkpoint_dir / BEST_INFO,
+                          json.dumps({"step": int(step), "score": float(score), "split": split}))
+        return True
+
     # ---------------------------------------------------------------- summary
     def read_summary(self) -> dict:
         try:
@@ -487,6 +548,9 @@ class Run:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self._lock is not None:
             self._lock.release()
             self._lock = None

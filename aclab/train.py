@@ -16,6 +16,7 @@ Any exception leaves ``status: failed`` and the error in summary.json; SIGINT/SI
 from __future__ import annotations
 
 import collections
+import json
 import signal
 import sys
 import time
@@ -33,9 +34,12 @@ from aclab.algos.common import (
     seed_everything,
     set_global_rng_state,
 )
+from aclab.callbacks import CallbackList, EvaluationInfo, IterationInfo
 from aclab.config import (
     Config,
     ConfigError,
+    EnvConfig,
+    apply_table,
     check_resume_changes,
     config_from_dict,
     config_from_table,
@@ -44,7 +48,9 @@ from aclab.config import (
     set_key,
 )
 from aclab.envs import build_envs, make_env, parse_env_id
+from aclab.envs.registry import import_env_modules, register_env_factory
 from aclab.evaluate.policy import evaluate
+from aclab.run_logging import EpisodeRecorder, PlainProgress, WandbSink
 from aclab.runs import (
     EVALS_FILE,
     DivergenceMonitor,
@@ -69,20 +75,34 @@ def make_config(
     env_id: str | None = None,
     preset: str | None = None,
     overrides: list[str] | dict | None = None,
+    *,
+    env_factory=None,
 ) -> Config:
     """Resolve a full Config: algorithm defaults <- preset <- env id <- overrides; validated.
 
     With no ``preset``, the preset ``<algo>-<family>`` for the env's family is used when it exists.
+    ``env_factory``: a zero-argument callable returning a ``gymnasium.Env`` (your own env object) instead
+    of ``env_id``; the config records it as ``"factory:<module>:<name>"`` (see
+    :func:`aclab.envs.register_env_factory`).
     """
+    if env_factory is not None:
+        if env_id is not None:
+            raise ConfigError("give env_id or env_factory, not both")
+        env_id = register_env_factory(env_factory)
     entry = registry.get_entry(algo)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
+    items = list(items)
+    loaded = load_preset(preset) if preset is not None else None
+    _import_early(items, loaded[1] if loaded else {})
     if env_id is not None:
         parse_env_id(env_id)  # unknown ids fail here, before anything is built
     table: dict = {"algo": algo}
     if preset is None and env_id is not None:
         family, _ = parse_env_id(env_id)
         preset = registry.default_preset(algo, family, _is_discrete(env_id))
-    if preset is not None:
-        preset_name, table = load_preset(preset)
+        loaded = load_preset(preset) if preset is not None else None
+    if loaded is not None:
+        preset_name, table = loaded
         table = dict(table)
         preset_algo = table.get("algo", algo)
         if preset_algo != algo and registry.get_algorithm(preset_algo) is not entry.cls:
@@ -94,12 +114,24 @@ def make_config(
         set_key(config, f"params.{key}", value)
     if env_id is not None:
         config.env.id = env_id
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
     for key, value in items:
         set_key(config, key, value)
     parse_env_id(config.env.id)
     config.validate()
     return config
+
+
+def _import_early(items: list, preset_table: dict) -> None:
+    """Import ``env.imports`` (from the preset, then the overrides) before the env id is checked."""
+    probe = EnvConfig()
+    env_table = preset_table.get("env") if isinstance(preset_table.get("env"), dict) else {}
+    if "imports" in env_table:
+        apply_table(probe, {"imports": env_table["imports"]}, "env")
+    for key, value in items:
+        if key in ("env.imports", "imports"):
+            apply_table(probe, {"imports": value}, "env")
+    probe.validate()
+    import_env_modules(probe.imports)
 
 
 def _is_discrete(env_id: str) -> bool:
@@ -115,9 +147,36 @@ def load_run_config(run_dir: Path) -> Config:
     """The saved config of a run directory; RunError/ConfigError for a missing, unreadable or invalid one."""
     data = read_run_config(Path(run_dir))
     try:
-        return config_from_dict(data, registry.get_algorithm(data["algo"]).Config)
+        config = config_from_dict(data, registry.get_algorithm(data["algo"]).Config)
     except ConfigError as exc:
         raise ConfigError(f"{Path(run_dir) / 'config.json'}: {exc}") from exc
+    import_env_modules(config.env.imports)  # the modules that register the run's own env ids
+    return config
+
+
+def load_run_checkpoint(run_dir: Path, which: str = "final") -> tuple[dict, str]:
+    """``(checkpoint, description)`` of a run: ``"final"`` (or ``"latest"``) = its newest checkpoint,
+    ``"best"`` = ``checkpoints/best.pt`` (the best evaluation so far), else a checkpoint file's path."""
+    from aclab.runs import BEST_CHECKPOINT, find_readable_checkpoint
+
+    run_dir = Path(run_dir)
+    if which in ("final", "latest"):
+        checkpoint, path, unreadable = find_readable_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise FileNotFoundError(f"{run_dir} has no readable checkpoint to evaluate")
+        if unreadable:
+            print(f"aclab: warning: {', '.join(p.name for p in unreadable)} cannot be read; using {path.name}",
+                  file=sys.stderr)
+        status = json.loads((run_dir / "summary.json").read_text()).get("status") if (
+            run_dir / "summary.json").exists() else None
+        return checkpoint, "final" if status == "finished" else f"latest ({status or 'unfinished'} run)"
+    path = run_dir / "checkpoints" / BEST_CHECKPOINT if which == "best" else Path(which)
+    if not path.is_file():
+        if which == "best":
+            raise FileNotFoundError(f"{run_dir} has no best checkpoint (checkpoints/{BEST_CHECKPOINT}): it is written "
+                                    "at evaluations (eval.every_steps, or the evaluation at the end)")
+        raise FileNotFoundError(f"--checkpoint {which}: expected final, best or a checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=False), "best" if which == "best" else str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +272,8 @@ def build_algorithm(config: Config, spec, device: torch.device):
 
 
 def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
-          start_over: bool = False, stop_after_iterations: int | None = None, console=None) -> dict:
+          start_over: bool = False, stop_after_iterations: int | None = None, console=None, callbacks=(),
+          env_factory=None) -> dict:
     """Train ``config.algo`` until ``config.total_steps``; return the summary dict.
 
     ``resume=True`` reopens ``run_dir`` and continues from its latest readable checkpoint (``start_over``:
@@ -221,10 +281,21 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     from :func:`resume_config`) is saved as the run's config. Everything that can be checked (device,
     algorithm/env compatibility, the run directory) is checked before the run directory is created or
     touched. ``stop_after_iterations`` stops early (as a kill would, but after a clean checkpoint); for
-    tests.
+    tests. ``callbacks``: objects with any of ``on_iteration`` / ``on_evaluation`` / ``on_checkpoint`` (see
+    :mod:`aclab.callbacks`); ``on_iteration`` returning False stops the run (status ``"stopped"``).
+    ``env_factory``: a zero-argument callable returning a ``gymnasium.Env``; it replaces ``config.env.id``
+    (give the same factory again to resume a run whose factory cannot be imported by path).
     """
+    if env_factory is not None:
+        config.env.id = register_env_factory(env_factory)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     device = resolve_device(config.device)
+    if config.logging.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("logging.wandb=true needs the wandb package: pip install 'aclab[wandb]' "
+                              "(scripts/setup.sh installs it)") from exc
     if not resume:
         Run.check_new(run_dir, overwrite)
     if config.deterministic_torch:
@@ -246,7 +317,8 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     try:
         if resume:
             run.write_config(config.to_dict())
-        return _train_run(run, point, config, envs, algo, device, resume, stop_after_iterations, console)
+        return _train_run(run, point, config, envs, algo, device, resume, stop_after_iterations, console,
+                          CallbackList(callbacks))
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt):
             run.write_summary({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
@@ -264,8 +336,8 @@ def _close(envs, algo) -> None:
 
 
 def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device, resume: bool,
-               stop_after_iterations: int | None, console) -> dict:
-    progress = _Progress(config, algo.steps, enabled=config.progress, console=console)
+               stop_after_iterations: int | None, console, hooks: CallbackList) -> dict:
+    progress = _make_progress(config, algo.steps, console)
     notice = _Notices(progress)
     for note in point.notes:
         notice(note, "warning")
@@ -292,24 +364,37 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                                    config.divergence.entropy_min, envs.spec.discrete)
     divergence.load_state_dict(loop.divergence or {})
     saved_step = int(checkpoint["step"]) if checkpoint is not None else None
+    recorder = EpisodeRecorder(envs) if config.logging.episodes else None
+    if config.logging.wandb:
+        run.sinks.append(_wandb_sink(config, run))
 
-    def save() -> None:
-        nonlocal saved_step, last_save
+    def state() -> dict:
         loop.recent_returns, loop.wall_time_s, loop.divergence = list(recent), run.elapsed(), divergence.state_dict()
-        run.save_checkpoint(algo.steps, {
+        return {
             "algo": algo.state_dict(),
             "envs": envs.state_dict(),
             "rng": global_rng_state(),
             "loop": loop.state_dict(),
             "logs": {"eval_rows": run.eval_rows()},
-        }, keep=config.keep_checkpoints)
+        }
+
+    def save() -> None:
+        nonlocal saved_step, last_save
+        path = run.save_checkpoint(algo.steps, state(), keep=config.keep_checkpoints)
         saved_step, last_save = algo.steps, time.monotonic()
+        hooks.on_checkpoint(int(algo.steps), path)
+
+    def evaluate_now(final: bool = False) -> None:
+        best_split = "test" if config.eval.split == "both" else config.eval.split
+        for split, returns in _run_evals(algo, config, run, envs, hooks, final=final):
+            if split == best_split and returns:
+                run.save_best_checkpoint(algo.steps, state(), float(np.mean(returns)), split)
 
     run.tensorboard()  # import and open the writer before the clock starts
     run.start_clock(loop.wall_time_s)
     start, last_save = time.time(), time.monotonic()
     start_steps = algo.steps
-    status, error = "finished", None
+    status, error, stop_reason = "finished", None, None
     iterations_here = 0
     try:
         with _StopRequest() as stop, progress:
@@ -322,6 +407,8 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                         notice(f"stopped at step {algo.steps:,} after a checkpoint; continue with "
                                f"'aclab train --resume {run.path}'")
                     break
+                if recorder is not None:
+                    recorder.begin(algo.steps)
                 metrics = algo.iterate(envs)
                 iterations_here += 1
                 iteration = getattr(algo, "iteration", iterations_here)
@@ -329,23 +416,32 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                 metrics["steps_per_s"] = (algo.steps - start_steps) / max(time.time() - start, 1e-9)
                 if iteration % config.log_every_iterations == 0:
                     run.log(algo.steps, metrics)
+                if recorder is not None:
+                    run.log_episodes(recorder.rows(algo))
                 for warning in divergence.check(algo.steps, metrics):
                     notice(warning, "warning")
                     if config.divergence.stop:
                         raise DivergedError(warning)
                 progress.update(algo.steps, metrics, recent)
+                hooks.on_iteration(IterationInfo(int(algo.steps), iterations_here, metrics,
+                                                 np.asarray(algo.last_episode_returns, dtype=np.float64).reshape(-1),
+                                                 run.path, config, algo))
                 if config.eval.every_steps and algo.steps - loop.last_eval_step >= config.eval.every_steps:
-                    _run_evals(algo, config, run, envs)
+                    evaluate_now()
                     loop.last_eval_step = algo.steps
-                if algo.steps < config.total_steps and _checkpoint_due(config, iteration, last_save):
+                if algo.steps < config.total_steps and (hooks.stop is not None
+                                                        or _checkpoint_due(config, iteration, last_save)):
                     save()
-            if status == "finished":
-                if saved_step != algo.steps:
-                    save()  # the final checkpoint, before the final evaluation (see Run.mark_final_eval)
-                if config.eval.episodes > 0 and final_eval_step != algo.steps:
-                    if loop.last_eval_step != algo.steps:  # else the periodic evaluation just done is final
-                        _run_evals(algo, config, run, envs)
-                    run.mark_final_eval(algo.steps)
+                if hooks.stop is not None and algo.steps < config.total_steps:
+                    status, stop_reason = "stopped", hooks.stop.reason
+                    break
+            final_eval = status == "finished" or (status == "stopped" and hooks.stop.final_eval)
+            if status == "finished" and saved_step != algo.steps:
+                save()  # the final checkpoint, before the final evaluation (see Run.mark_final_eval)
+            if final_eval and config.eval.episodes > 0 and final_eval_step != algo.steps:
+                if loop.last_eval_step != algo.steps:  # else the periodic evaluation just done is final
+                    evaluate_now(final=True)
+                run.mark_final_eval(algo.steps)
     except StopRequested:
         status = "interrupted"
         error = (f"stopped during an iteration at step {algo.steps:,}; its work is not checkpointed: the run "
@@ -359,6 +455,8 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
         status, error = "failed", str(exc)
     if error:
         notice(error, "warning" if status == "interrupted" else "error")
+    if recorder is not None:
+        recorder.close()
 
     summary = {
         "algo": config.algo,
@@ -379,6 +477,7 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
         "notes": list(notice.lines),
         "error": error,
         "traceback": None,
+        "stop_reason": stop_reason,
     }
     if status == "finished" and summary["overshoot_steps"]:
         notice(f"stopped at step {algo.steps:,}, {summary['overshoot_steps']:,} past total_steps "
@@ -418,11 +517,35 @@ def _last_evals(path: Path) -> dict:
     return out
 
 
-def _run_evals(algo, config: Config, run: Run, envs) -> None:
+def _run_evals(algo, config: Config, run: Run, envs, hooks: CallbackList | None = None,
+               final: bool = False) -> list[tuple[str, list[float]]]:
     splits = ["train", "test"] if config.eval.split == "both" else [config.eval.split]
+    done = []
     for split in splits:
         returns = evaluate(algo, config, split, train_envs=envs)
         run.log_eval(algo.steps, split, returns)
+        done.append((split, returns))
+        if hooks is not None:
+            hooks.on_evaluation(EvaluationInfo(int(algo.steps), split, returns, final, run.path))
+    return done
+
+
+def _wandb_sink(config: Config, run: Run) -> WandbSink:
+    log = config.logging
+    return WandbSink(run.path, config.to_dict(), project=log.wandb_project, entity=log.wandb_entity,
+                     group=log.wandb_group, mode=log.wandb_mode)
+
+
+def _make_progress(config: Config, start_steps: int, console=None):
+    """A rich progress bar on a terminal; plain lines every ``logging.progress_every_s`` seconds otherwise."""
+    if config.progress:
+        from rich.console import Console
+
+        terminal = (console or Console()).is_terminal
+        if not terminal:
+            return PlainProgress(config.total_steps, start_steps, config.logging.progress_every_s,
+                                 file=console.file if console is not None else None)
+    return _Progress(config, start_steps, enabled=config.progress, console=console)
 
 
 class _Progress:
