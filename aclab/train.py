@@ -394,6 +394,7 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
     run.start_clock(loop.wall_time_s)
     start, last_save = time.time(), time.monotonic()
     start_steps = algo.steps
+    _warn_long_first_iteration(algo, config, notice)
     status, error, stop_reason = "finished", None, None
     iterations_here = 0
     try:
@@ -492,6 +493,17 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
     except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose a finished run
         summary["plot_error"] = str(exc)
     return summary
+
+
+def _warn_long_first_iteration(algo, config: Config, notice) -> None:
+    """Say at the start when the next iteration alone will carry the run past ``total_steps`` (an algorithm
+    that knows its iteration's size has ``next_iteration_steps()``, e.g. PEARL's initial data collection)."""
+    planned = getattr(algo, "next_iteration_steps", None)
+    steps = planned() if planned is not None and algo.steps < config.total_steps else 0
+    if steps and algo.steps + steps > config.total_steps:
+        notice(f"{config.algo}'s next iteration collects up to {steps:,} env steps, so this run will end past "
+               f"total_steps {config.total_steps:,} (at most at step {algo.steps + steps:,}): it trains on whole "
+               "iterations", "warning")
 
 
 def _checkpoint_due(config: Config, iteration: int, last_save: float) -> bool:

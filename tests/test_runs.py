@@ -133,8 +133,17 @@ def test_final_evaluation_is_never_duplicated(tmp_path, monkeypatch):
     train(_ppo(128 * 4, *extra), tmp_path / "full")
     reference = _evals(tmp_path / "full")
     assert [(r["step"], r["split"]) for r in reference] == [("512", "train"), ("512", "test")]
+    files = ("summary.json", "metrics.csv", "evals.csv", "config.json")
+    before = {name: (tmp_path / "full" / name).read_bytes() for name in files}
     summary = train(_ppo(128 * 4, *extra), tmp_path / "full", resume=True)
     assert summary["status"] == "finished" and _evals(tmp_path / "full") == reference
+    assert {name: (tmp_path / "full" / name).read_bytes() for name in files} == before  # untouched
+
+    # killed after the final evaluation completed but before the summary said "finished": not repeated
+    summary_path = tmp_path / "full" / "summary.json"
+    summary_path.write_text(json.dumps(dict(json.loads(summary_path.read_text()), status="running")))
+    assert train(_ppo(128 * 4, *extra), tmp_path / "full", resume=True)["status"] == "finished"
+    assert _evals(tmp_path / "full") == reference
 
     real_evaluate, calls = train_module.evaluate, []
 
@@ -321,6 +330,35 @@ def test_sigterm_inside_a_long_iteration_stops_there_and_resumes_exactly(tmp_pat
     assert metric_rows(run_dir) == metric_rows(tmp_path / "full") and _same_net(run_dir, tmp_path / "full")
 
 
+@pytest.mark.parametrize("algo, env_id, sets", [
+    ("ppo", "CartPole-v1", ["params.num_steps=64"]),  # the rollout collector
+    ("td3", "Pendulum-v1", ["params.learning_starts=10", "params.steps_per_iteration=64", "params.batch_size=8",
+                            "params.actor_hidden=[8]", 'params.critic_options={"hidden_sizes":[8]}']),  # off-policy
+    ("ppo", "CartPole-v1", ["eval.episodes=4", "eval.num_envs=1"]),  # an evaluation
+])
+def test_a_stop_request_ends_an_iteration_at_its_next_env_step(algo, env_id, sets, monkeypatch):
+    from aclab.envs import build_envs
+    from aclab.envs.vec import VecEnv
+    from aclab.evaluate.policy import evaluate
+    from aclab.registry import build
+
+    config = make_config(algo, env_id, overrides=["progress=false", "env.backend=gymnasium", *sets])
+    envs = build_envs(config)
+    envs.reset(seed=0)
+    agent = build(config, envs.spec, torch.device("cpu"))
+    real_step, steps = VecEnv.step, []
+    monkeypatch.setattr(VecEnv, "step", lambda self, actions: steps.append(1) or real_step(self, actions))
+    monkeypatch.setattr(runs, "STOP_GRACE_S", 0.0)
+    runs.request_stop()
+    try:
+        with pytest.raises(runs.StopRequested):
+            evaluate(agent, config, "test") if "eval.episodes=4" in sets else agent.iterate(envs)
+    finally:
+        runs.clear_stop()
+        envs.close()
+    assert steps == []  # not one env step after the request
+
+
 def test_a_second_signal_stops_at_once():
     from aclab.train import _StopRequest
 
@@ -353,6 +391,22 @@ def test_step_budget_overshoot_is_reported(tmp_path):
         'params.critic_options={"hidden_sizes":[8]}']), tmp_path / "td3")
     assert td3["steps"] == 102 and td3["overshoot_steps"] == 1  # within one vectorised env step
     assert np.isfinite(td3["wall_time_s"])
+
+
+def test_a_first_iteration_past_the_budget_is_announced_at_the_start(tmp_path, capsys):
+    # PEARL's first iteration collects the initial data of every training task (6 tasks x 20 steps) plus
+    # 2 sampled tasks x (20 prior + 20 extra) steps: 200 env steps at most, past total_steps = 50.
+    config = make_config("pearl", "gym:aclab/MetaPointNav-v0", overrides=[
+        "progress=false", "total_steps=50", "eval.episodes=0", "params.num_train_tasks=6", "params.num_test_tasks=2",
+        "params.meta_batch=2", "params.batch_size=16", "params.embedding_batch_size=8", "params.num_initial_steps=20",
+        "params.num_steps_prior=20", "params.num_extra_rl_steps_posterior=20", "params.num_train_steps_per_itr=1",
+        "params.num_tasks_sample=2", "params.hidden_sizes=[8]", "params.encoder_hidden=[8]", "params.eval_every=0",
+        'env.options={"horizon": 10}'])
+    summary = train(config, tmp_path / "pearl")
+    err = capsys.readouterr().err
+    assert "pearl's next iteration collects up to 200 env steps" in err and "at most at step 200" in err
+    assert summary["steps"] == 200 and summary["overshoot_steps"] == 150
+    assert err.index("next iteration collects") < err.index("150 past total_steps")  # said first, then again
 
 
 def test_envpool_resume_says_on_the_console_that_it_is_not_exact(tmp_path, capsys):

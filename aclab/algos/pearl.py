@@ -540,6 +540,18 @@ class PEARL:
                 "return_online": float(table.mean())}
 
     # ------------------------------------------------------------------ one iteration
+    def next_iteration_steps(self) -> int:
+        """The most env steps the next :meth:`iterate` can collect (whole episodes of ``horizon`` steps):
+        the first one adds the initial data of every training task (``num_initial_steps`` each)."""
+        p, horizon = self.params, self.family.horizon
+
+        def whole(n: int) -> int:
+            return math.ceil(n / horizon) * horizon if n > 0 else 0
+
+        steps = p.num_tasks_sample * (whole(p.num_steps_prior) + whole(p.num_steps_posterior)
+                                      + whole(p.num_extra_rl_steps_posterior))
+        return steps + (0 if self.initialized else p.num_train_tasks * whole(p.num_initial_steps))
+
     def iterate(self, envs) -> dict[str, float]:
         p = self.params
         self._collected_returns: list[np.ndarray] = []
