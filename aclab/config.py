@@ -7,7 +7,8 @@ A run's configuration has three parts:
 * ``params``: the algorithm's own dataclass (e.g. :class:`aclab.algos.ppo.PPOConfig`).
 
 Presets are TOML files in ``aclab/presets/`` holding the papers' hyperparameter tables. Overrides use
-dotted keys (``env.num_envs=8``, ``params.lr=3e-4``); a bare key (``lr=3e-4``) is looked up at the top
+dotted keys (``env.num_envs=8``, ``params.lr=3e-4``, ``env.options.levels=test`` for an entry of a
+nested table); a bare key (``lr=3e-4``) is looked up at the top
 level, then in ``params``, then in ``env``. Every unknown key, unknown preset or invalid value raises
 :class:`ConfigError` with one line naming the key and the allowed values.
 """
@@ -269,15 +270,49 @@ def set_key(config: Config, key: str, raw_value: Any) -> None:
         valid += [f"params.{k}" for k in _fields(config.params)] if config.params is not None else []
         valid += [f"env.{k}" for k in _fields(config.env)] + [f"eval.{k}" for k in _fields(config.eval)]
         raise _unknown_key(key, "", valid)
-    head, rest = parts[0], ".".join(parts[1:])
+    head = parts[0]
     if head not in ("env", "eval", "params"):
         raise ConfigError(f"unknown config section {head!r} in {key!r}; valid sections: env, eval, params")
     target = getattr(config, head)
     if target is None:
         raise ConfigError(f"{key!r}: this algorithm has no parameters")
-    if "." in rest:
-        raise ConfigError(f"unknown config key {key!r}: sections are one level deep (e.g. params.lr)")
-    apply_table(target, {rest: raw_value}, head)
+    section = head
+    for depth, name in enumerate(parts[1:-1], start=1):  # walk down to the parent of the last part
+        if isinstance(target, dict):
+            child = target.get(name)
+            if child is None:
+                child = target[name] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{key!r}: {'.'.join(parts[:depth + 1])} is {child!r}, not a table")
+            target = child
+        else:
+            fields = _fields(target)
+            if name not in fields:
+                raise _unknown_key(".".join(parts[:depth + 1]), section, list(fields))
+            child = getattr(target, name)
+            if not (isinstance(child, dict) or (dataclasses.is_dataclass(child) and not isinstance(child, type))):
+                raise ConfigError(f"{key!r}: {'.'.join(parts[:depth + 1])} is a value, not a table")
+            target = child
+        section = ".".join(parts[:depth + 1])
+    if isinstance(target, dict):  # a free-form table (env.options): scalars from the command line are parsed
+        target[parts[-1]] = parse_scalar(raw_value)
+        return
+    apply_table(target, {parts[-1]: raw_value}, section)
+
+
+def parse_scalar(value: Any) -> Any:
+    """A command-line string for a free-form table entry as TOML would read it: ``200`` -> int,
+    ``0.5`` -> float, ``true`` -> bool, ``[1, 2]`` / ``{...}`` -> JSON; anything else stays a string
+    (``test``). Non-strings (from a preset or a dict of overrides) are returned unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return value
 
 
 def parse_override(text: str) -> tuple[str, str]:
