@@ -190,12 +190,14 @@ def run_stiffness(path: str | Path, *, num_states: int = 2 ** 14, value: str = "
 
 
 def run_value_bias(path: str | Path, *, episodes: int = 100, value: str = "value", num_envs: int | None = None,
-                   include_truncated: bool = False, seed: int | None = None, device: str = "auto",
+                   truncation: str = "bootstrap", seed: int | None = None, device: str = "auto",
                    max_steps: int = 1_000_000) -> dict:
     """``V(s_0)`` against the discounted return ``G_0`` (the run's gamma, trained-on rewards) over
     ``episodes`` fresh training episodes. ``num_envs`` defaults to ``episodes`` (capped at 128); each env
-    contributes its first ``ceil(episodes / num_envs)`` episodes. Truncated episodes are excluded from the
-    bias unless ``include_truncated`` (they still use up their env's quota)."""
+    contributes its first ``ceil(episodes / num_envs)`` episodes. Truncated episodes (time-outs) count with
+    the bootstrapped value at the cut ``gamma^L V(s_L)`` (``truncation = "bootstrap"``), their partial
+    return (``"partial"``, the DCPG authors' logging) or not at all (``"exclude"``; they still use up their
+    env's quota); see :mod:`aclab.analysis.value_bias`."""
     loaded = load_algorithm(path, device)
     num_envs = num_envs or min(episodes, 128)
     per_env = math.ceil(episodes / num_envs)
@@ -205,25 +207,31 @@ def run_value_bias(path: str | Path, *, episodes: int = 100, value: str = "value
     envs = make_analysis_envs(loaded, num_envs, seed)
     tracker = EpisodeStartTracker(num_envs, gamma, fresh_envs=True)
     per_env_starts: list[list] = [[] for _ in range(num_envs)]
+
+    @torch.no_grad()
+    def values_of(obs) -> np.ndarray:
+        return module(torch.as_tensor(obs, device=torch_device)).float().cpu().numpy()
+
     try:
+        values = values_of(envs.obs)
         for _ in range(max_steps):
             valid = ~envs.next_is_dummy
-            obs = envs.obs
-            with torch.no_grad():
-                values = module(torch.as_tensor(obs, device=torch_device)).float().cpu().numpy()
-            result = envs.step(loaded.algo.act(obs, False))
+            result = envs.step(loaded.algo.act(envs.obs, False))
+            next_values = values_of(result.obs)  # a truncation's final observation: its bootstrap
             ends = result.terminated | result.truncated
-            for start in tracker.step(values, result.reward, ends, valid, result.terminated):
+            for start in tracker.step(values, result.reward, ends, valid, result.terminated, next_values):
                 if len(per_env_starts[start.env_index]) < per_env:
                     per_env_starts[start.env_index].append(start)
+            values = next_values
             if sum(len(s) for s in per_env_starts) >= num_envs * per_env:
                 break
     finally:
         envs.close()
     starts = [s for k in range(per_env) for env_starts in per_env_starts for s in env_starts[k:k + 1]][:episodes]
-    bias = value_bias_from_starts(starts, include_truncated=include_truncated)
-    return {**_header(loaded, "value_bias"), "value": value, "gamma": gamma, "bias": bias.bias,
-            "predicted": bias.mean_value, "true": bias.mean_return, "num_episodes": bias.num_episodes,
+    bias = value_bias_from_starts(starts, truncation=truncation)
+    return {**_header(loaded, "value_bias"), "value": value, "gamma": gamma, "truncation": truncation,
+            "bias": bias.bias, "predicted": bias.mean_value, "true": bias.mean_return,
+            "num_episodes": bias.num_episodes, "num_truncated": bias.num_truncated,
             "num_truncated_excluded": bias.num_truncated_excluded, "values": bias.values.tolist(),
             "returns": bias.returns.tolist()}
 

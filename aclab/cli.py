@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sign", choices=["exact", "subset", "off"], default="subset", help="stiffness: sign mode")
     p.add_argument("--episodes", type=int, default=None,
                    help="value-bias: episodes (default 100); gradient-noise: evaluation episodes per task")
+    p.add_argument("--truncation", choices=["bootstrap", "partial", "exclude"], default="bootstrap",
+                   help="value-bias: truncated episodes count with gamma^L V(s_L) added (bootstrap), their partial "
+                        "return (partial, the DCPG authors' logging) or not at all (exclude)")
     p.add_argument("--updates", type=int, default=50, help="gradient-noise: independent meta-updates")
     p.add_argument("--horizon", type=int, default=0,
                    help="gradient-accuracy: rollout horizon (0: to the time limit, the authors' choice)")
@@ -159,7 +162,7 @@ def cmd_eval(args) -> int:
     from aclab import registry
     from aclab.algos.common import resolve_device
     from aclab.envs import build_envs
-    from aclab.evaluate.policy import evaluate
+    from aclab.evaluate.policy import evaluate_splits
     from aclab.runs import Run
     from aclab.train import load_run_config
 
@@ -172,12 +175,15 @@ def cmd_eval(args) -> int:
     algo.load_state_dict(checkpoint["algo"])
     envs.load_state_dict(checkpoint["envs"])
     splits = ["train", "test"] if args.split == "both" else [args.split]
-    for split in splits:
-        returns = evaluate(algo, config, split, args.episodes, train_envs=envs, deterministic=args.deterministic)
+    results = evaluate_splits(algo, config, splits, episodes=args.episodes, train_envs=envs,
+                              deterministic=args.deterministic, step=int(checkpoint["step"]))
+    for split, result in results.items():
+        returns = result.returns
+        levels = "" if result.levels is None else str(result.levels)
         print(f"{split}: mean return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes "
-              f"(step {checkpoint['step']})")
+              f"(step {checkpoint['step']}{', levels ' + levels if levels else ''})")
         if not args.no_log:
-            run.log_eval(int(checkpoint["step"]), split, returns)
+            run.log_eval(int(checkpoint["step"]), split, returns, levels=levels)
     envs.close()
     return 0
 
@@ -249,7 +255,8 @@ def _run_analysis(run_analysis, args, common) -> dict:
         return run_analysis.run_stiffness(args.path, num_states=args.num_states or 2 ** 14, value=args.value,
                                             sign=args.sign, **common)
     elif args.analysis == "value-bias":
-        return run_analysis.run_value_bias(args.path, episodes=args.episodes or 100, value=args.value, **common)
+        return run_analysis.run_value_bias(args.path, episodes=args.episodes or 100, value=args.value,
+                                           truncation=args.truncation, **common)
     elif args.analysis == "gradient-accuracy":
         return run_analysis.run_gradient_accuracy(args.path, num_states=args.num_states or 15,
                                                   horizon=args.horizon, **common)

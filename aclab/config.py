@@ -62,16 +62,30 @@ class EnvConfig:
 
 @dataclass
 class EvalConfig:
-    """Periodic and final evaluation on separate env instances (Procgen: held-out levels)."""
+    """Periodic and final evaluation on separate env instances (see :mod:`aclab.evaluate.policy`).
+
+    ``every_steps`` / ``every_iterations``: evaluate when that many env steps have passed since the last
+    evaluation / at every that many-th iteration (0: off; either can trigger; the DCPG authors evaluate
+    every 10 updates); there is always a final evaluation. ``split``: ``train`` (Procgen: the training
+    levels), ``test`` (held-out) or ``both``. ``levels``: the held-out Procgen levels of the test split,
+    ``"test"`` = the full distribution (Cobbe et al. 2020; the DCPG authors' code) or ``"unseen"`` =
+    levels outside the training range only. ``seeding``: ``"fixed"`` (the same env seeds, so the same
+    Procgen levels, at every evaluation) or ``"fresh"`` (new ones each time, the DCPG authors' curves).
+    """
 
     every_steps: int = 0
+    every_iterations: int = 0
     episodes: int = 10
     num_envs: int = 8
     split: Literal["test", "train", "both"] = "test"
+    levels: Literal["test", "unseen"] = "test"
+    seeding: Literal["fixed", "fresh"] = "fixed"
     deterministic: bool = False
 
     def validate(self) -> None:
         require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "an integer >= 0 (0: only at the end)")
+        require(self.every_iterations >= 0, "eval.every_iterations", self.every_iterations,
+                "an integer >= 0 (0: off)")
         require(self.episodes >= 0, "eval.episodes", self.episodes, "an integer >= 0 (0: no evaluation)")
         require(self.num_envs >= 1, "eval.num_envs", self.num_envs, "an integer >= 1")
 
@@ -111,6 +125,8 @@ class Config:
         self.eval.validate()
         if self.params is not None and hasattr(self.params, "validate"):
             self.params.validate()
+        if self.params is not None and hasattr(self.params, "validate_with"):  # checks across sections
+            self.params.validate_with(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,7 +6,8 @@ Layout of a run directory::
       config.json          the full resolved configuration
       metrics.csv          one row per logged iteration: step, time_s, then metric columns
       metrics.jsonl        the same rows as JSON lines
-      evals.csv            step, split, mean_return, std_return, num_episodes, returns (space-separated)
+      evals.csv            step, split, mean_return, std_return, num_episodes, returns (space-separated),
+                           levels (the Procgen level range played, e.g. "[0, 200)" or "all levels")
       summary.json         algo, env_id, seed, steps, wall_time_s, steps_per_s, final_return, status, ...
       checkpoints/ckpt_<step>.pt   written atomically (temporary file, fsync, rename)
       tb/                  TensorBoard event files
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 CHECKPOINT_RE = re.compile(r"ckpt_(\d+)\.pt$")
-EVAL_COLUMNS = ["step", "split", "mean_return", "std_return", "num_episodes", "returns"]
+EVAL_COLUMNS = ["step", "split", "mean_return", "std_return", "num_episodes", "returns", "levels"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -165,8 +166,9 @@ class Run:
                 if v is not None and math.isfinite(float(v)):
                     tb.add_scalar(k, float(v), int(step))
 
-    def log_eval(self, step: int, split: str, returns: list[float]) -> dict:
-        """Append an evaluation (per-episode raw returns) to evals.csv and TensorBoard."""
+    def log_eval(self, step: int, split: str, returns: list[float], levels: str = "") -> dict:
+        """Append an evaluation (per-episode raw returns; ``levels`` the Procgen level range, "" for other
+        envs) to evals.csv and TensorBoard."""
         import numpy as np
 
         arr = np.asarray(returns, dtype=np.float64)
@@ -177,11 +179,16 @@ class Run:
             "std_return": float(arr.std()) if arr.size else float("nan"),
             "num_episodes": int(arr.size),
             "returns": " ".join(f"{r:.6g}" for r in arr),
+            "levels": levels,
         }
         path = self.path / "evals.csv"
         new = not path.exists()
+        columns = EVAL_COLUMNS
+        if not new:  # a file written before a column was added keeps its header
+            with open(path, newline="") as f:
+                columns = next(csv.reader(f), None) or EVAL_COLUMNS
         with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=EVAL_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow({k: _format(v) for k, v in record.items()})

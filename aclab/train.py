@@ -37,8 +37,8 @@ from aclab.config import (
     parse_override,
     set_key,
 )
-from aclab.envs import build_envs, make_env, parse_env_id
-from aclab.evaluate.policy import evaluate
+from aclab.envs import EnvIdError, build_envs, make_env, parse_env_id
+from aclab.evaluate.policy import eval_levels, evaluate_splits
 from aclab.runs import Run
 
 RECENT_EPISODES = 100
@@ -82,7 +82,24 @@ def make_config(
         set_key(config, key, value)
     parse_env_id(config.env.id)
     config.validate()
+    check_eval_levels(config)
     return config
+
+
+def check_eval_levels(config: Config) -> None:
+    """The evaluation level sets must exist for the training options (e.g. ``eval.levels = "unseen"``
+    needs a finite training range): ConfigError naming the keys otherwise."""
+    try:
+        for split in eval_splits(config):
+            eval_levels(config, split)
+    except EnvIdError as exc:
+        raise ConfigError(f"invalid value eval.levels={config.eval.levels!r} with env.options="
+                          f"{config.env.options!r}: {exc}") from None
+
+
+def eval_splits(config: Config) -> list[str]:
+    """The splits each evaluation runs (``eval.split``: train, test or both)."""
+    return ["train", "test"] if config.eval.split == "both" else [config.eval.split]
 
 
 def _is_discrete(env_id: str) -> bool:
@@ -213,12 +230,14 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                 recent.extend(float(r) for r in algo.last_episode_returns)
                 elapsed = time.time() - start
                 metrics["steps_per_s"] = (algo.steps - start_steps) / max(elapsed, 1e-9)
-                if iteration % config.log_every_iterations == 0:
-                    run.log(algo.steps, metrics)
-                progress.update(algo.steps, metrics, recent)
-                if config.eval.every_steps and algo.steps - last_eval_step >= config.eval.every_steps:
-                    _run_evals(algo, config, run, envs)
+                eval_metrics = {}
+                if ((config.eval.every_steps and algo.steps - last_eval_step >= config.eval.every_steps)
+                        or (config.eval.every_iterations and iteration % config.eval.every_iterations == 0)):
+                    eval_metrics = _run_evals(algo, config, run, envs)
                     last_eval_step = algo.steps
+                if iteration % config.log_every_iterations == 0 or eval_metrics:
+                    run.log(algo.steps, {**metrics, **eval_metrics})
+                progress.update(algo.steps, metrics, recent)
                 done = algo.steps >= config.total_steps
                 if (config.checkpoint_every_iterations and iteration % config.checkpoint_every_iterations == 0
                         and not done):
@@ -237,7 +256,9 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     if status == "finished":
         save(algo.steps)
         if config.eval.episodes > 0:
-            _run_evals(algo, config, run, envs)
+            final_metrics = _run_evals(algo, config, run, envs)
+            if final_metrics:
+                run.log(algo.steps, final_metrics)
     envs.close()
     if hasattr(algo, "close"):  # actor pools (IMPALA/STAC) stop their workers now rather than at exit
         algo.close()
@@ -266,6 +287,11 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         for split in {r["split"] for r in rows}:
             last = [r for r in rows if r["split"] == split][-1]
             summary[f"eval_{split}_return"] = float(last["mean_return"])
+    levels = {split: eval_levels(config, split) for split in eval_splits(config)}
+    if any(r is not None for r in levels.values()):  # Procgen: which level ranges each split played
+        summary["eval_levels"] = {split: {"range": str(r), "start_level": r.start, "num_levels": r.num}
+                                  for split, r in levels.items()}
+        summary["eval_seeding"] = config.eval.seeding
     run.write_summary(summary)
     run.close()
     try:
@@ -277,11 +303,41 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     return summary
 
 
-def _run_evals(algo, config: Config, run: Run, envs) -> None:
-    splits = ["train", "test"] if config.eval.split == "both" else [config.eval.split]
-    for split in splits:
-        returns = evaluate(algo, config, split, train_envs=envs)
-        run.log_eval(algo.steps, split, returns)
+def _run_evals(algo, config: Config, run: Run, envs) -> dict[str, float]:
+    """One evaluation of every split in one batched pass (see :mod:`aclab.evaluate.policy`), logged to
+    evals.csv with the level ranges played. Returns the value-bias metrics when the algorithm logs its
+    value bias from the training-level evaluation episodes (``params.value_bias_source = "eval"``)."""
+    p = config.params
+    from_eval = bool(getattr(p, "log_value_bias", False)) and getattr(p, "value_bias_source", "") == "eval"
+    value_fn = _first_critic(algo) if from_eval else None
+    results = evaluate_splits(algo, config, eval_splits(config), train_envs=envs, step=algo.steps,
+                              value_fn=value_fn, gamma=float(getattr(p, "gamma", 0.99)))
+    for split, result in results.items():
+        run.log_eval(algo.steps, split, result.returns, levels="" if result.levels is None else str(result.levels))
+    if not from_eval:
+        return {}
+    from aclab.analysis.value_bias import value_bias
+
+    train = results["train"]
+    bias = value_bias(train.start_values, train.discounted_returns, train.truncated, train.bootstrap_values,
+                      truncation=p.value_bias_truncation)
+    return bias.as_metrics("value_bias/")
+
+
+def _first_critic(algo):
+    """``obs [n, ...] (numpy) -> V [n] (numpy)`` of the algorithm's first critic (``value_functions()``, else
+    ``net.value``), under no_grad."""
+    critics = algo.value_functions() if hasattr(algo, "value_functions") else {"value": algo.net}
+    module = next(iter(critics.values()))
+    device = next(module.parameters()).device
+
+    @torch.no_grad()
+    def values(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, device=device)
+        out = module.value(obs_t) if hasattr(module, "value") else module(obs_t)
+        return out.float().reshape(-1).cpu().numpy()
+
+    return values
 
 
 class _Progress:
@@ -325,4 +381,5 @@ def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     for key, value in (parse_override(o) for o in (overrides or [])):
         set_key(config, key, value)
     config.validate()
+    check_eval_levels(config)
     return config

@@ -65,8 +65,13 @@ class PhasicConfig:
     inverse discriminator, the inverse one weighted by ``dynamics_eta``). ``dynamics_mask_resets`` leaves
     out transitions that cross an episode reset (next-step autoreset dummies); the authors keep them.
 
-    Analyses during training: ``log_value_bias`` logs ``value_bias/*`` (mean over the last
-    ``value_bias_episodes`` finished episodes of ``V(s_0)`` against the discounted return; DCPG paper, Appendix C);
+    Analyses during training: ``log_value_bias`` logs ``value_bias/*`` (``V(s_0)`` against the discounted
+    return; DCPG paper, Appendix C) from ``value_bias_source``: ``"rollouts"`` = the last ``value_bias_episodes``
+    finished training episodes with their rollout-time values, ``"eval"`` = the episodes of every evaluation
+    on the training levels with the current critic (the DCPG authors' logging: 100 fresh training-level
+    episodes at every log point; needs ``eval.split`` = train or both). Truncated episodes count per
+    ``value_bias_truncation`` (``"bootstrap"``: with ``gamma^L V(s_L)`` at the cut; ``"partial"``: the
+    partial return, as the authors' code; ``"exclude"``);
     ``stiffness_every`` > 0 logs the value network's stiffness every that many iterations on
     ``stiffness_states`` states of the rollout (DCPG paper, Appendix A), sign stiffness per ``stiffness_sign``.
     """
@@ -104,6 +109,8 @@ class PhasicConfig:
     acting: Literal["auto", "torch", "numpy"] = "auto"
     log_value_bias: bool = False
     value_bias_episodes: int = 100
+    value_bias_source: Literal["rollouts", "eval"] = "rollouts"
+    value_bias_truncation: Literal["bootstrap", "partial", "exclude"] = "bootstrap"
     stiffness_every: int = 0
     stiffness_states: int = 512
     stiffness_sign: Literal["exact", "subset", "off"] = "subset"
@@ -129,6 +136,13 @@ class PhasicConfig:
             sizes = getattr(self, name)
             require(len(sizes) >= 1 and all(h >= 1 for h in sizes), f"params.{name}", sizes,
                     "a non-empty list of positive integers")
+
+    def validate_with(self, config) -> None:
+        """Checks that need the rest of the run's config (called by :meth:`aclab.config.Config.validate`)."""
+        if self.log_value_bias and self.value_bias_source == "eval":
+            require(config.eval.split in ("train", "both"), "eval.split", config.eval.split,
+                    "'train' or 'both' with params.value_bias_source = 'eval' (the bias is measured on the "
+                    "training-level evaluation episodes)")
 
 
 def anneal_learning_rates(optimizers: list[torch.optim.Optimizer], base_lrs: list[float], iteration: int,
@@ -536,9 +550,11 @@ class TrainingAnalyses:
         return f"{kind}/" if name == self.critics[0] else f"{kind}/{name}/"
 
     def value_bias(self, rollout, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Feed one rollout (``values[name] [T + 1, B]`` rollout-time predictions) and return the bias over
-        the last ``value_bias_episodes`` finished (not truncated) episodes."""
-        if not self.params.log_value_bias:
+        """Feed one rollout (``values[name] [T + 1, B]`` rollout-time predictions; row ``T`` bootstraps an
+        episode truncated at the last step) and return the bias over the last ``value_bias_episodes``
+        finished episodes (truncated ones per ``value_bias_truncation``). Nothing with source ``eval``."""
+        p = self.params
+        if not p.log_value_bias or p.value_bias_source != "rollouts":
             return {}
         metrics: dict[str, float] = {}
         rewards, ends = rollout.rewards.cpu().numpy(), rollout.ends.cpu().numpy()
@@ -546,12 +562,11 @@ class TrainingAnalyses:
         for name in self.critics:
             finished = self.trackers[name].feed_rollout(values[name].cpu().numpy(), rewards, ends, valid, terminated)
             for start in finished:
-                if start.truncated:
-                    self.truncated[name] += 1
-                else:
+                self.truncated[name] += int(start.truncated)
+                if not (start.truncated and p.value_bias_truncation == "exclude"):
                     self.starts[name].append(start)
             if self.starts[name]:
-                result = value_bias_from_starts(list(self.starts[name]))
+                result = value_bias_from_starts(list(self.starts[name]), truncation=p.value_bias_truncation)
                 metrics.update(result.as_metrics(self._prefix("value_bias", name)))
         return metrics
 
