@@ -89,7 +89,8 @@ class DCPG:
         self.dist = self.net.dist
         self.value_net = None
         if p.separate_value:
-            self.value_net = ValueNetwork(env_spec.obs_shape, p.encoder, p.hidden_sizes, p.activation).to(device)
+            self.value_net = ValueNetwork(env_spec.obs_shape, p.encoder, p.hidden_sizes, p.activation,
+                                          p.encoder_init).to(device)
         self.dynamics = None
         if p.dynamics != "off":
             self.dynamics = DynamicsModel(p.dynamics, policy_feature_dim(self.net), env_spec.num_actions,

@@ -59,6 +59,10 @@ class PhasicConfig:
     ``aux_buffer_device``: ``"learner"`` keeps the buffer where the networks are, ``"host"`` in (pinned)
     host memory with one transfer per minibatch.
 
+    Networks: ``encoder`` and ``encoder_init`` (image torsos: ``"orthogonal"``, ``"xavier"`` = the DCPG
+    authors' IMPALA torso, the Procgen presets' choice, or ``"default"``; see
+    :func:`aclab.nets.encoders.init_torso`).
+
     Dynamics learning (DCPG paper, F.2), trained in the auxiliary phase with weight ``dynamics_coef`` (beta_f) on
     the policy torso's features: ``"joint"`` (DDCPG: one discriminator, wrong-action negatives weighted by
     ``dynamics_eta``), ``"forward"`` (DCPG+F), ``"inverse"`` (DCPG+I), ``"two"`` (DCPG+FI: a forward and an
@@ -102,6 +106,7 @@ class PhasicConfig:
     dynamics_hidden_sizes: tuple[int, ...] = (256, 256)
     dynamics_mask_resets: bool = True
     encoder: Literal["auto", "mlp", "nature_cnn", "impala"] = "auto"
+    encoder_init: Literal["orthogonal", "xavier", "default"] = "orthogonal"
     hidden_sizes: tuple[int, ...] = (64, 64)
     activation: Literal["tanh", "relu"] = "tanh"
     action_dist: Literal["auto", "gaussian", "tanh_gaussian"] = "auto"
@@ -163,7 +168,8 @@ def build_actor_critic(params: PhasicConfig, env_spec, shared: bool) -> nn.Modul
     kind = "auto" if params.action_dist == "gaussian" else params.action_dist
     dist = make_distribution(env_spec.action_space, kind)
     return make_actor_critic(env_spec.obs_shape, dist, encoder=params.encoder, hidden_sizes=params.hidden_sizes,
-                             activation=params.activation, shared=shared, log_std_init=params.log_std_init)
+                             activation=params.activation, shared=shared, log_std_init=params.log_std_init,
+                             encoder_init=params.encoder_init)
 
 
 def policy_feature_dim(net: nn.Module) -> int:
@@ -178,9 +184,9 @@ def policy_feature_dim(net: nn.Module) -> int:
 class ValueNetwork(nn.Module):
     """A value network with its own encoder: obs [N, ...] -> V [N] (Separate DCPG's V_phi)."""
 
-    def __init__(self, obs_shape, encoder: str, hidden_sizes, activation: str):
+    def __init__(self, obs_shape, encoder: str, hidden_sizes, activation: str, encoder_init: str = "orthogonal"):
         super().__init__()
-        self.encoder = build_encoder(obs_shape, encoder, hidden_sizes, activation)
+        self.encoder = build_encoder(obs_shape, encoder, hidden_sizes, activation, encoder_init)
         self.head = init_linear(nn.Linear(self.encoder.out_dim, 1), gain=1.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
