@@ -17,6 +17,7 @@ from aclab import registry
 from aclab.algos import phasic
 from aclab.algos.common import resolve_device, seed_everything
 from aclab.algos.phasic import AuxBuffer, masked_mean, state_rows
+from aclab.config import ConfigError
 from aclab.envs import build_envs
 from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
@@ -257,16 +258,33 @@ def _slow_gae(rewards, values, terminated, ends, gamma, lam):
 def test_ppg_dr_value_targets_use_gamma_prime():
     _, envs, algo = _algo("ppg-dr", [*TINY, "params.num_policy_iterations=3",
                                      "env.options={\"max_episode_steps\": 20}"])
-    assert algo.params.value_gamma == 0.995
+    # gamma' keeps the paper's horizon ratio (1000 -> 200 steps): 0.99 -> 0.95 here, 0.999 -> 0.995 on Procgen
+    assert algo.params.gamma == 0.99 and algo.params.target_gamma() == pytest.approx(0.95)
     kept = _capture_rollout(algo, envs)
     algo.iterate(envs)
     r = {k: v.double().numpy() for k, v in kept.items()}
     stored = algo.buffer.fields["returns"][0].double().numpy()
-    expected = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.995, 0.95) + r["values"][:-1]
+    expected = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.95, 0.95) + r["values"][:-1]
     plain = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.99, 0.95) + r["values"][:-1]
     valid = r["valid"].astype(bool)
     np.testing.assert_allclose(stored[valid], expected[valid], rtol=1e-4, atol=1e-4)
     assert np.abs(stored[valid] - plain[valid]).max() > 1e-2
+
+
+def test_ppg_dr_gamma_prime_is_derived_from_gamma_and_below_it():
+    from aclab.algos.ppg import PPGConfig, discount_regularised_gamma
+
+    assert discount_regularised_gamma(0.999, 0.2) == pytest.approx(0.995)  # DCPG paper, Appendix B
+    assert PPGConfig(gamma=0.999, value_horizon_ratio=0.2).target_gamma() == pytest.approx(0.995)
+    assert PPGConfig(gamma=0.999, value_horizon_ratio=0.2, value_gamma=0.99).target_gamma() == 0.99  # explicit wins
+    assert PPGConfig(gamma=0.97).target_gamma() == 0.97  # plain PPG
+    for overrides, key in ((["params.value_gamma=0.995"], "params.value_gamma"),  # 0.995 > ppg-classic's 0.99
+                           (["params.value_gamma=0.99"], "params.value_gamma"),
+                           (["params.value_horizon_ratio=1.5"], "params.value_horizon_ratio"),
+                           (["params.gamma=0.5"], "params.value_horizon_ratio")):  # gamma' = -1.5
+        with pytest.raises(ConfigError, match=key):
+            make_config("ppg-dr", "CartPole-v1", overrides=overrides)
+    assert make_config("ppg-dr", "CartPole-v1", overrides=["params.value_gamma=0.98"]).params.target_gamma() == 0.98
 
 
 def test_ppg_ar_adds_alpha_times_mean_squared_value():
