@@ -158,8 +158,9 @@ def run_stiffness(path: str | Path, *, num_states: int = 2 ** 14, value: str = "
 
     Rollouts of ``ceil(num_states / num_envs)`` steps from ``num_envs`` envs (default: the run's); targets
     ``R_hat = GAE(gamma, lambda) + V`` with the run's gamma and lambda; the first ``num_states`` valid
-    states (time-major order) are used. Returns cosine and sign stiffness (see
-    :func:`aclab.analysis.value_stiffness`; ``sign`` = ``"exact"``, ``"subset"`` or ``"off"``).
+    states (time-major order) are used. Returns cosine and sign stiffness of the value-loss gradients (the
+    paper's quantity) and of ``grad V`` (``cosine_grad_v``, ``sign_grad_v``: without the residuals' signs;
+    see :func:`aclab.analysis.value_stiffness`; ``sign`` = ``"exact"``, ``"subset"`` or ``"off"``).
     """
     loaded = load_algorithm(path, device)
     num_envs = num_envs or loaded.config.env.num_envs
@@ -185,7 +186,8 @@ def run_stiffness(path: str | Path, *, num_states: int = 2 ** 14, value: str = "
     result = value_stiffness(value_fn, states_t, targets_t, params=value_parameter_names(value_fn), sign=sign,
                              sign_subset_size=sign_subset_size, chunk_size=chunk_size, generator=generator)
     return {**_header(loaded, "stiffness"), "value": value, "num_states": result.num_states,
-            "cosine": result.cosine, "sign": result.sign, "sign_method": result.sign_method,
+            "cosine": result.cosine, "sign": result.sign, "cosine_grad_v": result.cosine_grad_v,
+            "sign_grad_v": result.sign_grad_v, "sign_method": result.sign_method,
             "num_sign_pairs": result.num_sign_pairs, "num_zero_gradients": result.num_zero_gradients}
 
 

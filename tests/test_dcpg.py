@@ -392,6 +392,7 @@ def test_analysis_functions_on_a_run_directory(tmp_path):
     stiffness = run_analysis.run_stiffness(tmp_path / "run", num_states=64, sign="exact")
     assert stiffness["num_states"] == 64 and stiffness["num_sign_pairs"] == 64 * 63 // 2
     assert -1 <= stiffness["cosine"] <= 1 and -1 <= stiffness["sign"] <= 1
+    assert -1 <= stiffness["cosine_grad_v"] <= 1 and -1 <= stiffness["sign_grad_v"] <= 1
     # the wiring equals a direct call of the pure tool on the same states
     ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     again = run_analysis.run_stiffness(ckpt, num_states=64, sign="exact")

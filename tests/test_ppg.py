@@ -318,6 +318,8 @@ def test_training_analyses_are_logged_and_do_not_change_training(tmp_path):
     assert len(stiff) == 3  # iterations 0, 4, 8 of 12
     assert all(-1.0 <= float(r["stiffness/cosine"]) <= 1.0 and -1.0 <= float(r["stiffness/sign"]) <= 1.0
                for r in stiff)
+    assert all(-1.0 <= float(r["stiffness/cosine_grad_v"]) <= 1.0 and -1.0 <= float(r["stiffness/sign_grad_v"]) <= 1.0
+               for r in stiff)
 
 
 # ------------------------------------------------------------------------------------------------ resume

@@ -77,7 +77,10 @@ class PhasicConfig:
     ``value_bias_truncation`` (``"bootstrap"``: with ``gamma^L V(s_L)`` at the cut; ``"partial"``: the
     partial return, as the authors' code; ``"exclude"``);
     ``stiffness_every`` > 0 logs the value network's stiffness every that many iterations on
-    ``stiffness_states`` states of the rollout (DCPG paper, Appendix A), sign stiffness per ``stiffness_sign``.
+    ``stiffness_states`` states of the rollout (DCPG paper, Appendix A), sign stiffness per ``stiffness_sign``:
+    ``stiffness/cosine`` and ``stiffness/sign`` of the value-loss gradients (the paper's quantity) and
+    ``stiffness/cosine_grad_v``, ``stiffness/sign_grad_v`` of ``grad V`` (sign-free: without the residuals'
+    signs, see :mod:`aclab.analysis.stiffness`).
     """
 
     num_steps: int = 256
@@ -597,8 +600,10 @@ class TrainingAnalyses:
                                      sign_subset_size=p.stiffness_sign_subset, generator=self.generator)
             prefix = self._prefix("stiffness", name)
             metrics[f"{prefix}cosine"] = result.cosine
+            metrics[f"{prefix}cosine_grad_v"] = result.cosine_grad_v
             if p.stiffness_sign != "off":
                 metrics[f"{prefix}sign"] = result.sign
+                metrics[f"{prefix}sign_grad_v"] = result.sign_grad_v
         return metrics
 
     def state_dict(self) -> dict:
