@@ -35,7 +35,7 @@ from torch import nn
 
 from aclab import registry
 from aclab.algos.common import resolve_device
-from aclab.algos.phasic import ValueFunction, ood_action_counts, value_parameter_names
+from aclab.algos.phasic import ValueFunction, canonical_action_map, ood_action_counts, value_parameter_names
 from aclab.analysis.stiffness import value_stiffness
 from aclab.analysis.value_bias import EpisodeStartTracker, value_bias_from_starts
 from aclab.config import Config
@@ -244,8 +244,10 @@ def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: 
     ``a_hat != a`` that the trained (forward) discriminator accepts, ``f(s, a_hat, s') > 0.5``.
 
     Needs an algorithm with a dynamics model (ddcpg, dcpg-f, dcpg-i, dcpg-fi, dppg). Transitions that cross
-    an episode reset (autoreset dummies) are left out. Returns the mean and std over transitions and the
-    histogram of counts ``[0, A - 1]``.
+    an episode reset (autoreset dummies) are left out. Counted two ways: over the raw actions (``mean``,
+    ``std``, ``histogram`` over ``[0, A - 1]``) and over the distinct actions of the game (``*_distinct``:
+    one canonical action per action-equivalence class, the true action's class left out; Procgen classes
+    from :func:`aclab.analysis.action_classes.procgen_action_classes`, BigFish has 9, the paper's count).
     """
     loaded = load_algorithm(path, device)
     algo = loaded.algo
@@ -256,7 +258,9 @@ def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: 
     num_envs = num_envs or loaded.config.env.num_envs
     torch_device = resolve_device(device)
     envs = make_analysis_envs(loaded, num_envs, seed)
+    canonical = canonical_action_map(loaded.config.env.id, loaded.config.env.options, dynamics.num_actions)
     counts: list[torch.Tensor] = []
+    distinct: list[torch.Tensor] = []
     have = 0
     try:
         num_steps = math.ceil(num_transitions / num_envs) + 1
@@ -271,17 +275,23 @@ def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: 
             features = features.view(frames.shape[0], num_envs, -1)
             idx = torch.nonzero(rollout.valid.reshape(-1)).squeeze(1).to(torch_device)
             dim = features.shape[-1]
-            counts.append(ood_action_counts(dynamics.discriminator, features[:-1].reshape(-1, dim)[idx],
-                                            rollout.actions.reshape(-1).to(torch_device)[idx],
-                                            features[1:].reshape(-1, dim)[idx]).cpu())
+            args = (dynamics.discriminator, features[:-1].reshape(-1, dim)[idx],
+                    rollout.actions.reshape(-1).to(torch_device)[idx], features[1:].reshape(-1, dim)[idx])
+            counts.append(ood_action_counts(*args).cpu())
+            distinct.append(ood_action_counts(*args, canonical=canonical).cpu())
             have += idx.numel()
     finally:
         envs.close()
     all_counts = torch.cat(counts)[:num_transitions].double()
+    distinct_counts = torch.cat(distinct)[:num_transitions].double()
     num_actions = dynamics.num_actions
+    num_distinct = int((canonical == torch.arange(num_actions)).sum())
     return {**_header(loaded, "ood_actions"), "num_transitions": int(all_counts.numel()),
             "num_actions": num_actions, "mean": float(all_counts.mean()), "std": float(all_counts.std()),
-            "histogram": torch.bincount(all_counts.long(), minlength=num_actions).tolist()}
+            "histogram": torch.bincount(all_counts.long(), minlength=num_actions).tolist(),
+            "num_distinct_actions": num_distinct, "canonical_actions": canonical.tolist(),
+            "mean_distinct": float(distinct_counts.mean()), "std_distinct": float(distinct_counts.std()),
+            "histogram_distinct": torch.bincount(distinct_counts.long(), minlength=num_distinct).tolist()}
 
 
 def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions: int = 15, horizon: int = 0,

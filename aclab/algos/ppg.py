@@ -39,6 +39,7 @@ from aclab.algos.phasic import (
     TrainingAnalyses,
     anneal_learning_rates,
     build_actor_critic,
+    canonical_action_map,
     dist_params_over_buffer,
     half_squared_error,
     make_aux_buffer,
@@ -124,8 +125,10 @@ class PPG:
         self.aux_value_head = init_linear(nn.Linear(feature_dim, 1), gain=1.0).to(device)
         self.dynamics = None
         if p.dynamics != "off":
+            canonical = (canonical_action_map(config.env.id, config.env.options, env_spec.num_actions)
+                         if p.dynamics_negatives == "canonical" else None)
             self.dynamics = DynamicsModel(p.dynamics, feature_dim, env_spec.num_actions, p.dynamics_hidden_sizes,
-                                          p.dynamics_eta).to(device)
+                                          p.dynamics_eta, canonical).to(device)
         self.policy_optimizer = make_adam(self.net.parameters(), lr=p.lr, eps=p.adam_eps)
         aux_parameters = [*self.net.parameters(), *self.aux_value_head.parameters()]
         if self.dynamics is not None:
@@ -149,6 +152,8 @@ class PPG:
             fields = {"returns": ((), torch.float32), "old_params": ((self.dist.param_dim,), torch.float32)}
             if self.dynamics is not None:
                 fields["actions"] = ((), torch.int64)
+                if p.dynamics_resets == "authors":
+                    fields["ends"] = ((), torch.bool)
             self.buffer = make_aux_buffer(p, env_spec, num_envs, device, fields)
         self.analyses = TrainingAnalyses(p, num_envs, ["value"], config.seed)
         self.steps = 0
@@ -220,6 +225,8 @@ class PPG:
         metrics.update(self.policy_phase(rollout, advantages, targets))
         if self.buffer is not None:
             extra = {"actions": rollout.actions} if self.dynamics is not None else {}
+            if "ends" in self.buffer.fields:
+                extra["ends"] = rollout.ends
             self.buffer.add(rollout.obs, next_obs, rollout.valid, returns=targets, **extra)
             # ---- auxiliary phase every N_pi policy iterations
             if self.buffer.full:
@@ -299,6 +306,7 @@ class PPG:
         buffer = self.buffer
         dist_params_over_buffer(self.net.dist_params, buffer, "old_params", self.forward_chunk, self.device)
         names = ("returns", "old_params") + (("actions",) if self.dynamics is not None else ())
+        names += ("ends",) if "ends" in buffer.fields else ()
         params_list = [q for group in self.aux_optimizer.param_groups for q in group["params"]]
         stats = []
         for _epoch in range(p.aux_epochs):
@@ -343,8 +351,8 @@ class PPG:
         dyn_loss = dyn_accuracy = torch.zeros((), device=self.device)
         if self.dynamics is not None:  # DPPG
             dyn_loss, dyn_accuracy = trajectory_dynamics_loss(self.dynamics, features.view(n, T + 1, -1),
-                                                              mb["actions"], mb["valid"], p.dynamics_mask_resets,
-                                                              self.generator)
+                                                              mb["actions"], mb["valid"], p.dynamics_resets,
+                                                              self.generator, mb.get("ends"))
             loss = loss + p.dynamics_coef * dyn_loss
         parts = torch.stack([aux_value_loss.detach(), value_loss.detach(), kl.detach(), dyn_loss.detach(),
                              dyn_accuracy])
