@@ -314,6 +314,8 @@ def test_training_analyses_are_logged_and_do_not_change_training(tmp_path):
     last = biased[-1]
     assert float(last["value_bias/bias"]) == pytest.approx(
         float(last["value_bias/predicted"]) - float(last["value_bias/true"]), abs=1e-4)
+    # episodes cut at 30 steps count (with the bootstrapped value at the cut), not only early short ones
+    assert float(last["value_bias/truncated"]) > 0
     stiff = [r for r in rows if r.get("stiffness/cosine")]
     assert len(stiff) == 3  # iterations 0, 4, 8 of 12
     assert all(-1.0 <= float(r["stiffness/cosine"]) <= 1.0 and -1.0 <= float(r["stiffness/sign"]) <= 1.0
