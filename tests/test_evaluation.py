@@ -196,7 +196,8 @@ def test_run_records_the_level_ranges(tmp_path):
     summary = train(config, tmp_path / "run")
     rows = list(csv.DictReader((tmp_path / "run" / "evals.csv").open()))
     assert {(r["split"], r["levels"]) for r in rows} == {("train", "[0, 3)"), ("test", f"[3, {TOP})")}
-    assert len(rows) == 2 * (2 + 1)  # every iteration (2) and the final evaluation
+    # every iteration (2); the evaluation at the last step is the final one (not repeated)
+    assert [(r["step"], r["split"]) for r in rows] == [("16", "train"), ("16", "test"), ("32", "train"), ("32", "test")]
     assert summary["eval_levels"] == {
         "train": {"range": "[0, 3)", "start_level": 0, "num_levels": 3},
         "test": {"range": f"[3, {TOP})", "start_level": 3, "num_levels": TOP - 3}}
@@ -212,7 +213,7 @@ def test_value_bias_logged_from_training_level_evaluations(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     biased = [r for r in rows if r.get("value_bias/bias") is not None]
     evals = [int(r["step"]) for r in csv.DictReader((tmp_path / "run" / "evals.csv").open()) if r["split"] == "train"]
-    assert [int(r["step"]) for r in biased] == evals == [1024, 2048, 2048]  # every 4th iteration and final
+    assert [int(r["step"]) for r in biased] == evals == [1024, 2048]  # every 4th iteration (the last is the final one)
     assert all(r["value_bias/episodes"] == 4 for r in biased)
     for r in biased:
         assert r["value_bias/bias"] == pytest.approx(r["value_bias/predicted"] - r["value_bias/true"])

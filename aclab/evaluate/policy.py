@@ -23,6 +23,9 @@ call over the observations of the envs that still owe episodes (an env that has 
 leaves the forward pass; a split whose envs are all done is closed). Each env contributes its first
 ``ceil(episodes / num_envs)`` episodes in order (Procgen protocol: the first episode of each env), so
 short episodes are not over-represented.
+
+Random draws: an evaluation draws on its own random streams (:mod:`aclab.evaluate.rng`), never on the
+training's.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import numpy as np
 from aclab.config import Config
 from aclab.envs import build_envs, parse_env_id
 from aclab.envs.registry import LevelRange, procgen_eval_levels
+from aclab.evaluate.rng import evaluation_seed, own_streams
+from aclab.runs import check_stop
 
 EVAL_SEED_OFFSET = 1_000_003
 MAX_EVAL_STEPS = 1_000_000
@@ -138,7 +143,16 @@ def evaluate_splits(algo, config: Config, splits: Sequence[str], *, episodes: in
     picks the seed under ``eval.seeding = "fresh"``. ``value_fn`` (obs ``[n, ...]`` -> values ``[n]``)
     with ``gamma`` also records, per counted episode, V(s_0), the discounted return and the bootstrap
     at a truncation (the DCPG paper's value bias at episode starts, Appendix C).
+    Random draws come from the evaluation's own streams for (seed, splits, ``algo.steps``); the training's
+    RNG states are left untouched.
     """
+    stream = splits[0] if len(splits) == 1 else "+".join(splits)
+    with own_streams(algo, evaluation_seed(config.seed, stream, getattr(algo, "steps", step))):
+        return _evaluate_splits(algo, config, splits, episodes, train_envs, deterministic, step, value_fn, gamma)
+
+
+def _evaluate_splits(algo, config: Config, splits: Sequence[str], episodes: int | None, train_envs,
+                     deterministic: bool | None, step: int, value_fn, gamma) -> dict[str, EvalResult]:
     episodes = config.eval.episodes if episodes is None else episodes
     deterministic = config.eval.deterministic if deterministic is None else deterministic
     if episodes < 1:
@@ -162,6 +176,7 @@ def evaluate_splits(algo, config: Config, splits: Sequence[str], *, episodes: in
                 group.open = True
         live = list(groups)
         for _ in range(MAX_EVAL_STEPS):
+            check_stop()
             live = [g for g in live if g.active.size]
             if not live:
                 break
