@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sign", choices=["exact", "subset", "off"], default="subset", help="stiffness: sign mode")
     p.add_argument("--episodes", type=int, default=None,
                    help="value-bias: episodes (default 100); gradient-noise: evaluation episodes per task")
+    p.add_argument("--truncation", choices=["bootstrap", "partial", "exclude"], default="bootstrap",
+                   help="value-bias: truncated episodes count with gamma^L V(s_L) added (bootstrap), their partial "
+                        "return (partial, the DCPG authors' logging) or not at all (exclude)")
     p.add_argument("--updates", type=int, default=50, help="gradient-noise: independent meta-updates")
     p.add_argument("--horizon", type=int, default=0,
                    help="gradient-accuracy: rollout horizon (0: to the time limit, the authors' choice)")
@@ -224,7 +227,7 @@ def cmd_eval(args) -> int:
     from aclab.algos.common import resolve_device
     from aclab.config import ConfigError
     from aclab.envs import build_envs
-    from aclab.evaluate.policy import evaluate
+    from aclab.evaluate.policy import evaluate_splits
     from aclab.runs import ADHOC_EVALS_FILE, EVALS_FILE, append_eval, eval_record
     from aclab.train import build_algorithm, load_run_checkpoint, load_run_config
 
@@ -253,12 +256,15 @@ def cmd_eval(args) -> int:
                 for path, ret, length in written:
                     print(f"{path}: return {ret:.2f}, {length} steps ({which} checkpoint, step {checkpoint['step']})")
             return 0
-        for split in splits:
-            returns = evaluate(algo, config, split, args.episodes, train_envs=envs, deterministic=args.deterministic)
+        results = evaluate_splits(algo, config, splits, episodes=args.episodes, train_envs=envs,
+                                  deterministic=args.deterministic, step=int(checkpoint["step"]))
+        for split, result in results.items():
+            returns = result.returns
+            levels = "" if result.levels is None else str(result.levels)
             print(f"{split}: mean return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes "
-                  f"({which} checkpoint, step {checkpoint['step']})")
+                  f"({which} checkpoint, step {checkpoint['step']}{', levels ' + levels if levels else ''})")
             if out is not None:
-                append_eval(out, eval_record(int(checkpoint["step"]), split, returns, checkpoint=which,
+                append_eval(out, eval_record(int(checkpoint["step"]), split, returns, levels=levels, checkpoint=which,
                                              deterministic=bool(args.deterministic or config.eval.deterministic)))
     finally:
         envs.close()
@@ -338,7 +344,8 @@ def _run_analysis(run_analysis, args, common) -> dict:
         return run_analysis.run_stiffness(args.path, num_states=args.num_states or 2 ** 14, value=args.value,
                                             sign=args.sign, **common)
     elif args.analysis == "value-bias":
-        return run_analysis.run_value_bias(args.path, episodes=args.episodes or 100, value=args.value, **common)
+        return run_analysis.run_value_bias(args.path, episodes=args.episodes or 100, value=args.value,
+                                           truncation=args.truncation, **common)
     elif args.analysis == "gradient-accuracy":
         return run_analysis.run_gradient_accuracy(args.path, num_states=args.num_states or 15,
                                                   horizon=args.horizon, **common)

@@ -10,7 +10,8 @@ A run's configuration has three parts:
 * ``params``: the algorithm's own dataclass (e.g. :class:`aclab.algos.ppo.PPOConfig`).
 
 Presets are TOML files in ``aclab/presets/`` holding the papers' hyperparameter tables. Overrides use
-dotted keys (``env.num_envs=8``, ``params.lr=3e-4``); a bare key (``lr=3e-4``) is looked up at the top
+dotted keys (``env.num_envs=8``, ``params.lr=3e-4``, ``env.options.levels=test`` for an entry of a
+nested table); a bare key (``lr=3e-4``) is looked up at the top
 level, then in ``params``, then in ``env``. Every unknown key, unknown preset or invalid value raises
 :class:`ConfigError` with one line naming the key and the allowed values.
 """
@@ -76,16 +77,30 @@ class EnvConfig:
 
 @dataclass
 class EvalConfig:
-    """Periodic and final evaluation on separate env instances (Procgen: held-out levels)."""
+    """Periodic and final evaluation on separate env instances (see :mod:`aclab.evaluate.policy`).
+
+    ``every_steps`` / ``every_iterations``: evaluate when that many env steps have passed since the last
+    evaluation / at every that many-th iteration (0: off; either can trigger; the DCPG authors evaluate
+    every 10 updates); there is always a final evaluation. ``split``: ``train`` (Procgen: the training
+    levels), ``test`` (held-out) or ``both``. ``levels``: the held-out Procgen levels of the test split,
+    ``"test"`` = the full distribution (Cobbe et al. 2020; the DCPG authors' code) or ``"unseen"`` =
+    levels outside the training range only. ``seeding``: ``"fixed"`` (the same env seeds, so the same
+    Procgen levels, at every evaluation) or ``"fresh"`` (new ones each time, the DCPG authors' curves).
+    """
 
     every_steps: int = 0
+    every_iterations: int = 0
     episodes: int = 10
     num_envs: int = 8
     split: Literal["test", "train", "both"] = "test"
+    levels: Literal["test", "unseen"] = "test"
+    seeding: Literal["fixed", "fresh"] = "fixed"
     deterministic: bool = False
 
     def validate(self) -> None:
         require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "an integer >= 0 (0: only at the end)")
+        require(self.every_iterations >= 0, "eval.every_iterations", self.every_iterations,
+                "an integer >= 0 (0: off)")
         require(self.episodes >= 0, "eval.episodes", self.episodes, "an integer >= 0 (0: no evaluation)")
         require(self.num_envs >= 1, "eval.num_envs", self.num_envs, "an integer >= 1")
 
@@ -175,6 +190,8 @@ class Config:
         self.logging.validate()
         if self.params is not None and hasattr(self.params, "validate"):
             self.params.validate()
+        if self.params is not None and hasattr(self.params, "validate_with"):  # checks across sections
+            self.params.validate_with(self)
         num_minibatches = getattr(self.params, "num_minibatches", None)
         num_steps = getattr(self.params, "num_steps", None)
         if isinstance(num_minibatches, int) and isinstance(num_steps, int):
@@ -350,15 +367,49 @@ def set_key(config: Config, key: str, raw_value: Any) -> None:
         valid += [f"logging.{k}" for k in _fields(config.logging)]
         valid += [f"divergence.{k}" for k in _fields(config.divergence)]
         raise _unknown_key(key, "", valid)
-    head, rest = parts[0], ".".join(parts[1:])
+    head = parts[0]
     if head not in SECTIONS:
         raise ConfigError(f"unknown config section {head!r} in {key!r}; valid sections: {', '.join(SECTIONS)}")
     target = getattr(config, head)
     if target is None:
         raise ConfigError(f"{key!r}: this algorithm has no parameters")
-    if "." in rest:
-        raise ConfigError(f"unknown config key {key!r}: sections are one level deep (e.g. params.lr)")
-    apply_table(target, {rest: raw_value}, head)
+    section = head
+    for depth, name in enumerate(parts[1:-1], start=1):  # walk down to the parent of the last part
+        if isinstance(target, dict):
+            child = target.get(name)
+            if child is None:
+                child = target[name] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{key!r}: {'.'.join(parts[:depth + 1])} is {child!r}, not a table")
+            target = child
+        else:
+            fields = _fields(target)
+            if name not in fields:
+                raise _unknown_key(".".join(parts[:depth + 1]), section, list(fields))
+            child = getattr(target, name)
+            if not (isinstance(child, dict) or (dataclasses.is_dataclass(child) and not isinstance(child, type))):
+                raise ConfigError(f"{key!r}: {'.'.join(parts[:depth + 1])} is a value, not a table")
+            target = child
+        section = ".".join(parts[:depth + 1])
+    if isinstance(target, dict):  # a free-form table (env.options): scalars from the command line are parsed
+        target[parts[-1]] = parse_scalar(raw_value)
+        return
+    apply_table(target, {parts[-1]: raw_value}, section)
+
+
+def parse_scalar(value: Any) -> Any:
+    """A command-line string for a free-form table entry as TOML would read it: ``200`` -> int,
+    ``0.5`` -> float, ``true`` -> bool, ``[1, 2]`` / ``{...}`` -> JSON; anything else stays a string
+    (``test``). Non-strings (from a preset or a dict of overrides) are returned unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return value
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -8,7 +8,8 @@ Layout of a run directory::
       metrics.csv          one row per logged iteration: step, time_s (cumulative wall time), then metrics
       metrics.jsonl        the same rows as JSON lines
       evals.csv            the training loop's evaluations: step, split, mean_return, std_return,
-                           num_episodes, returns (space-separated)
+                           num_episodes, returns (space-separated), levels (the Procgen level range
+                           played, e.g. "[0, 200)" or "all levels"; empty for other envs)
       evals_adhoc.csv      ``aclab eval`` results (not part of the run's record; the report ignores them
                            unless asked)
       episodes.csv         one row per finished training episode: step, env, return, length, level, task
@@ -63,7 +64,7 @@ import torch
 
 CHECKPOINT_RE = re.compile(r"ckpt_(\d+)\.pt$")
 BEST_CHECKPOINT, BEST_INFO = "best.pt", "best.json"
-EVAL_COLUMNS = ["step", "split", "mean_return", "std_return", "num_episodes", "returns"]
+EVAL_COLUMNS = ["step", "split", "mean_return", "std_return", "num_episodes", "returns", "levels"]
 ADHOC_EVAL_COLUMNS = [*EVAL_COLUMNS, "deterministic"]
 EVALS_FILE = "evals.csv"
 ADHOC_EVALS_FILE = "evals_adhoc.csv"
@@ -456,9 +457,10 @@ class Run:
             writer.writerows({k: (f"{v:.8g}" if isinstance(v, float) else _format(v)) for k, v in
                               ((k, row.get(k)) for k in EPISODE_COLUMNS)} for row in rows)
 
-    def log_eval(self, step: int, split: str, returns: list[float]) -> dict:
-        """Append an evaluation (per-episode raw returns) to evals.csv and TensorBoard."""
-        record = eval_record(step, split, returns)
+    def log_eval(self, step: int, split: str, returns: list[float], levels: str = "") -> dict:
+        """Append an evaluation (per-episode raw returns; ``levels`` the Procgen level range, "" for other
+        envs) to evals.csv and TensorBoard."""
+        record = eval_record(step, split, returns, levels=levels)
         append_eval(self.path / EVALS_FILE, record)
         tb = self.tensorboard()
         if tb is not None and record["num_episodes"]:
@@ -588,8 +590,11 @@ def append_eval(path: Path, record: dict) -> None:
     """Append one evaluation record to a CSV file (header written when the file is new)."""
     columns = EVAL_COLUMNS + [k for k in record if k not in EVAL_COLUMNS]
     new = not Path(path).exists()
+    if not new:  # a file written before a column was added keeps its header
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f), None) or columns
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow({k: _format(v) for k, v in record.items()})

@@ -47,9 +47,9 @@ from aclab.config import (
     parse_override,
     set_key,
 )
-from aclab.envs import build_envs, make_env, parse_env_id
+from aclab.envs import EnvIdError, build_envs, make_env, parse_env_id
 from aclab.envs.registry import import_env_modules, register_env_factory
-from aclab.evaluate.policy import evaluate
+from aclab.evaluate.policy import eval_levels, evaluate_splits
 from aclab.run_logging import EpisodeRecorder, PlainProgress, WandbSink
 from aclab.runs import (
     EVALS_FILE,
@@ -118,7 +118,24 @@ def make_config(
         set_key(config, key, value)
     parse_env_id(config.env.id)
     config.validate()
+    check_eval_levels(config)
     return config
+
+
+def check_eval_levels(config: Config) -> None:
+    """The evaluation level sets must exist for the training options (e.g. ``eval.levels = "unseen"``
+    needs a finite training range): ConfigError naming the keys otherwise."""
+    try:
+        for split in eval_splits(config):
+            eval_levels(config, split)
+    except EnvIdError as exc:
+        raise ConfigError(f"invalid value eval.levels={config.eval.levels!r} with env.options="
+                          f"{config.env.options!r}: {exc}") from None
+
+
+def eval_splits(config: Config) -> list[str]:
+    """The splits each evaluation runs (``eval.split``: train, test or both)."""
+    return ["train", "test"] if config.eval.split == "both" else [config.eval.split]
 
 
 def _import_early(items: list, preset_table: dict) -> None:
@@ -384,11 +401,13 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
         saved_step, last_save = algo.steps, time.monotonic()
         hooks.on_checkpoint(int(algo.steps), path)
 
-    def evaluate_now(final: bool = False) -> None:
+    def evaluate_now(final: bool = False) -> dict[str, float]:
         best_split = "test" if config.eval.split == "both" else config.eval.split
-        for split, returns in _run_evals(algo, config, run, envs, hooks, final=final):
+        done, eval_metrics = _run_evals(algo, config, run, envs, hooks, final=final)
+        for split, returns in done:
             if split == best_split and returns:
                 run.save_best_checkpoint(algo.steps, state(), float(np.mean(returns)), split)
+        return eval_metrics
 
     run.tensorboard()  # import and open the writer before the clock starts
     run.start_clock(loop.wall_time_s)
@@ -427,9 +446,13 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                 hooks.on_iteration(IterationInfo(int(algo.steps), iterations_here, metrics,
                                                  np.asarray(algo.last_episode_returns, dtype=np.float64).reshape(-1),
                                                  run.path, config, algo))
-                if config.eval.every_steps and algo.steps - loop.last_eval_step >= config.eval.every_steps:
-                    evaluate_now()
+                eval_metrics = {}
+                if ((config.eval.every_steps and algo.steps - loop.last_eval_step >= config.eval.every_steps)
+                        or (config.eval.every_iterations and iteration % config.eval.every_iterations == 0)):
+                    eval_metrics = evaluate_now()
                     loop.last_eval_step = algo.steps
+                if eval_metrics:  # the value bias of the training-level evaluation episodes
+                    run.log(algo.steps, eval_metrics)
                 if algo.steps < config.total_steps and (hooks.stop is not None
                                                         or _checkpoint_due(config, iteration, last_save)):
                     save()
@@ -441,7 +464,9 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                 save()  # the final checkpoint, before the final evaluation (see Run.mark_final_eval)
             if final_eval and config.eval.episodes > 0 and final_eval_step != algo.steps:
                 if loop.last_eval_step != algo.steps:  # else the periodic evaluation just done is final
-                    evaluate_now(final=True)
+                    final_metrics = evaluate_now(final=True)
+                    if final_metrics:
+                        run.log(algo.steps, final_metrics)
                 run.mark_final_eval(algo.steps)
     except StopRequested:
         status = "interrupted"
@@ -485,6 +510,11 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                f"{config.total_steps:,}: {config.algo} trains on whole iterations (rollouts, batches)")
         summary["notes"] = list(notice.lines)
     summary.update(_last_evals(run.path / EVALS_FILE))
+    levels = {split: eval_levels(config, split) for split in eval_splits(config)}
+    if any(r is not None for r in levels.values()):  # Procgen: which level ranges each split played
+        summary["eval_levels"] = {split: {"range": str(r), "start_level": r.start, "num_levels": r.num}
+                                  for split, r in levels.items()}
+        summary["eval_seeding"] = config.eval.seeding
     run.write_summary(summary)
     try:
         from aclab.plots import plot_learning_curve
@@ -530,16 +560,46 @@ def _last_evals(path: Path) -> dict:
 
 
 def _run_evals(algo, config: Config, run: Run, envs, hooks: CallbackList | None = None,
-               final: bool = False) -> list[tuple[str, list[float]]]:
-    splits = ["train", "test"] if config.eval.split == "both" else [config.eval.split]
+               final: bool = False) -> tuple[list[tuple[str, list[float]]], dict[str, float]]:
+    """One evaluation of every split in one batched pass (see :mod:`aclab.evaluate.policy`), logged to
+    evals.csv with the level ranges played and passed to the callbacks. Returns ``(split, returns)`` per
+    split and the value-bias metrics when the algorithm logs its value bias from the training-level
+    evaluation episodes (``params.value_bias_source = "eval"``; else ``{}``)."""
+    p = config.params
+    from_eval = bool(getattr(p, "log_value_bias", False)) and getattr(p, "value_bias_source", "") == "eval"
+    value_fn = _first_critic(algo) if from_eval else None
+    results = evaluate_splits(algo, config, eval_splits(config), train_envs=envs, step=algo.steps,
+                              value_fn=value_fn, gamma=float(getattr(p, "gamma", 0.99)))
     done = []
-    for split in splits:
-        returns = evaluate(algo, config, split, train_envs=envs)
-        run.log_eval(algo.steps, split, returns)
-        done.append((split, returns))
+    for split, result in results.items():
+        run.log_eval(algo.steps, split, result.returns, levels="" if result.levels is None else str(result.levels))
+        done.append((split, result.returns))
         if hooks is not None:
-            hooks.on_evaluation(EvaluationInfo(int(algo.steps), split, returns, final, run.path))
-    return done
+            hooks.on_evaluation(EvaluationInfo(int(algo.steps), split, result.returns, final, run.path))
+    if not from_eval:
+        return done, {}
+    from aclab.analysis.value_bias import value_bias
+
+    train = results["train"]
+    bias = value_bias(train.start_values, train.discounted_returns, train.truncated, train.bootstrap_values,
+                      truncation=p.value_bias_truncation)
+    return done, bias.as_metrics("value_bias/")
+
+
+def _first_critic(algo):
+    """``obs [n, ...] (numpy) -> V [n] (numpy)`` of the algorithm's first critic (``value_functions()``, else
+    ``net.value``), under no_grad."""
+    critics = algo.value_functions() if hasattr(algo, "value_functions") else {"value": algo.net}
+    module = next(iter(critics.values()))
+    device = next(module.parameters()).device
+
+    @torch.no_grad()
+    def values(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, device=device)
+        out = module.value(obs_t) if hasattr(module, "value") else module(obs_t)
+        return out.float().reshape(-1).cpu().numpy()
+
+    return values
 
 
 def _wandb_sink(config: Config, run: Run) -> WandbSink:
@@ -604,4 +664,5 @@ def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
         set_key(config, key, value)
     config.validate()
     check_resume_changes(saved, config)
+    check_eval_levels(config)
     return config

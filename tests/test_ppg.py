@@ -17,6 +17,7 @@ from aclab import registry
 from aclab.algos import phasic
 from aclab.algos.common import resolve_device, seed_everything
 from aclab.algos.phasic import AuxBuffer, masked_mean, state_rows
+from aclab.config import ConfigError
 from aclab.envs import build_envs
 from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
@@ -261,7 +262,8 @@ def _slow_gae(rewards, values, terminated, ends, gamma, lam):
 def test_ppg_dr_value_targets_use_gamma_prime():
     _, envs, algo = _algo("ppg-dr", [*TINY, "params.num_policy_iterations=3",
                                      "env.options={\"max_episode_steps\": 20}"])
-    assert algo.params.value_gamma == 0.995
+    # gamma' keeps the paper's horizon ratio (1000 -> 200 steps): 0.99 -> 0.95 here, 0.999 -> 0.995 on Procgen
+    assert algo.params.gamma == 0.99 and algo.params.target_gamma() == pytest.approx(0.95)
     kept = _capture_rollout(algo, envs)
     seen = {}
     real_phase = algo.policy_phase
@@ -274,7 +276,7 @@ def test_ppg_dr_value_targets_use_gamma_prime():
     algo.iterate(envs)
     r = {k: v.double().numpy() for k, v in kept.items()}
     stored = algo.buffer.fields["returns"][0].double().numpy()
-    expected = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.995, 0.95) + r["values"][:-1]
+    expected = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.95, 0.95) + r["values"][:-1]
     plain = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.99, 0.95) + r["values"][:-1]
     valid = r["valid"].astype(bool)
     np.testing.assert_allclose(stored[valid], expected[valid], rtol=1e-4, atol=1e-4)
@@ -282,6 +284,22 @@ def test_ppg_dr_value_targets_use_gamma_prime():
     # the advantages keep gamma (only the value targets use gamma')
     advantages = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.99, 0.95)
     np.testing.assert_allclose(seen["advantages"][valid], advantages[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_ppg_dr_gamma_prime_is_derived_from_gamma_and_below_it():
+    from aclab.algos.ppg import PPGConfig, discount_regularised_gamma
+
+    assert discount_regularised_gamma(0.999, 0.2) == pytest.approx(0.995)  # DCPG paper, Appendix B
+    assert PPGConfig(gamma=0.999, value_horizon_ratio=0.2).target_gamma() == pytest.approx(0.995)
+    assert PPGConfig(gamma=0.999, value_horizon_ratio=0.2, value_gamma=0.99).target_gamma() == 0.99  # explicit wins
+    assert PPGConfig(gamma=0.97).target_gamma() == 0.97  # plain PPG
+    for overrides, key in ((["params.value_gamma=0.995"], "params.value_gamma"),  # 0.995 > ppg-classic's 0.99
+                           (["params.value_gamma=0.99"], "params.value_gamma"),
+                           (["params.value_horizon_ratio=1.5"], "params.value_horizon_ratio"),
+                           (["params.gamma=0.5"], "params.value_horizon_ratio")):  # gamma' = -1.5
+        with pytest.raises(ConfigError, match=key):
+            make_config("ppg-dr", "CartPole-v1", overrides=overrides)
+    assert make_config("ppg-dr", "CartPole-v1", overrides=["params.value_gamma=0.98"]).params.target_gamma() == 0.98
 
 
 def test_ppg_ar_adds_alpha_times_mean_squared_value():
@@ -308,16 +326,27 @@ def test_training_analyses_are_logged_and_do_not_change_training(tmp_path):
     rows = list(csv.DictReader((tmp_path / "analysed" / "metrics.csv").open()))
     biased = [r for r in rows if r.get("value_bias/bias")]
     assert biased and all(math.isfinite(float(r["value_bias/bias"])) for r in biased)
+    last = biased[-1]
+    assert float(last["value_bias/bias"]) == pytest.approx(
+        float(last["value_bias/predicted"]) - float(last["value_bias/true"]), abs=1e-4)
+    # episodes cut at 30 steps count (with the bootstrapped value at the cut), not only early short ones
+    assert float(last["value_bias/truncated"]) > 0
     stiff = [r for r in rows if r.get("stiffness/cosine")]
     assert len(stiff) == 3  # iterations 0, 4, 8 of 12
+    assert all(-1.0 <= float(r["stiffness/cosine"]) <= 1.0 and -1.0 <= float(r["stiffness/sign"]) <= 1.0
+               for r in stiff)
+    assert all(-1.0 <= float(r["stiffness/cosine_grad_v"]) <= 1.0 and -1.0 <= float(r["stiffness/sign_grad_v"]) <= 1.0
+               for r in stiff)
 
 
 def test_training_analyses_measure_the_rollouts_value_bias_and_stiffness_on_r_hat(monkeypatch):
-    """The logged value bias is mean(V(s_0) - sum_t gamma^t r_t) over the finished (terminated) episodes,
+    """The logged value bias is mean(V(s_0) - sum_t gamma^t r_t) over the finished (terminated) episodes
+    (``value_bias_truncation = exclude``; the bootstrap of truncated ones is pinned in test_value_bias.py),
     recomputed here with a loop over the rollouts; stiffness is measured against R_hat of the states it
     draws (DCPG paper, Appendices A and C)."""
     _, envs, algo = _algo("ppg", [*TINY, "params.num_policy_iterations=8", "params.log_value_bias=true",
-                                  "params.value_bias_episodes=1000", "params.stiffness_every=1",
+                                  "params.value_bias_episodes=1000", "params.value_bias_truncation=exclude",
+                                  "params.stiffness_every=1",
                                   "params.stiffness_states=16", "env.options={\"max_episode_steps\": 40}"])
     seen = []
     real_stiffness = phasic.value_stiffness

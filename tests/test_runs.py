@@ -127,8 +127,6 @@ def test_time_is_cumulative_across_resumes(tmp_path):
 def test_final_evaluation_is_never_duplicated(tmp_path, monkeypatch):
     """Resuming a finished run changes nothing; a run killed during its final evaluation repeats exactly that
     evaluation once."""
-    from aclab import train as train_module
-
     extra = ["eval.episodes=2", "eval.num_envs=2", "eval.split=both"]
     train(_ppo(128 * 4, *extra), tmp_path / "full")
     reference = _evals(tmp_path / "full")
@@ -145,18 +143,18 @@ def test_final_evaluation_is_never_duplicated(tmp_path, monkeypatch):
     assert train(_ppo(128 * 4, *extra), tmp_path / "full", resume=True)["status"] == "finished"
     assert _evals(tmp_path / "full") == reference
 
-    real_evaluate, calls = train_module.evaluate, []
+    real_log_eval, calls = Run.log_eval, []
 
-    def killed_in_final_eval(*args, **kwargs):
+    def killed_in_final_eval(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # the final evaluation's second split: a kill arrives
+        if len(calls) == 2:  # the final evaluation's second split is being written: a kill arrives
             raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
+        return real_log_eval(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", killed_in_final_eval)
+    monkeypatch.setattr(Run, "log_eval", killed_in_final_eval)
     assert train(_ppo(128 * 4, *extra), tmp_path / "killed")["status"] == "interrupted"
     assert len(_evals(tmp_path / "killed")) == 1  # one split written before the kill
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    monkeypatch.setattr(Run, "log_eval", real_log_eval)
     assert train(_ppo(128 * 4, *extra), tmp_path / "killed", resume=True)["status"] == "finished"
     assert _evals(tmp_path / "killed") == reference
 

@@ -154,8 +154,11 @@ class _StaggeredEnvs:
 
     def __init__(self, lengths):
         self.lengths = np.asarray(lengths)
+        self.num_envs = len(lengths)
         self.t = 0
         self.obs = np.zeros((len(lengths), 1), dtype=np.float32)
+        self.next_is_dummy = np.zeros(len(lengths), dtype=bool)  # same-step resets: no dummy steps
+        self.info = {"level_seed": np.zeros(len(lengths), dtype=np.int64)}
 
     def reset(self, seed=None):
         self.t = 0
@@ -168,7 +171,9 @@ class _StaggeredEnvs:
         done = self.t % self.lengths == 0
         k = self.t // self.lengths - 1
         ret = np.where(done, 10.0 * np.arange(len(self.lengths)) + k, np.nan)
-        return SimpleNamespace(episode_length=np.where(done, self.lengths, 0), episode_return=ret)
+        zeros = np.zeros(len(self.lengths), dtype=bool)
+        return SimpleNamespace(episode_length=np.where(done, self.lengths, 0), episode_return=ret, obs=self.obs,
+                               reward=np.zeros(len(self.lengths)), terminated=done, truncated=zeros)
 
     def close(self):
         pass
@@ -215,4 +220,6 @@ def test_procgen_evaluation_uses_the_splits_level_set(monkeypatch, split, levels
     procgen = make_config("ppo", "procgen:bigfish", overrides=["eval.num_envs=2"])
     assert len(policy.evaluate(algo, procgen, split, episodes=2)) == 2
     policy.evaluate(algo, _cartpole(256, "eval.num_envs=2"), split, episodes=2)
-    assert seen == [{"levels": levels}, {}]
+    # explicit level ranges: the training range [0, 200) for train, the full distribution for test
+    num_levels = {"train": 200, "test": 0}[levels]
+    assert seen == [{"levels": "train", "start_level": 0, "num_levels": num_levels}, {}]

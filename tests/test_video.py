@@ -49,7 +49,9 @@ def test_eval_video_mp4_and_gif_of_the_final_and_best_checkpoints(tmp_path, caps
     line = capsys.readouterr().out.strip()
     assert f"best checkpoint, step {info['step']}" in line
     path, length = re.match(r"(\S+\.gif): return [\d.]+, (\d+) steps", line).groups()
-    assert int(length) - 2 <= len(_frames(path)) <= int(length) + 1  # Pillow merges identical consecutive frames
+    # Pillow merges identical consecutive frames (a CartPole cart that moves less than a pixel), so a GIF can
+    # hold fewer frames than the episode's steps; how many depends on the episode the checkpoint plays.
+    assert 2 <= len(_frames(path)) <= int(length) + 1
     assert main(["eval", str(run), "--checkpoint", "best", "--episodes", "2"]) == 0
     assert f"best checkpoint, step {info['step']}" in capsys.readouterr().out
 

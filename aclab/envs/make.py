@@ -65,7 +65,6 @@ from aclab.envs.vec import VecEnv
 __all__ = ["make_env", "ATARI_SETTING_CONFIGS", "BACKENDS"]
 
 BACKENDS = ("auto", "envpool", "gymnasium")
-_INT32_MAX = 2**31 - 1
 _ATARI_FRAME_CAP = 108_000
 
 _ATARI_COMMON = {
@@ -152,24 +151,17 @@ def _plan_procgen(env_id: str, game: str, options: dict, backend: str) -> _Plan:
     mode = options.pop("distribution_mode", "easy")
     if mode not in modes:
         raise EnvIdError(f"distribution_mode={mode!r} for {env_id!r}; valid for {game}: {', '.join(modes)}")
-    levels = options.pop("levels", "train")
-    if levels not in registry.PROCGEN_LEVEL_SETS:
-        raise EnvIdError(f"levels={levels!r} for {env_id!r}; valid: {', '.join(registry.PROCGEN_LEVEL_SETS)}")
+    try:
+        level_range = registry.procgen_level_range(options)
+    except EnvIdError as exc:
+        raise EnvIdError(f"{env_id!r}: {exc}") from None
+    for key in ("levels", "start_level", "num_levels"):
+        options.pop(key, None)
     task_id = f"{game.capitalize()}{mode.capitalize()}-v0"
     allowed = set(registry.envpool_config_defaults(task_id)) - {"max_episode_steps"}
     check_option_keys(env_id, options, allowed | set(_PROCGEN_EXTRA_OPTIONS))
-    start = _check_int("start_level", options.pop("start_level", 0 if levels != "test-unseen" else 200), 0)
-    if levels == "train":
-        num = registry.PROCGEN_TRAIN_LEVELS
-    elif levels == "test":
-        num = 0
-    else:
-        num = _INT32_MAX - start
-    num = _check_int("num_levels", options.pop("num_levels", num), 0)
-    if start + num > _INT32_MAX:
-        raise EnvIdError(f"start_level + num_levels must be <= 2**31-1 for {env_id!r}, got {start} + {num}")
     config = _envpool_options(env_id, task_id, options, exclude=("max_episode_steps",))
-    config.update(num_levels=num, start_level=start)
+    config.update(level_range.options())
     return _Plan("procgen", env_id, "envpool", task_id=task_id, config=config)
 
 
