@@ -173,7 +173,8 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         run = Run.create(run_dir, config.to_dict(), overwrite=overwrite)
 
     seed_everything(config.seed)
-    envs = build_envs(config)
+    # an algorithm that chooses each episode's level (PLR) gets envs that let it
+    envs = build_envs(config, level_control=getattr(registry.get_algorithm(config.algo), "LEVEL_CONTROL", False))
     envs.reset(seed=config.seed)
     _set_torch_threads(config, device, envs.spec)
     algo = registry.build(config, envs.spec, device)

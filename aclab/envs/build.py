@@ -9,7 +9,8 @@ from __future__ import annotations
 from aclab.envs.make import make_env
 
 
-def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, options: dict | None = None):
+def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, options: dict | None = None,
+               level_control: bool = False):
     e = config.env
     return make_env(
         e.id,
@@ -23,4 +24,5 @@ def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, 
         normalize_reward=e.normalize_reward,
         reward_gamma=e.reward_gamma,
         reward_clip=e.reward_clip,
+        level_control=level_control,
     )
