@@ -38,6 +38,7 @@ from aclab.config import (
     set_key,
 )
 from aclab.envs import build_envs, make_env, parse_env_id
+from aclab.envs.make import check_level_control
 from aclab.evaluate.policy import evaluate
 from aclab.runs import Run
 
@@ -82,6 +83,8 @@ def make_config(
         set_key(config, key, value)
     parse_env_id(config.env.id)
     config.validate()
+    if getattr(entry.cls, "LEVEL_CONTROL", False):  # e.g. PLR: the env must offer a finite set of levels
+        check_level_control(config.env.id, config.env.options, config.env.backend, config.env.num_envs)
     return config
 
 

@@ -218,6 +218,8 @@ def test_plr_preset_and_tiny_procgen_run(tmp_path):
     p = make_config("plr", "procgen:bigfish").params
     assert (p.score, p.score_transform, p.temperature, p.staleness_coef, p.num_epochs, p.num_minibatches) == (
         "value_l1", "rank", 0.1, 0.1, 3, 8)
+    with pytest.raises(EnvIdError, match="finite set of training levels"):  # before any run directory exists
+        make_config("plr", "procgen:bigfish", overrides=['env.options={"levels": "test"}'])
     config = make_config("plr", "procgen:bigfish", overrides=[*FAST, "env.num_envs=2", "params.num_steps=8",
                                                               "params.num_minibatches=2", "total_steps=32"])
     summary = train(config, tmp_path / "run")

@@ -61,7 +61,7 @@ from aclab.envs.registry import EnvIdError, check_option_keys, coerce_option, pa
 from aclab.envs.spec import EnvSpec
 from aclab.envs.vec import VecEnv
 
-__all__ = ["make_env", "ATARI_SETTING_CONFIGS", "BACKENDS"]
+__all__ = ["make_env", "check_level_control", "ATARI_SETTING_CONFIGS", "BACKENDS"]
 
 BACKENDS = ("auto", "envpool", "gymnasium")
 _INT32_MAX = 2**31 - 1
@@ -332,6 +332,13 @@ def _plan_level_control(env_id, options: dict, backend: str, num_envs: int) -> t
     start = _check_int("start_level", options.pop("start_level", 0), 0)
     num = _check_int("num_levels", options.pop("num_levels", LEVEL_CONTROL_DEFAULT_LEVELS), 1)
     return _plan(env_id, options, "gymnasium", num_envs), list(range(start, start + num))
+
+
+def check_level_control(env_id: str, options: dict | None = None, backend: str = "auto",
+                        num_envs: int = 1) -> list[int]:
+    """The training levels ``make_env(env_id, ..., level_control=True)`` would use; raises :class:`EnvIdError`
+    for an env or option set that cannot choose levels per episode. Builds nothing."""
+    return _plan_level_control(env_id, dict(options or {}), backend, num_envs)[1]
 
 
 def _build_level_backend(plan: _Plan, num_envs: int, seeds: list[int], levels: list[int]):
