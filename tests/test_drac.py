@@ -176,6 +176,10 @@ def test_ucb_drac_rewards_the_previous_arm_with_the_rollout_return():
     for k in range(9):  # the return of rollout k + 1 rewards the arm of update k
         assert seen[k + 1] in algo.bandit.rewards[arms[k]]
     assert len(set(seen)) == 10
+    other = (algo.bandit.select() + 1) % 8  # an arm other than the one the bandit would pick next
+    algo.current_arm = other
+    algo.choose_augmentation(123.0)
+    assert 123.0 in algo.bandit.rewards[other]
 
 
 def test_presets_and_validation():

@@ -11,8 +11,10 @@ import torch
 from gymnasium import spaces
 from run_rows import metric_rows
 
+from aclab import registry
+from aclab.algos.common import resolve_device
 from aclab.data.level_sampler import LevelSampler, segment_scores
-from aclab.envs import make_env
+from aclab.envs import build_envs, make_env
 from aclab.envs.registry import EnvIdError
 from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
@@ -187,15 +189,20 @@ if "AclabNoisyLevels-v0" not in gymnasium.registry:
     gymnasium.register("AclabNoisyLevels-v0", entry_point=NoisyLevels)
 
 
-def test_plr_replays_the_levels_with_the_largest_value_loss(tmp_path):
-    overrides = [*FAST, "env.options={\"num_levels\": 20}", "total_steps=6144", "params.num_steps=32"]
-    config = make_config("plr", "gym:AclabNoisyLevels-v0", preset="plr-classic", overrides=overrides)
-    train(config, tmp_path / "run")
-    state = load_latest_checkpoint(tmp_path / "run" / "checkpoints")["algo"]["sampler"]
-    counts = state["counts"]
-    assert state["seen"].all()
-    assert counts[15:].sum() / counts.sum() > 0.6  # uniform sampling would give 0.25
-    assert np.argsort(-state["scores"])[:5].min() >= 15
+def test_plr_replays_the_levels_with_the_largest_value_loss():
+    config = make_config("plr", "gym:AclabNoisyLevels-v0", preset="plr-classic",
+                         overrides=[*FAST, "env.options={\"num_levels\": 20}", "params.num_steps=32"])
+    envs = build_envs(config, level_control=True)
+    envs.reset(seed=config.seed)
+    algo = registry.build(config, envs.spec, resolve_device("cpu"))
+    played = []
+    for _ in range(48):
+        algo.iterate(envs)
+        played.append(np.stack(algo._proxy.played))
+    late = np.concatenate(played[24:]).reshape(-1)
+    assert algo.sampler.seen.all()
+    assert (late >= 15).mean() > 0.6  # the steps the envs played; uniform levels would give 0.25
+    assert np.argsort(-algo.sampler.scores)[:5].min() >= 15
 
 
 def test_plr_resume_equals_uninterrupted(tmp_path):
