@@ -13,9 +13,9 @@ Both backends follow the interface of :mod:`aclab.envs.backends` (next-step auto
 EnvPool draws a level at every reset from ``[start_level, start_level + num_levels)`` with its own generator and
 has no call that sets the next level of one env. So each env is a one-env EnvPool pool built with
 ``num_levels=1, start_level=level`` (Procgen seeds all of an episode's randomness with its level seed), and
-the dummy step that starts env ``b``'s next episode replaces its pool by one for the chosen level. Measured on
-the 2-core machine (bigfish): building a pool after the first takes ~0.6 ms and its first reset ~0.4 ms; 64
-one-env pools stepped with EnvPool's send/recv cost ~100 us per env step against ~26 us in one 64-env pool.
+the dummy step that starts env ``b``'s next episode replaces its pool by one for the chosen level. The cost
+(a pool build and reset per episode, slower stepping than one batched pool) is measured by
+``docs/results/baselines/level_control_speed.py``.
 :class:`GymnasiumLevelBackend` runs single Gymnasium envs and uses the level as the reset seed (the level then
 fixes the episode's initial state and randomness); its state pickles exactly (exact resume).
 """

@@ -40,7 +40,36 @@ def measure(game: str, level_control: bool, steps: int = 512) -> tuple[float, in
     return 1e6 * elapsed / (steps * 64), episodes
 
 
+def pool_costs(game: str, count: int = 40) -> dict[str, float]:
+    """Milliseconds to build a one-env pool for one level (after the first, which loads the assets) and to
+    reset it: what the level-controlled backend pays at every episode start."""
+    import envpool
+
+    task = f"{game.capitalize()}Easy-v0"
+
+    def make(level):
+        return envpool.make(task, env_type="gymnasium", num_envs=1, batch_size=1, num_threads=1, num_levels=1,
+                            start_level=level)
+
+    start = time.perf_counter()
+    first = make(0)
+    first_s = time.perf_counter() - start
+    builds, resets = [], []
+    for level in range(1, count + 1):
+        start = time.perf_counter()
+        pool = make(level)
+        builds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        pool.reset()
+        resets.append(time.perf_counter() - start)
+        pool.close()
+    first.close()
+    return {"first_pool_s": first_s, "build_ms_median": 1e3 * float(np.median(builds)),
+            "reset_ms_median": 1e3 * float(np.median(resets))}
+
+
 def main(game: str = "bigfish", rounds: int = 3) -> dict:
+    costs = pool_costs(game)
     times: dict[str, list[float]] = {"pool": [], "level_control": []}
     episodes = {"pool": 0, "level_control": 0}
     for _ in range(rounds):
@@ -54,6 +83,7 @@ def main(game: str = "bigfish", rounds: int = 3) -> dict:
         "us_per_env_step_median": {k: float(np.median(v)) for k, v in times.items()},
         "us_per_env_step_all": times,
         "episodes_finished": episodes,
+        "one_env_pool": costs,
         "ratio": float(np.median(times["level_control"]) / np.median(times["pool"])),
         "load_average_1m": os.getloadavg()[0],
         "cpus": os.cpu_count(),
