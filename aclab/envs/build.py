@@ -7,11 +7,16 @@ Used by the training loop, evaluation, actors (threads, processes, Ray) and the 
 from __future__ import annotations
 
 from aclab.envs.make import make_env
+from aclab.envs.registry import import_env_modules
 
 
 def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, options: dict | None = None,
-               level_control: bool = False):
+               level_control: bool = False, render: bool = False):
+    """``make_env`` for ``config.env`` (its ``imports`` are imported first), ``num_envs`` / ``seed`` / extra
+    ``options`` overriding the config's; ``render=True``: env 0 gives RGB frames (videos);
+    ``level_control=True``: per-episode level choice (prioritised level replay)."""
     e = config.env
+    import_env_modules(getattr(e, "imports", ()))
     return make_env(
         e.id,
         num_envs or e.num_envs,
@@ -25,4 +30,5 @@ def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, 
         reward_gamma=e.reward_gamma,
         reward_clip=e.reward_clip,
         level_control=level_control,
+        render=render,
     )
