@@ -4,6 +4,8 @@ replay decision and staleness, segment scores against an independent split, the 
 
 from __future__ import annotations
 
+import csv
+
 import gymnasium
 import numpy as np
 import pytest
@@ -164,6 +166,23 @@ def test_procgen_levels_follow_set_next_level():
         make_env("procgen:coinrun", 2, 0, level_control=True, options={"levels": "test"})
 
 
+def _noisy_levels():
+    return NoisyLevels()
+
+
+def test_level_control_on_own_env_factories_and_not_with_frames():
+    from aclab.envs.registry import register_env_factory
+
+    env_id = register_env_factory(_noisy_levels)
+    envs = make_env(env_id, 2, 0, level_control=True, options={"num_levels": 30, "start_level": 10})
+    assert envs.spec.levels == tuple(range(10, 40))
+    envs.reset()
+    assert envs.current_levels.tolist() == [10, 11]
+    envs.close()
+    with pytest.raises(EnvIdError, match="cannot be combined"):
+        make_env("CartPole-v1", 1, 0, level_control=True, render=True)
+
+
 # ------------------------------------------------------------------------------------------------ algorithm
 class NoisyLevels(gymnasium.Env):
     """One-dimensional constant observation, episodes of 4 steps; levels >= 15 pay rewards N(0, 3^2), others 0.
@@ -219,6 +238,11 @@ def test_plr_resume_equals_uninterrupted(tmp_path):
     for key in ("scores", "seen", "staleness", "counts"):
         np.testing.assert_array_equal(full["sampler"][key], split["sampler"][key])
     assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
+    # episodes.csv names each episode's level (a reset seed); every finished episode made the sampler draw one
+    with open(tmp_path / "full" / "episodes.csv") as f:
+        levels = [int(row["level"]) for row in csv.DictReader(f)]
+    assert levels and all(0 <= level < 200 for level in levels) and len(set(levels)) > 20
+    assert len(levels) == int(full["sampler"]["counts"].sum())
 
 
 def test_plr_preset_and_tiny_procgen_run(tmp_path):

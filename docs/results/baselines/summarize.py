@@ -67,7 +67,12 @@ def main(folder: Path) -> None:
             cells = f"{np.mean(scores[algo]):.1f} | -"
         lines.append(f"| {algo} | {len(items)} | {cells} | {train:.1f} | {speed:.0f} |")
     table = "\n".join(lines)
-    (OUT / f"{name}.md").write_text(table + "\n")
+    header = (f"# Table 5 baselines at CPU scale: {name}\n\nFinal evaluation return per algorithm (mean and IQM over "
+              f"seeds, 95% stratified-bootstrap CIs), from `docs/results/baselines/cpu_{name}.toml` via "
+              f"`python docs/results/baselines/summarize.py {folder}`; per-run rows in `{name}.csv`. See "
+              "[DAAC, IDAAC, UCB-DrAC, PLR](../../daac_drac_plr.md) for what these runs can and cannot show.\n\n"
+              f"![training returns]({name}.png)\n\n")
+    (OUT / f"{name}.md").write_text(header + table + "\n")
     print(table)
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
