@@ -68,7 +68,8 @@ def main(folder: Path) -> None:
         lines.append(f"| {algo} | {len(items)} | {cells} | {train:.1f} | {speed:.0f} |")
     table = "\n".join(lines)
     header = (f"# Table 5 baselines at CPU scale: {name}\n\nFinal evaluation return per algorithm (mean and IQM over "
-              f"seeds, 95% stratified-bootstrap CIs), from `docs/results/baselines/cpu_{name}.toml` via "
+              f"seeds, 95% stratified-bootstrap CIs when there are several seeds), from "
+              f"`docs/results/baselines/cpu_{name}.toml` via "
               f"`python docs/results/baselines/summarize.py {folder}`; per-run rows in `{name}.csv`. See "
               "[DAAC, IDAAC, UCB-DrAC, PLR](../../daac_drac_plr.md) for what these runs can and cannot show.\n\n"
               f"![training returns]({name}.png)\n\n")
