@@ -48,6 +48,7 @@ from aclab.config import (
     set_key,
 )
 from aclab.envs import EnvIdError, build_envs, make_env, parse_env_id
+from aclab.envs.make import check_level_control
 from aclab.envs.registry import import_env_modules, register_env_factory
 from aclab.evaluate.policy import eval_levels, evaluate_splits
 from aclab.run_logging import EpisodeRecorder, PlainProgress, WandbSink
@@ -119,6 +120,8 @@ def make_config(
     parse_env_id(config.env.id)
     config.validate()
     check_eval_levels(config)
+    if getattr(entry.cls, "LEVEL_CONTROL", False):  # e.g. PLR: the env must offer a finite set of levels
+        check_level_control(config.env.id, config.env.options, config.env.backend, config.env.num_envs)
     return config
 
 
@@ -318,7 +321,8 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     if config.deterministic_torch:
         torch.use_deterministic_algorithms(True)
     seed_everything(config.seed)
-    envs = build_envs(config)
+    # an algorithm that chooses each episode's level (PLR) gets envs that let it
+    envs = build_envs(config, level_control=getattr(registry.get_algorithm(config.algo), "LEVEL_CONTROL", False))
     algo = None
     try:
         envs.reset(seed=config.seed)
