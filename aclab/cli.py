@@ -14,6 +14,17 @@ EXIT_USAGE = 2
 EXIT_FAILED_RUN = 3
 
 
+def _threads(text: str) -> int:
+    """``--threads N``: an integer >= 0 (0: the automatic setting of :mod:`aclab.core.threads`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--threads must be an integer >= 0 (0: automatic), got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aclab", description="Actor-critic algorithms: train, evaluate, compare.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --run-dir")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="torch intra-op threads (default: automatic: 1, all cores for image observations on CPU)")
 
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on separate envs")
     p.add_argument("run_dir", type=Path)
@@ -40,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Procgen: train or held-out test levels (other envs: new seeds)")
     p.add_argument("--deterministic", action="store_true", help="greedy/mean actions instead of sampling")
     p.add_argument("--no-log", action="store_true", help="do not append the result to the run's evals.csv")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="torch intra-op threads (default: automatic: 1, all cores for image observations on CPU)")
 
     sub.add_parser("list", help="algorithms, env families and presets")
 
@@ -54,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="aclab report")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="torch intra-op threads (default 1)")
 
     p = sub.add_parser("analyze", help="analyses of a run's latest checkpoint")
     p.add_argument("analysis", choices=["stiffness", "value-bias", "ood-actions", "gradient-accuracy",
@@ -76,11 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="torch intra-op threads (default: the run's torch_threads, else automatic)")
 
     p = sub.add_parser("sweep", help="run a grid of algorithms x envs x seeds from a TOML spec")
     p.add_argument("spec", type=Path)
     p.add_argument("--dry-run", action="store_true", help="print the jobs without running them")
     p.add_argument("--max-parallel", type=int, help="runs at a time (default: the spec's, else the CPU count)")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="passed to every run's 'aclab train --threads' (default: each run's automatic setting)")
     return parser
 
 
@@ -122,6 +143,8 @@ def cmd_train(args) -> int:
         overrides.append(f"device={args.device}")
     if args.quiet:
         overrides.append("progress=false")
+    if args.threads is not None:
+        overrides.append(f"torch_threads={args.threads}")
     if args.resume is not None:
         if args.algo or args.env_id or args.preset:
             raise ConfigError("--resume takes the run's saved config; drop ALGO/--env/--preset "
@@ -158,6 +181,7 @@ def cmd_eval(args) -> int:
 
     from aclab import registry
     from aclab.algos.common import resolve_device
+    from aclab.core.threads import set_threads
     from aclab.envs import build_envs
     from aclab.evaluate.policy import evaluate
     from aclab.runs import Run
@@ -168,7 +192,9 @@ def cmd_eval(args) -> int:
     if checkpoint is None:
         raise FileNotFoundError(f"{args.run_dir} has no checkpoint to evaluate")
     envs = build_envs(config)  # the training envs' shape, to restore their normalisation statistics
-    algo = registry.build(config, envs.spec, resolve_device(config.device))
+    device = resolve_device(config.device)
+    set_threads(args.threads or config.torch_threads, obs_shape=envs.spec.obs_shape, device=device)
+    algo = registry.build(config, envs.spec, device)
     algo.load_state_dict(checkpoint["algo"])
     envs.load_state_dict(checkpoint["envs"])
     splits = ["train", "test"] if args.split == "both" else [args.split]
@@ -216,7 +242,10 @@ def cmd_list(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from aclab.core.threads import set_threads
     from aclab.evaluate.report import build_report
+
+    set_threads(args.threads)
 
     path = build_report(args.run_dirs, args.out, normalization=args.normalization, last_k=args.last_k,
                         last_k_evals=args.last_k_evals, metric=args.metric, seed=args.seed, reps=args.reps,
@@ -230,7 +259,7 @@ def cmd_analyze(args) -> int:
 
     from aclab import analyze as run_analysis
 
-    common = {"num_envs": args.num_envs, "seed": args.seed, "device": args.device}
+    common = {"num_envs": args.num_envs, "seed": args.seed, "device": args.device, "threads": args.threads}
     try:
         result = _run_analysis(run_analysis, args, common)
     except (ValueError, KeyError, TypeError) as exc:  # wrong algorithm for the analysis, unknown critic
@@ -261,7 +290,7 @@ def _run_analysis(run_analysis, args, common) -> dict:
 def cmd_sweep(args) -> int:
     from aclab.sweep import format_results, run_sweep
 
-    results = run_sweep(args.spec, dry_run=args.dry_run, max_parallel=args.max_parallel)
+    results = run_sweep(args.spec, dry_run=args.dry_run, max_parallel=args.max_parallel, threads=args.threads)
     print(format_results(results))
     return EXIT_FAILED_RUN if any(r.status == "failed" for r in results) else 0
 

@@ -37,6 +37,7 @@ from aclab.config import (
     parse_override,
     set_key,
 )
+from aclab.core.threads import set_threads
 from aclab.envs import build_envs, make_env, parse_env_id
 from aclab.evaluate.policy import evaluate
 from aclab.runs import Run
@@ -105,26 +106,6 @@ def load_run_config(run_dir: Path) -> Config:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-_DEFAULT_TORCH_THREADS = torch.get_num_threads()  # before any run changes it
-
-
-def _set_torch_threads(config: Config, device: torch.device, spec) -> None:
-    """``torch_threads = 0`` (auto): one intra-op thread for vector observations on CPU, where small
-    networks are bound by per-call overhead and a second thread only adds contention (measured ~3x
-    slower PPO on CartPole on a 2-core machine under load); torch's default (all cores) for images and
-    for algorithms whose class sets ``ARITHMETIC_BOUND_UPDATES = True`` (TD3 and SAC: 256-wide networks
-    on batches of 256, one update per env step; measured 1.5-1.65x faster with two threads than one on
-    HalfCheetah on an otherwise idle 2-core machine)."""
-    arithmetic_bound = getattr(registry.get_algorithm(config.algo), "ARITHMETIC_BOUND_UPDATES", False)
-    if config.torch_threads > 0:
-        threads = config.torch_threads
-    elif device.type == "cpu" and len(spec.obs_shape) == 1 and not arithmetic_bound:
-        threads = 1
-    else:  # the process's default, also after an earlier run in this process set another count
-        threads = _DEFAULT_TORCH_THREADS
-    torch.set_num_threads(threads)
-
-
 class _StopRequest:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the next iteration boundary and stops."""
 
@@ -175,7 +156,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     seed_everything(config.seed)
     envs = build_envs(config)
     envs.reset(seed=config.seed)
-    _set_torch_threads(config, device, envs.spec)
+    set_threads(config.torch_threads, obs_shape=envs.spec.obs_shape, device=device)
     algo = registry.build(config, envs.spec, device)
     recent = collections.deque(maxlen=RECENT_EPISODES)
     wall_before = 0.0
