@@ -1,7 +1,9 @@
 """Command line: ``aclab train | eval | list | report | sweep | tune | analyze``.
 
-Bad input (unknown algorithm, env id, preset or config key, invalid value, missing run directory)
-prints one line ``aclab: error: ...`` naming the problem and the valid choices, and exits with 2.
+Bad input (unknown algorithm, env id, preset or config key, invalid value, missing or unreadable run
+directory, a run directory in use by another process) prints one line ``aclab: error: ...`` naming the
+problem and the valid choices, and exits with 2, before any run directory is created. A run that fails
+exits with 3; an interrupted command with 130.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_FAILED_RUN = 3
+EXIT_INTERRUPTED = 130
 
 
 def _threads(text: str) -> int:
@@ -41,22 +44,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set params.lr=3e-4 --set env.num_envs=8 (repeatable)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--total-steps", type=float, help="env steps to train for (e.g. 1e6)")
+    p.add_argument("--total-steps", help="env steps to train for (e.g. 1e6)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<algo>-<env>-s<seed>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --run-dir")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue a run from its latest readable checkpoint (--set may change total_steps, eval.*, "
+                        "logging and checkpoint keys; the new values are saved to its config.json)")
+    p.add_argument("--start-over", action="store_true",
+                   help="with --resume: if no checkpoint can be read, restart from step 0 (the old logs are moved "
+                        "to RUN_DIR/discarded-<time>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=_threads, metavar="N",
                    help="torch intra-op threads (default: automatic: 1, all cores for image observations on CPU)")
 
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on separate envs")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--episodes", type=int, default=None, help="episodes (default: the run's eval.episodes)")
+    p.add_argument("--episodes", type=int, default=None, help="episodes, >= 1 (default: the run's eval.episodes)")
     p.add_argument("--split", choices=["train", "test", "both"], default="test",
                    help="Procgen: train or held-out test levels (other envs: new seeds)")
     p.add_argument("--deterministic", action="store_true", help="greedy/mean actions instead of sampling")
-    p.add_argument("--no-log", action="store_true", help="do not append the result to the run's evals.csv")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV file the result is appended to (default RUN_DIR/evals_adhoc.csv; the run's own "
+                        "evals.csv, which 'aclab report' reads, is never written by this command)")
+    p.add_argument("--no-log", action="store_true", help="print the result only, write no file")
     p.add_argument("--threads", type=_threads, metavar="N",
                    help="torch intra-op threads (default: automatic: 1, all cores for image observations on CPU)")
     p.add_argument("--checkpoint", default="final", metavar="final|best|PATH",
@@ -85,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="aclab report")
     p.add_argument("--threads", type=_threads, metavar="N",
                    help="torch intra-op threads (default 1)")
+    p.add_argument("--evals", default="evals.csv", metavar="FILE",
+                   help="evaluation file of each run directory for the eval scores (default evals.csv: the training "
+                        "loop's own evaluations; e.g. evals_adhoc.csv for 'aclab eval' results)")
 
     p = sub.add_parser("analyze", help="analyses of a run's latest checkpoint")
     p.add_argument("analysis", choices=["stiffness", "value-bias", "ood-actions", "gradient-accuracy",
@@ -125,16 +139,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aclab.sweep import die_with_parent
+
+    die_with_parent()  # a run started by 'aclab sweep' stops when the sweep dies
     args = _parser().parse_args(argv)
     from aclab.config import ConfigError
     from aclab.envs import EnvIdError
+    from aclab.runs import RunError
 
     try:
         return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "report": cmd_report,
                 "sweep": cmd_sweep, "analyze": cmd_analyze, "tune": cmd_tune}[args.command](args)
-    except (ConfigError, EnvIdError, FileExistsError, FileNotFoundError, *_domain_errors()) as exc:
+    except (ConfigError, EnvIdError, RunError, FileExistsError, FileNotFoundError, NotADirectoryError,
+            *_domain_errors()) as exc:
         print(f"aclab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("aclab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _domain_errors() -> tuple[type[Exception], ...]:
@@ -162,7 +184,7 @@ def cmd_train(args) -> int:
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     if args.total_steps is not None:
-        overrides.append(f"total_steps={int(args.total_steps)}")
+        overrides.append(f"total_steps={args.total_steps}")  # validated as an integer >= 1 like any key
     if args.device is not None:
         overrides.append(f"device={args.device}")
     if args.quiet:
@@ -174,10 +196,12 @@ def cmd_train(args) -> int:
             raise ConfigError("--resume takes the run's saved config; drop ALGO/--env/--preset "
                               "(use --set to change keys)")
         config = resume_config(args.resume, overrides)
-        summary = train(config, args.resume, resume=True, callbacks=_trial_callbacks())
+        summary = train(config, args.resume, resume=True, start_over=args.start_over, callbacks=_trial_callbacks())
     else:
         if not args.algo:
             raise ConfigError("missing algorithm: 'aclab train ALGO --env ID' (see 'aclab list')")
+        if args.start_over:
+            raise ConfigError("--start-over goes with --resume RUN_DIR")
         if args.env_id is None and args.preset is None and not any(
                 o.split("=", 1)[0].strip() == "env.id" for o in overrides):
             raise ConfigError(f"missing --env: which environment should {args.algo} train on? e.g. 'aclab train "
@@ -207,10 +231,10 @@ def _print_summary(summary: dict, run_dir) -> None:
     table = Table(title="aclab run summary", show_header=True)
     table.add_column("key")
     table.add_column("value")
-    for key in ("status", "algo", "env_id", "preset", "seed", "steps", "wall_time_s", "steps_per_s",
+    for key in ("status", "algo", "env_id", "preset", "seed", "steps", "overshoot_steps", "wall_time_s", "steps_per_s",
                 "final_return", "final_return_episodes", "eval_test_return", "eval_train_return", "stop_reason",
                 "error"):
-        if summary.get(key) is not None:
+        if summary.get(key) is not None and not (key == "overshoot_steps" and summary[key] == 0):
             value = summary[key]
             table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
     console = Console()
@@ -220,25 +244,31 @@ def _print_summary(summary: dict, run_dir) -> None:
 def cmd_eval(args) -> int:
     import numpy as np
 
-    from aclab import registry
     from aclab.algos.common import resolve_device
+    from aclab.config import ConfigError
     from aclab.core.threads import set_threads
     from aclab.envs import build_envs
     from aclab.evaluate.policy import evaluate
-    from aclab.runs import Run
-    from aclab.train import load_run_checkpoint, load_run_config
+    from aclab.runs import ADHOC_EVALS_FILE, EVALS_FILE, append_eval, eval_record
+    from aclab.train import build_algorithm, load_run_checkpoint, load_run_config
 
+    if args.episodes is not None and args.episodes < 1:
+        raise ConfigError(f"invalid value --episodes {args.episodes}: expected an integer >= 1")
     config = load_run_config(args.run_dir)
-    run, _ = Run.resume_readonly(args.run_dir)
+    out = None if args.no_log or args.video is not None else (args.out or args.run_dir / ADHOC_EVALS_FILE)
+    if out is not None and out.resolve() == (args.run_dir / EVALS_FILE).resolve():
+        raise ConfigError(f"--out {out}: evals.csv holds the training loop's own evaluations (the report reads it); "
+                          "write ad-hoc evaluations to another file (default evals_adhoc.csv)")
     checkpoint, which = load_run_checkpoint(args.run_dir, args.checkpoint)
     envs = build_envs(config)  # the training envs' shape, to restore their normalisation statistics
+    algo = None
     device = resolve_device(config.device)
     set_threads(args.threads or config.torch_threads, obs_shape=envs.spec.obs_shape, device=device)
-    algo = registry.build(config, envs.spec, device)
-    algo.load_state_dict(checkpoint["algo"])
-    envs.load_state_dict(checkpoint["envs"])
-    splits = ["train", "test"] if args.split == "both" else [args.split]
     try:
+        algo = build_algorithm(config, envs.spec, device)
+        algo.load_state_dict(checkpoint["algo"])
+        envs.load_state_dict(checkpoint["envs"])
+        splits = ["train", "test"] if args.split == "both" else [args.split]
         if args.video is not None:
             from aclab.evaluate.video import record_videos
 
@@ -253,10 +283,15 @@ def cmd_eval(args) -> int:
             returns = evaluate(algo, config, split, args.episodes, train_envs=envs, deterministic=args.deterministic)
             print(f"{split}: mean return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes "
                   f"({which} checkpoint, step {checkpoint['step']})")
-            if not args.no_log and which != "best":
-                run.log_eval(int(checkpoint["step"]), split, returns)
+            if out is not None:
+                append_eval(out, eval_record(int(checkpoint["step"]), split, returns, checkpoint=which,
+                                             deterministic=bool(args.deterministic or config.eval.deterministic)))
     finally:
         envs.close()
+        if algo is not None and hasattr(algo, "close"):
+            algo.close()
+    if out is not None:
+        print(f"appended to {out}")
     return 0
 
 
@@ -303,7 +338,7 @@ def cmd_report(args) -> int:
     path = build_report(args.run_dirs, args.out, normalization=args.normalization, last_k=args.last_k,
                         last_episodes=args.last_episodes,
                         last_k_evals=args.last_k_evals, metric=args.metric, seed=args.seed, reps=args.reps,
-                        ppo_baseline=args.ppo_baseline, title=args.title)
+                        ppo_baseline=args.ppo_baseline, title=args.title, evals_file=args.evals)
     print(f"report written to {path}")
     return 0
 

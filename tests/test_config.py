@@ -54,7 +54,7 @@ def test_overrides_dotted_and_bare():
     "override, fragment",
     [
         ("lrr=1", "unknown config key 'lrr'"),
-        ("params.lr=abc", "params.lr='abc': expected a number"),
+        ("params.lr=abc", "params.lr='abc': expected a finite number"),
         ("params.lr=-1", "params.lr=-1.0: expected a number > 0"),
         ("params.norm_adv=sometimes", "expected one of 'minibatch', 'batch', 'off'"),
         ("env.num_envs=0", "env.num_envs=0"),

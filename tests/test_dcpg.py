@@ -90,6 +90,34 @@ def test_policy_phase_does_not_regress_the_value_to_returns():
     assert heads == {0.0: False, 1.0: True}
 
 
+def _torso_after(name: str, overrides: list[str], iterations: int) -> list[torch.Tensor]:
+    """The shared torso's parameters after ``iterations`` iterations (no gradient clipping, so that the
+    losses that do not reach the torso cannot change its updates through the clipping factor)."""
+    _, envs, algo = _algo(name, [*TINY, "params.max_grad_norm=1e9", *overrides])
+    for _ in range(iterations):
+        algo.iterate(envs)
+    envs.close()
+    return [q.detach().clone() for q in algo.net.policy_encoder.parameters()]
+
+
+def test_value_anchor_gradient_reaches_the_shared_torso():
+    """DCPG paper, Algorithm 2: C_V = 0.5 E[(V_theta(s) - V_old(s))^2] is a loss of the whole value network
+    on the shared torso, so it shapes the torso's features: with and without it the torso ends elsewhere."""
+    base = ["params.policy_epochs=3", "params.num_policy_iterations=8"]
+    with_anchor = _torso_after("dcpg", [*base, "params.value_anchor_coef=1.0"], 1)
+    without = _torso_after("dcpg", [*base, "params.value_anchor_coef=0.0"], 1)
+    assert any(not torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(with_anchor, without))
+
+
+def test_dynamics_loss_gradient_reaches_the_shared_torso():
+    """DDCPG (DCPG paper, Section 4.2, F.2): the discriminator reads the policy torso's features and its loss
+    trains that torso too; with beta_f = 0 only the discriminator's own weights would differ."""
+    base = ["params.num_policy_iterations=2", "params.aux_epochs=1", "params.aux_num_minibatches=2"]
+    with_dynamics = _torso_after("ddcpg", [*base, "params.dynamics_coef=1.0"], 2)
+    without = _torso_after("ddcpg", [*base, "params.dynamics_coef=0.0"], 2)
+    assert any(not torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(with_dynamics, without))
+
+
 def test_value_anchor_gradient_is_that_of_half_squared_distance_to_stored_values():
     torch.manual_seed(0)
     values = torch.randn(6, requires_grad=True)
@@ -398,9 +426,14 @@ def test_analysis_functions_on_a_run_directory(tmp_path):
     assert again["cosine"] == pytest.approx(stiffness["cosine"]) and again["step"] == 1024
     bias = run_analysis.run_value_bias(tmp_path / "run", episodes=6)
     assert bias["num_episodes"] + bias["num_truncated_excluded"] == 6
-    assert bias["bias"] == pytest.approx(bias["predicted"] - bias["true"])
+    pairs = np.array([bias["values"], bias["returns"]])
+    assert pairs.shape[1] == bias["num_episodes"] > 0
+    assert bias["bias"] == pytest.approx(float((pairs[0] - pairs[1]).mean()))
     ood = run_analysis.run_ood_actions(tmp_path / "run", num_transitions=100)
-    assert ood["num_transitions"] == 100 and sum(ood["histogram"]) == 100 and 0 <= ood["mean"] <= 1
+    hist = np.array(ood["histogram"])  # counts 0 or 1 wrong actions judged real, with 2 actions
+    assert ood["num_transitions"] == 100 and hist.sum() == 100 and hist.shape == (2,)
+    counts = np.repeat(np.arange(2), hist)
+    assert ood["mean"] == pytest.approx(counts.mean()) and ood["std"] == pytest.approx(counts.std(ddof=1))
     with pytest.raises(ValueError, match="no dynamics"):
         train(make_config("dcpg", "CartPole-v1", overrides=[*TINY, "total_steps=128"]), tmp_path / "plain")
         run_analysis.run_ood_actions(tmp_path / "plain", num_transitions=10)

@@ -409,7 +409,11 @@ def test_factory_dict_and_discrete_observations():
 
 @pytest.mark.parametrize(
     "env_id,backend",
-    [("CartPole-v1", "gymnasium"), (counting_factory, "gymnasium"), ("Acrobot-v1", "gymnasium")],
+    [("CartPole-v1", "gymnasium"), (counting_factory, "gymnasium"), ("Acrobot-v1", "gymnasium"),
+     # MuJoCo envs pickle by constructor arguments: saved layer by layer (aclab.envs.sim_state). Hopper
+     # terminates often under random actions (resets use the env's np_random); Ant reads a body position
+     # (a derived quantity) before each step for its reward.
+     ("mujoco:Hopper-v4", "gymnasium"), ("mujoco:Ant-v4", "gymnasium")],
 )
 def test_state_dict_exact_continuation_for_gymnasium(env_id, backend):
     kwargs = dict(backend=backend, normalize_obs=True, normalize_reward=True)

@@ -36,6 +36,7 @@ from aclab.config import require
 from aclab.core.distributions import make_distribution
 from aclab.nets.agents import ActorCritic, FusedMLPActorCritic, build_encoder, make_actor_critic
 from aclab.nets.encoders import MLP, init_linear
+from aclab.runs import check_stop
 
 DYNAMICS_MODES = ("off", "joint", "forward", "inverse", "two")
 
@@ -282,6 +283,7 @@ class AuxBuffer:
         perm = torch.randperm(total, generator=generator, device=generator.device)
         per_minibatch = max(min(per_minibatch, total), 1)
         for start in range(0, total - per_minibatch + 1, per_minibatch):
+            check_stop()
             yield perm[start:start + per_minibatch]
 
     def gather(self, ids: torch.Tensor, names: tuple[str, ...], device: torch.device,
