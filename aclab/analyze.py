@@ -40,6 +40,7 @@ from aclab.analysis.stiffness import value_stiffness
 from aclab.analysis.value_bias import EpisodeStartTracker, value_bias_from_starts
 from aclab.config import Config
 from aclab.core.returns import gae
+from aclab.core.threads import set_threads
 from aclab.data.rollout import RolloutCollector
 from aclab.envs import build_envs
 from aclab.runs import CHECKPOINT_RE, list_checkpoints
@@ -76,8 +77,11 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, checkpoints[-1]
 
 
-def load_algorithm(path: str | Path, device: str = "auto") -> LoadedRun:
-    """Rebuild the algorithm of a run directory or checkpoint file and load the checkpoint's weights."""
+def load_algorithm(path: str | Path, device: str = "auto", threads: int | None = None) -> LoadedRun:
+    """Rebuild the algorithm of a run directory or checkpoint file and load the checkpoint's weights.
+
+    Sets torch's threads (:func:`aclab.core.threads.set_threads`): ``threads`` when > 0, else the run's
+    ``torch_threads``, else the automatic default for its observations."""
     run_dir, checkpoint_path = resolve_checkpoint(path)
     config = load_run_config(run_dir)
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -86,7 +90,9 @@ def load_algorithm(path: str | Path, device: str = "auto") -> LoadedRun:
         spec = envs.spec
     finally:
         envs.close()
-    algo = registry.build(config, spec, resolve_device(device))
+    torch_device = resolve_device(device)
+    set_threads(threads or config.torch_threads, obs_shape=spec.obs_shape, device=torch_device)
+    algo = registry.build(config, spec, torch_device)
     algo.load_state_dict(checkpoint["algo"])
     return LoadedRun(algo, config, run_dir, checkpoint_path, int(checkpoint.get("step", getattr(algo, "steps", 0))),
                      checkpoint.get("envs"))
@@ -153,7 +159,8 @@ def _header(loaded: LoadedRun, analysis: str) -> dict:
 
 def run_stiffness(path: str | Path, *, num_states: int = 2 ** 14, value: str = "value", num_envs: int | None = None,
                   sign: str = "subset", sign_subset_size: int = 2048, chunk_size: int = 256,
-                  seed: int | None = None, device: str = "auto") -> dict:
+                  seed: int | None = None, device: str = "auto",
+                  threads: int | None = None) -> dict:
     """Stiffness of critic ``value`` over ``num_states`` valid states of fresh training rollouts.
 
     Rollouts of ``ceil(num_states / num_envs)`` steps from ``num_envs`` envs (default: the run's); targets
@@ -162,7 +169,7 @@ def run_stiffness(path: str | Path, *, num_states: int = 2 ** 14, value: str = "
     paper's quantity) and of ``grad V`` (``cosine_grad_v``, ``sign_grad_v``: without the residuals' signs;
     see :func:`aclab.analysis.value_stiffness`; ``sign`` = ``"exact"``, ``"subset"`` or ``"off"``).
     """
-    loaded = load_algorithm(path, device)
+    loaded = load_algorithm(path, device, threads)
     num_envs = num_envs or loaded.config.env.num_envs
     module = _pick_value(loaded.algo, value)
     gamma, lam = _discounting(loaded.config)
@@ -193,14 +200,14 @@ def run_stiffness(path: str | Path, *, num_states: int = 2 ** 14, value: str = "
 
 def run_value_bias(path: str | Path, *, episodes: int = 100, value: str = "value", num_envs: int | None = None,
                    truncation: str = "bootstrap", seed: int | None = None, device: str = "auto",
-                   max_steps: int = 1_000_000) -> dict:
+                   threads: int | None = None, max_steps: int = 1_000_000) -> dict:
     """``V(s_0)`` against the discounted return ``G_0`` (the run's gamma, trained-on rewards) over
     ``episodes`` fresh training episodes. ``num_envs`` defaults to ``episodes`` (capped at 128); each env
     contributes its first ``ceil(episodes / num_envs)`` episodes. Truncated episodes (time-outs) count with
     the bootstrapped value at the cut ``gamma^L V(s_L)`` (``truncation = "bootstrap"``), their partial
     return (``"partial"``, the DCPG authors' logging) or not at all (``"exclude"``; they still use up their
     env's quota); see :mod:`aclab.analysis.value_bias`."""
-    loaded = load_algorithm(path, device)
+    loaded = load_algorithm(path, device, threads)
     num_envs = num_envs or min(episodes, 128)
     per_env = math.ceil(episodes / num_envs)
     module = ValueFunction(_pick_value(loaded.algo, value))
@@ -239,7 +246,8 @@ def run_value_bias(path: str | Path, *, episodes: int = 100, value: str = "value
 
 
 def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: int | None = None,
-                    seed: int | None = None, device: str = "auto", chunk_size: int = 1024) -> dict:
+                    seed: int | None = None, device: str = "auto", chunk_size: int = 1024,
+                    threads: int | None = None) -> dict:
     """DCPG paper, Table 8: per transition ``(s, a, s')`` of fresh training rollouts, the number of actions
     ``a_hat != a`` that the trained (forward) discriminator accepts, ``f(s, a_hat, s') > 0.5``.
 
@@ -249,7 +257,7 @@ def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: 
     one canonical action per action-equivalence class, the true action's class left out; Procgen classes
     from :func:`aclab.analysis.action_classes.procgen_action_classes`, BigFish has 9, the paper's count).
     """
-    loaded = load_algorithm(path, device)
+    loaded = load_algorithm(path, device, threads)
     algo = loaded.algo
     dynamics = getattr(algo, "dynamics", None)
     if dynamics is None:
@@ -296,7 +304,7 @@ def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: 
 
 def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions: int = 15, horizon: int = 0,
                           independent_states: bool = False, num_envs: int | None = None, seed: int | None = None,
-                          device: str = "auto") -> dict:
+                          device: str = "auto", threads: int | None = None) -> dict:
     """Hypernetwork paper Section 3.2 / Figure 3 on a TD3 or SAC checkpoint: cosine similarity between the
     critic's action-gradient and the least-squares "true" gradient from repeated-action rollouts
     (:func:`aclab.analysis.grad_accuracy.measure_gradient_accuracy`; MuJoCo envs, which save and restore
@@ -305,7 +313,7 @@ def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions
     from aclab.analysis.grad_accuracy import measure_gradient_accuracy
 
     del num_envs  # one Gymnasium env with saved simulator state
-    loaded = load_algorithm(path, device)
+    loaded = load_algorithm(path, device, threads)
     if not hasattr(loaded.algo, "gradient_probe"):
         raise ValueError(f"gradient-accuracy needs an off-policy actor-critic run (td3, sac); this run is "
                          f"{loaded.config.algo!r}")
@@ -325,14 +333,15 @@ def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions
 
 
 def run_gradient_noise(path: str | Path, *, updates: int = 50, episodes: int | None = None,
-                       num_envs: int | None = None, seed: int | None = None, device: str = "auto") -> dict:
+                       num_envs: int | None = None, seed: int | None = None, device: str = "auto",
+                       threads: int | None = None) -> dict:
     """Hypernetwork paper Section 4.2 / Figure 5 on a MAML checkpoint: ``updates`` independent meta-updates
     from the checkpoint, each from fresh episodes, and the returns of every updated policy on the same
     held-out tasks before and after adaptation (:func:`aclab.algos.maml.gradient_noise`)."""
     from aclab.algos.maml import MAML, gradient_noise
 
     del num_envs  # MAML samples its own episodes
-    loaded = load_algorithm(path, device)
+    loaded = load_algorithm(path, device, threads)
     if not isinstance(loaded.algo, MAML):
         raise ValueError(f"gradient-noise needs a MAML run (maml, maml-context, maml-hyper); this run is "
                          f"{loaded.config.algo!r}")

@@ -17,6 +17,17 @@ EXIT_FAILED_RUN = 3
 EXIT_INTERRUPTED = 130
 
 
+def _threads(text: str) -> int:
+    """``--threads N``: an integer >= 0 (0: the automatic setting of :mod:`aclab.core.threads`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--threads must be an integer >= 0 (0: automatic), got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aclab", description="Actor-critic algorithms: train, evaluate, compare.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --resume: if no checkpoint can be read, restart from step 0 (the old logs are moved "
                         "to RUN_DIR/discarded-<time>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="torch intra-op threads (default: automatic: 1, all cores for image observations on CPU)")
 
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on separate envs")
     p.add_argument("run_dir", type=Path)
@@ -55,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="CSV file the result is appended to (default RUN_DIR/evals_adhoc.csv; the run's own "
                         "evals.csv, which 'aclab report' reads, is never written by this command)")
     p.add_argument("--no-log", action="store_true", help="print the result only, write no file")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="torch intra-op threads (default: automatic: 1, all cores for image observations on CPU)")
     p.add_argument("--checkpoint", default="final", metavar="final|best|PATH",
                    help="final: the latest checkpoint (default); best: the checkpoint of the run's best evaluation "
                         "(checkpoints/best.pt); or a checkpoint file")
@@ -79,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="aclab report")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="torch intra-op threads (default 1)")
     p.add_argument("--evals", default="evals.csv", metavar="FILE",
                    help="evaluation file of each run directory for the eval scores (default evals.csv: the training "
                         "loop's own evaluations; e.g. evals_adhoc.csv for 'aclab eval' results)")
@@ -107,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="torch intra-op threads (default: the run's torch_threads, else automatic)")
 
     p = sub.add_parser("tune", help="hyperparameter search (Optuna) from a TOML spec; resumes a killed tuning")
     p.add_argument("spec", type=Path)
@@ -117,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path)
     p.add_argument("--dry-run", action="store_true", help="print the jobs without running them")
     p.add_argument("--max-parallel", type=int, help="runs at a time (default: the spec's, else the CPU count)")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="passed to every run's 'aclab train --threads' (default: each run's automatic setting)")
     return parser
 
 
@@ -171,6 +192,8 @@ def cmd_train(args) -> int:
         overrides.append(f"device={args.device}")
     if args.quiet:
         overrides.append("progress=false")
+    if args.threads is not None:
+        overrides.append(f"torch_threads={args.threads}")
     if args.resume is not None:
         if args.algo or args.env_id or args.preset:
             raise ConfigError("--resume takes the run's saved config; drop ALGO/--env/--preset "
@@ -226,6 +249,7 @@ def cmd_eval(args) -> int:
 
     from aclab.algos.common import resolve_device
     from aclab.config import ConfigError
+    from aclab.core.threads import set_threads
     from aclab.envs import build_envs
     from aclab.evaluate.policy import evaluate_splits
     from aclab.runs import ADHOC_EVALS_FILE, EVALS_FILE, append_eval, eval_record
@@ -241,8 +265,10 @@ def cmd_eval(args) -> int:
     checkpoint, which = load_run_checkpoint(args.run_dir, args.checkpoint)
     envs = build_envs(config)  # the training envs' shape, to restore their normalisation statistics
     algo = None
+    device = resolve_device(config.device)
+    set_threads(args.threads or config.torch_threads, obs_shape=envs.spec.obs_shape, device=device)
     try:
-        algo = build_algorithm(config, envs.spec, resolve_device(config.device))
+        algo = build_algorithm(config, envs.spec, device)
         algo.load_state_dict(checkpoint["algo"])
         envs.load_state_dict(checkpoint["envs"])
         splits = ["train", "test"] if args.split == "both" else [args.split]
@@ -310,7 +336,10 @@ def cmd_list(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from aclab.core.threads import set_threads
     from aclab.evaluate.report import build_report
+
+    set_threads(args.threads)
 
     path = build_report(args.run_dirs, args.out, normalization=args.normalization, last_k=args.last_k,
                         last_episodes=args.last_episodes,
@@ -325,7 +354,7 @@ def cmd_analyze(args) -> int:
 
     from aclab import analyze as run_analysis
 
-    common = {"num_envs": args.num_envs, "seed": args.seed, "device": args.device}
+    common = {"num_envs": args.num_envs, "seed": args.seed, "device": args.device, "threads": args.threads}
     try:
         result = _run_analysis(run_analysis, args, common)
     except (ValueError, KeyError, TypeError) as exc:  # wrong algorithm for the analysis, unknown critic
@@ -366,7 +395,7 @@ def cmd_tune(args) -> int:
 def cmd_sweep(args) -> int:
     from aclab.sweep import format_results, run_sweep
 
-    results = run_sweep(args.spec, dry_run=args.dry_run, max_parallel=args.max_parallel)
+    results = run_sweep(args.spec, dry_run=args.dry_run, max_parallel=args.max_parallel, threads=args.threads)
     print(format_results(results))
     return EXIT_FAILED_RUN if any(r.status == "failed" for r in results) else 0
 

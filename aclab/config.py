@@ -150,10 +150,10 @@ class LoggingConfig:
 class Config:
     """The full, resolved configuration of one run (saved as ``config.json`` in the run directory).
 
-    ``torch_threads = 0`` is automatic: one thread for vector observations on CPU, torch's default
-    otherwise. A checkpoint is written every ``checkpoint_every_iterations`` iterations and, for long
-    iterations, at the first iteration boundary ``checkpoint_every_minutes`` after the last one (0 turns
-    either off; the end of the run is always checkpointed).
+    ``torch_threads = 0`` is automatic (:func:`aclab.core.threads.default_threads`): one thread, all
+    cores for image observations on CPU. A checkpoint is written every ``checkpoint_every_iterations``
+    iterations and, for long iterations, at the first iteration boundary ``checkpoint_every_minutes``
+    after the last one (0 turns either off; the end of the run is always checkpointed).
     """
 
     algo: str = "ppo"
@@ -177,7 +177,7 @@ class Config:
     def validate(self) -> None:
         require(self.total_steps >= 1, "total_steps", self.total_steps, "an integer >= 1")
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        require(self.torch_threads >= 0, "torch_threads", self.torch_threads, "an integer >= 0 (0: torch's default)")
+        require(self.torch_threads >= 0, "torch_threads", self.torch_threads, "an integer >= 0 (0: automatic)")
         require(self.log_every_iterations >= 1, "log_every_iterations", self.log_every_iterations, "an integer >= 1")
         require(self.checkpoint_every_iterations >= 0, "checkpoint_every_iterations",
                 self.checkpoint_every_iterations, "an integer >= 0 (0: only at the end)")

@@ -360,8 +360,10 @@ def plan_action(run_dir: Path) -> tuple[str, str]:
     return "blocked", f"{run_dir} is not empty but has no config.json: remove it or choose another out_dir"
 
 
-def plan_sweep(spec: SweepSpec, command_prefix: Sequence[str] | None = None) -> list[SweepJob]:
-    """The grid in (algo, env, seed) order with each job's action and command."""
+def plan_sweep(spec: SweepSpec, command_prefix: Sequence[str] | None = None,
+               threads: int | None = None) -> list[SweepJob]:
+    """The grid in (algo, env, seed) order with each job's action and command (``--threads N`` on every
+    training command when ``threads`` is given)."""
     prefix = list(command_prefix or spec.command_prefix or default_command_prefix())
     jobs = []
     for algo in spec.algos:
@@ -386,6 +388,8 @@ def plan_sweep(spec: SweepSpec, command_prefix: Sequence[str] | None = None) -> 
                         command += ["--preset", spec.presets[algo]]
                     for item in spec.overrides + spec.env_overrides.get(env, []) + spec.algo_overrides.get(algo, []):
                         command += ["--set", item]
+                if threads:
+                    command += ["--threads", str(threads)]
                 jobs.append(SweepJob(algo, env, seed, run_dir, action, command if action != "skip" else [], reason))
     return jobs
 
@@ -584,14 +588,16 @@ def run_sweep(
     command_prefix: Sequence[str] | None = None,
     max_parallel: int | None = None,
     log: Callable[[str], None] | None = print,
+    threads: int | None = None,
     validate: bool | None = None,
 ) -> list[JobResult]:
     """Run (or with ``dry_run`` only plan) the sweep; return one :class:`JobResult` per grid cell.
 
     ``command_prefix`` replaces ``[sys.executable, "-m", "aclab"]`` (and the spec's own
-    ``command_prefix``); ``max_parallel`` overrides the spec's. Results are in grid order (algo, env,
-    seed). A failed run does not stop the others; check ``result.status``. With the default trainer every
-    cell's config is validated first (``validate``: force it on or off).
+    ``command_prefix``); ``max_parallel`` overrides the spec's; ``threads`` goes to every run as
+    ``--threads`` (default: each run's automatic setting, :mod:`aclab.core.threads`). Results are in
+    grid order (algo, env, seed). A failed run does not stop the others; check ``result.status``. With
+    the default trainer every cell's config is validated first (``validate``: force it on or off).
     """
     spec = spec_path if isinstance(spec_path, SweepSpec) else load_sweep_spec(spec_path)
     if validate if validate is not None else not (command_prefix or spec.command_prefix):
@@ -600,7 +606,7 @@ def run_sweep(
     parallel = max_parallel if max_parallel is not None else spec.max_parallel
     if parallel < 1:
         raise SweepError(f"max_parallel must be >= 1, got {parallel}")
-    jobs = plan_sweep(spec, command_prefix)
+    jobs = plan_sweep(spec, command_prefix, threads)
     results: dict[int, JobResult] = {}
     runnable = []
     for index, job in enumerate(jobs):

@@ -47,6 +47,7 @@ from aclab.config import (
     parse_override,
     set_key,
 )
+from aclab.core.threads import set_threads
 from aclab.envs import EnvIdError, build_envs, make_env, parse_env_id
 from aclab.envs.make import check_level_control
 from aclab.envs.registry import import_env_modules, register_env_factory
@@ -202,26 +203,6 @@ def load_run_checkpoint(run_dir: Path, which: str = "final") -> tuple[dict, str]
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-_DEFAULT_TORCH_THREADS = torch.get_num_threads()  # before any run changes it
-
-
-def _set_torch_threads(config: Config, device: torch.device, spec) -> None:
-    """``torch_threads = 0`` (auto): one intra-op thread for vector observations on CPU, where small
-    networks are bound by per-call overhead and a second thread only adds contention (measured ~3x
-    slower PPO on CartPole on a 2-core machine under load); torch's default (all cores) for images and
-    for algorithms whose class sets ``ARITHMETIC_BOUND_UPDATES = True`` (TD3 and SAC: 256-wide networks
-    on batches of 256, one update per env step; measured 1.5-1.65x faster with two threads than one on
-    HalfCheetah on an otherwise idle 2-core machine)."""
-    arithmetic_bound = getattr(registry.get_algorithm(config.algo), "ARITHMETIC_BOUND_UPDATES", False)
-    if config.torch_threads > 0:
-        threads = config.torch_threads
-    elif device.type == "cpu" and len(spec.obs_shape) == 1 and not arithmetic_bound:
-        threads = 1
-    else:  # the process's default, also after an earlier run in this process set another count
-        threads = _DEFAULT_TORCH_THREADS
-    torch.set_num_threads(threads)
-
-
 class _StopRequest:
     """SIGINT/SIGTERM request a stop (:func:`aclab.runs.request_stop`): the loop checkpoints at an iteration
     boundary, or abandons the iteration in progress at its next env step or minibatch (its state is not
@@ -326,7 +307,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     algo = None
     try:
         envs.reset(seed=config.seed)
-        _set_torch_threads(config, device, envs.spec)
+        set_threads(config.torch_threads, obs_shape=envs.spec.obs_shape, device=device)
         algo = build_algorithm(config, envs.spec, device)
         if resume:
             run, point = Run.resume(run_dir, start_over=start_over)

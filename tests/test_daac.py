@@ -209,3 +209,26 @@ def test_idaac_runs_on_tiny_procgen(tmp_path):
 def test_daac_learns_cartpole(tmp_path):
     summary = train(make_config("daac", "CartPole-v1", overrides=[*FAST, "total_steps=100000"]), tmp_path / "run")
     assert summary["final_return"] >= 150, summary
+
+
+def test_procgen_presets_build_the_dcpg_authors_torso():
+    """daac-procgen / drac-procgen use the DCPG authors' IMPALA torso (Xavier-uniform convolutions), like
+    ppo-procgen and dcpg-procgen, in DAAC's policy and value networks alike: Table 5 compares like with like."""
+    for name in ("daac", "idaac", "ucb-drac", "plr", "ppo", "dcpg"):
+        assert make_config(name, "procgen:bigfish").params.encoder_init == "xavier", name
+    assert make_config("daac", "CartPole-v1").params.encoder_init == "orthogonal"
+    config = make_config("idaac", "procgen:bigfish")
+    envs = build_envs(config, num_envs=1)
+    algo = registry.build(config, envs.spec, resolve_device("cpu"))
+    envs.close()
+    for net in (algo.policy.encoder, algo.value_net.encoder):
+        convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == 15
+        for conv in convs:  # Xavier-uniform: |w| <= sqrt(6 / (fan_in + fan_out)); orthogonal sqrt(2) exceeds it
+            bound = math.sqrt(6.0 / ((conv.in_channels + conv.out_channels) * 9))
+            assert conv.weight.abs().max().item() <= bound
+    orthogonal = make_config("idaac", "procgen:bigfish", overrides=["params.encoder_init=orthogonal"])
+    algo = registry.build(orthogonal, envs.spec, resolve_device("cpu"))
+    for net in (algo.policy.encoder, algo.value_net.encoder):
+        assert any(m.weight.abs().max().item() > math.sqrt(6.0 / ((m.in_channels + m.out_channels) * 9))
+                   for m in net.modules() if isinstance(m, torch.nn.Conv2d))

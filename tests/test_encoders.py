@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -122,7 +123,9 @@ def test_impala_resnet_shape_parameter_count_and_reference():
     images = random_images(2, 3, 64)
     out = net(images)
     assert out.shape == (2, 256) and net.out_dim == 256
-    torch.testing.assert_close(out, impala_reference_forward(net, images.float() / 255.0))
+    # the reference in float64 (the module runs channels-last on CPU: same sums, other rounding order)
+    reference = impala_reference_forward(copy.deepcopy(net).double(), images.double() / 255.0)
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-4)
 
     expected, width = 0, 3
     for channels in (16, 32, 32):  # stage conv + two residual blocks of two convs each
@@ -265,3 +268,44 @@ def test_initial_feature_scale_on_real_procgen_frames():
         features = algo.net.policy_encoder(obs).norm(dim=1).mean().item()
         values = algo.net.value(obs).abs().mean().item()
     assert 2.0 < features < 20.0 and values < 2.0
+
+@pytest.mark.parametrize("make,side", [(lambda: NatureCNN(4), 84), (lambda: ImpalaResNet(3), 64)])
+def test_image_encoders_run_channels_last_on_cpu(make, side):
+    """The convolutions see channels-last (NHWC-strided) inputs on CPU: oneDNN's fast path (about 2x
+    on the IMPALA torso here, docs/performance.md); the logical shape and the values are unchanged."""
+    net = make()
+    seen = []
+    for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+        conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = random_images(2, net_channels(net), side, seed=3)
+    net(images)
+    assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(x.shape[1] == c.in_channels for x, c in zip(seen, convs))
+
+
+@pytest.mark.parametrize("make,side", [(lambda: NatureCNN(4, out_dim=32), 84),
+                                       (lambda: ImpalaResNet(3, channels=(4, 8), out_dim=16), 64)])
+def test_image_encoders_run_large_batches_in_chunks_with_the_same_features_and_gradients(make, side):
+    """On CPU a batch above CPU_CHUNK_FRAMES goes through the convolutions chunk by chunk (cache
+    locality, docs/performance.md); features and weight gradients equal those of one float64 call."""
+    from aclab.nets import encoders
+
+    torch.manual_seed(4)
+    net = make()
+    n = encoders.CPU_CHUNK_FRAMES * 2 + 3
+    images = random_images(n, net_channels(net), side, seed=5)
+    first_conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    batch_sizes = []
+    first_conv.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    out = net(images)
+    assert batch_sizes == [encoders.CPU_CHUNK_FRAMES, encoders.CPU_CHUNK_FRAMES, 3]
+    (out.square().sum() / n).backward()
+
+    reference = copy.deepcopy(net).double()
+    reference.zero_grad(set_to_none=True)
+    ref_out = reference._forward(images.double() / 255.0)
+    (ref_out.square().sum() / n).backward()
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    for p, q in zip(net.parameters(), reference.parameters()):  # fp32 sums of ~10^5 terms: 1e-4 of the scale
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=0, atol=1e-4 * q.grad.abs().max().item())

@@ -635,3 +635,16 @@ def test_metaworld_shapes():
     assert res.obs.shape == (2, 39) and res.obs.dtype == np.float32
     assert "success" in env.info
     env.close()
+
+
+def test_a_mujoco_run_of_few_envs_never_imports_envpool():
+    """Memory (docs/performance.md): an exact Gymnasium MuJoCo id with <= 2 envs is parsed, validated
+    and built without importing EnvPool (~115 MB of resident memory with its other families)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from aclab.config import Config; from aclab.envs import build_envs; "
+            "c = Config(algo='ppo'); c.env.id = 'mujoco:HalfCheetah-v4'; c.env.num_envs = 1; "
+            "envs = build_envs(c); envs.reset(); print(envs.spec.obs_shape, 'envpool' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "False", out

@@ -49,7 +49,9 @@ class DAACConfig:
     iterations), ``adv_coef`` alpha_a, ``order_coef`` alpha_i (0: DAAC; > 0: IDAAC), ``order_hidden_sizes``:
     hidden layers of the order discriminator (empty: linear, the authors' default; the authors' per-game
     setting uses one hidden layer of 4 or 64 ReLU units). ``clip_value_loss``: PPO's clipped value loss (the
-    authors' code; the DAAC paper writes the plain squared error), clip range ``clip_coef``.
+    authors' code; the DAAC paper writes the plain squared error), clip range ``clip_coef``. ``encoder_init``:
+    the image torsos' initialisation (``"xavier"``: the DCPG authors' IMPALA torso, the Procgen preset's
+    choice), for the policy and the value network alike.
     """
 
     num_steps: int = 256
@@ -70,6 +72,7 @@ class DAACConfig:
     order_coef: float = 0.0
     order_hidden_sizes: tuple[int, ...] = ()
     encoder: Literal["auto", "mlp", "nature_cnn", "impala"] = "auto"
+    encoder_init: Literal["orthogonal", "xavier", "default"] = "orthogonal"
     hidden_sizes: tuple[int, ...] = (64, 64)
     activation: Literal["tanh", "relu"] = "tanh"
 
@@ -95,10 +98,11 @@ class DAACPolicy(nn.Module):
     ``forward(obs [N, ...]) -> (logits [N, A], features [N, F])``; ``advantage(features, actions [N]) -> [N]``.
     """
 
-    def __init__(self, obs_shape, num_actions: int, encoder: str, hidden_sizes, activation: str):
+    def __init__(self, obs_shape, num_actions: int, encoder: str, hidden_sizes, activation: str,
+                 encoder_init: str = "orthogonal"):
         super().__init__()
         self.num_actions = num_actions
-        self.encoder = build_encoder(obs_shape, encoder, hidden_sizes, activation)
+        self.encoder = build_encoder(obs_shape, encoder, hidden_sizes, activation, encoder_init)
         self.policy_head = init_linear(nn.Linear(self.encoder.out_dim, num_actions), gain=0.01)
         self.advantage_head = init_linear(nn.Linear(self.encoder.out_dim + num_actions, 1), gain=1.0)
 
@@ -182,8 +186,9 @@ class DAAC:
         require(env_spec.discrete, "env.id", env_spec.env_id,
                 "an env with discrete actions (the advantage head one-hot encodes the action)")
         self.policy = DAACPolicy(env_spec.obs_shape, env_spec.num_actions, p.encoder, p.hidden_sizes,
-                                 p.activation).to(device)
-        self.value_net = ValueNetwork(env_spec.obs_shape, p.encoder, p.hidden_sizes, p.activation).to(device)
+                                 p.activation, p.encoder_init).to(device)
+        self.value_net = ValueNetwork(env_spec.obs_shape, p.encoder, p.hidden_sizes, p.activation,
+                                      encoder_init=p.encoder_init).to(device)
         self.dist = Categorical(env_spec.num_actions)
         self.policy_optimizer = make_adam(self.policy.parameters(), lr=p.lr, eps=p.adam_eps)
         self.value_optimizer = make_adam(self.value_net.parameters(), lr=p.lr, eps=p.adam_eps)

@@ -202,7 +202,7 @@ def _plan_simulated(env_id: str, family: str, task_id: str, options: dict, backe
     few_envs = (num_envs <= GYMNASIUM_MUJOCO_MAX_ENVS and task_id in registry._gym_registry()
                 and set(options) <= {"max_episode_steps"})  # EnvPool's option keys are validated up front
     if backend == "gymnasium" or (
-        backend == "auto" and family == "mujoco" and (task_id not in registry._mujoco_ids() or few_envs)
+        backend == "auto" and family == "mujoco" and (few_envs or task_id not in registry._mujoco_ids())
     ):
         if family != "mujoco":
             raise EnvIdError(f"{env_id!r}: {family} is only available through EnvPool; use backend='auto' or 'envpool'")

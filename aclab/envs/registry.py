@@ -324,6 +324,10 @@ def _parse_atari(name: str) -> str:
 
 
 def _parse_mujoco(name: str) -> str:
+    # an exact Gymnasium MuJoCo id needs no EnvPool import (~115 MB of resident memory with its other
+    # families' modules): a run of <= 2 envs never loads EnvPool at all
+    if name in _gym_registry() and "mujoco" in str(_gym_registry()[name].entry_point):
+        return name
     ids = _mujoco_ids()
     if name in ids:
         return name
@@ -331,8 +335,6 @@ def _parse_mujoco(name: str) -> str:
     if versions and "-v" not in name:
         preferred = [task for task in versions if task.endswith("-v4")]
         return preferred[0] if preferred else versions[-1]
-    if name in _gym_registry() and "mujoco" in str(_gym_registry()[name].entry_point):
-        return name
     raise EnvIdError(f"unknown MuJoCo id {name!r}.{_closest(name, ids)} Valid: {_choices(ids)}")
 
 

@@ -9,7 +9,20 @@ layer initialisation; heads are built elsewhere (``aclab.nets.agents``) with it.
 of the DCPG authors' code and of the Procgen baselines it follows) or ``"default"`` (torch's).
 
 Image encoders take channel-first ``[N, C, H, W]`` inputs; uint8 images are scaled by 1/255 inside
-the module (so buffers can store uint8), float inputs are used as given.
+the module (so buffers can store uint8), float inputs are used as given. On CPU the scaled image is
+laid out channels-last (NHWC strides, the same logical ``[N, C, H, W]`` tensor) before the first
+convolution, so every convolution, pooling and residual sum runs on oneDNN's channels-last kernels:
+on the 2-core CPU the IMPALA torso's forward+backward on 2048 Procgen frames takes ~half the time of
+the contiguous (NCHW) layout and its acting forward on 64 frames ~40% (docs/performance.md). Only
+the layout changes; the convolution sums are the same up to float reassociation.
+
+Also on CPU, a batch larger than :data:`CPU_CHUNK_FRAMES` runs through the convolutions in chunks of
+that many frames whose features are concatenated (:func:`chunked_forward`): each chunk's activations
+stay in the processor's caches while the next layer reads them, and autograd's backward pass visits
+the chunks one after another with the same locality. Frames are independent (no batch statistics),
+so the features are those of one call; the weight gradients are sums over the chunks (float
+reassociation only). Forward+backward of the IMPALA torso on a 2048-frame minibatch: 1.75x faster in
+chunks of 64 than in one call (one thread, channels-last both).
 """
 
 from __future__ import annotations
@@ -64,10 +77,34 @@ def init_torso(module: nn.Module, init: str, gain: float = math.sqrt(2)) -> None
 
 
 def _to_float_image(observations: Tensor, dtype: torch.dtype) -> Tensor:
-    """uint8 images -> ``dtype`` in [0, 1]; float images unchanged."""
+    """uint8 images ``[N, C, H, W]`` -> ``dtype`` in [0, 1]; float images unchanged in value.
+
+    On CPU the result is channels-last (see the module docstring); elsewhere it keeps its layout.
+    """
+    if (observations.device.type == "cpu" and observations.dim() == 4
+            and not torch._C._functorch.is_functorch_wrapped_tensor(observations)):  # vmap: no layouts
+        observations = observations.contiguous(memory_format=torch.channels_last)  # uint8: 4x cheaper
     if observations.dtype == torch.uint8:
-        return observations.to(dtype) / 255.0
+        return observations.to(dtype) / 255.0  # both keep the memory format
     return observations
+
+
+CPU_CHUNK_FRAMES = 64
+
+
+def chunked_forward(forward, observations: Tensor, chunk: int | None = None) -> Tensor:
+    """``forward(observations)`` for a per-frame image torso, in chunks of ``chunk`` frames on CPU.
+
+    ``forward`` maps ``[n, C, H, W]`` to ``[n, F]`` frame by frame (no batch statistics), so
+    ``cat([forward(part) for part in split(chunk)])`` equals one call; on CPU the chunks keep each
+    layer's activations in cache (see the module docstring). ``chunk`` defaults to
+    :data:`CPU_CHUNK_FRAMES`; other devices, small batches and ``torch.func`` transforms use one call.
+    """
+    chunk = CPU_CHUNK_FRAMES if chunk is None else chunk
+    if (observations.device.type != "cpu" or observations.shape[0] <= chunk
+            or torch._C._functorch.is_functorch_wrapped_tensor(observations)):
+        return forward(observations)
+    return torch.cat([forward(part) for part in observations.split(chunk)])
 
 
 class MLP(nn.Module):
@@ -150,6 +187,9 @@ class NatureCNN(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, observations: Tensor) -> Tensor:
+        return chunked_forward(self._forward, observations)
+
+    def _forward(self, observations: Tensor) -> Tensor:
         return self.linear(self.convs(_to_float_image(observations, self.linear[0].weight.dtype)))
 
 
@@ -210,6 +250,9 @@ class ImpalaResNet(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, observations: Tensor) -> Tensor:
+        return chunked_forward(self._forward, observations)
+
+    def _forward(self, observations: Tensor) -> Tensor:
         features = self.stages(_to_float_image(observations, self.linear.weight.dtype)).flatten(1)
         return torch.relu(self.linear(torch.relu(features)))
 
