@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from run_rows import metric_rows
+from run_rows import assert_same_state, metric_rows
 
 from aclab import registry
 from aclab.algos import phasic
@@ -337,6 +337,27 @@ def test_training_analyses_are_logged_and_do_not_change_training(tmp_path):
                for r in stiff)
     assert all(-1.0 <= float(r["stiffness/cosine_grad_v"]) <= 1.0 and -1.0 <= float(r["stiffness/sign_grad_v"]) <= 1.0
                for r in stiff)
+
+
+@pytest.mark.parametrize("name", ["ppg", "dcpg"])
+def test_training_analyses_resume_exactly(name, tmp_path):
+    """A run with the value-bias analysis on, stopped after 5 iterations (inside a phase: 3 policy iterations per
+    auxiliary phase) and resumed, ends with the uninterrupted run's whole algorithm state bit for bit (networks,
+    optimisers, buffer, the trackers' open episodes, the finished episodes behind the bias) and metric rows."""
+    overrides = [*TINY, "total_steps=1024", "params.num_policy_iterations=3", "params.aux_epochs=1",
+                 "params.log_value_bias=true", "params.value_bias_episodes=200", "checkpoint_every_iterations=0",
+                 "env.options={\"max_episode_steps\": 40}"]
+    train(make_config(name, "CartPole-v1", overrides=overrides), tmp_path / "full")
+    split = train(make_config(name, "CartPole-v1", overrides=overrides), tmp_path / "split", stop_after_iterations=5)
+    assert split["checkpoint_step"] == 5 * 128
+    train(make_config(name, "CartPole-v1", overrides=overrides), tmp_path / "split", resume=True)
+    assert any(row.get("value_bias/bias") for row in metric_rows(tmp_path / "full"))
+    assert metric_rows(tmp_path / "split") == metric_rows(tmp_path / "full")
+    full, resumed = (load_latest_checkpoint(tmp_path / run / "checkpoints")["algo"] for run in ("full", "split"))
+    assert_same_state(full, resumed)
+    tracker = full["analyses"]["trackers"]["value"]
+    assert tracker["active"].all() and tracker["length"].max() > 0  # episodes open at the end
+    assert len(full["analyses"]["starts"]["value"]) > 20
 
 
 def test_training_analyses_measure_the_rollouts_value_bias_and_stiffness_on_r_hat(monkeypatch):

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from run_rows import metric_rows
+from run_rows import assert_same_state, metric_rows
 
 from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
@@ -98,26 +97,6 @@ def _rows(run_dir: Path) -> int:
         return 0
 
 
-def _assert_same(a, b, path: str = "algo") -> None:
-    assert type(a) is type(b), path
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), path
-    elif isinstance(a, float) and np.isnan(a):
-        assert np.isnan(b), path
-    else:
-        assert a == b, path
-
-
 def kill_resume_cycles(case: Case, run_dir: Path, kills: int, rng: np.random.Generator, expected_rows: int) -> int:
     """Train ``case`` in ``run_dir`` through the CLI, SIGKILL it ``kills`` times at drawn points and resume
     it each time; finish it. Returns the number of kills that hit a live run."""
@@ -149,7 +128,7 @@ def _check_case(name: str, kills: int, tmp_path: Path, seed: int = 0) -> int:
     killed = tmp_path / "killed"
     hits = kill_resume_cycles(case, killed, kills, np.random.default_rng([seed, len(name)]), expected_rows)
     assert hits >= 1, "every run finished before its kill: raise the case's total steps"
-    _assert_same(load_latest_checkpoint(reference / "checkpoints")["algo"],
+    assert_same_state(load_latest_checkpoint(reference / "checkpoints")["algo"],
                  load_latest_checkpoint(killed / "checkpoints")["algo"])
     assert metric_rows(killed) == metric_rows(reference)
     for evals in ("evals.csv",):

@@ -213,6 +213,22 @@ def test_stop_training_without_the_final_evaluation(tmp_path):
     assert len(list(csv.DictReader((tmp_path / "run" / "evals.csv").open()))) == 1  # no final evaluation
 
 
+@pytest.mark.parametrize("final_eval", [False, True])
+def test_stop_training_between_evaluations_runs_the_final_evaluation_only_when_asked(final_eval, tmp_path):
+    """A stop at an iteration without a periodic evaluation: StopTraining(final_eval=False) (a pruned trial)
+    ends with no evaluation at all; final_eval=True evaluates the stopped policy once, at the stop step."""
+    def stop(info):
+        if info.iteration == 2:
+            raise StopTraining("enough", final_eval=final_eval)
+
+    summary = train(_cartpole(20 * BATCH, "eval.episodes=2", "eval.every_steps=0"), tmp_path / "run",
+                    callbacks=[LambdaCallback(on_iteration=stop)])
+    assert summary["status"] == "stopped" and summary["steps"] == 2 * BATCH
+    path = tmp_path / "run" / "evals.csv"
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    assert [int(r["step"]) for r in rows] == ([2 * BATCH] if final_eval else [])
+
+
 def test_stop_on_return():
     cb = StopOnReturn(threshold=10.0, window=3)
     info = lambda returns: IterationInfo(0, 1, {}, np.asarray(returns, float), Path("."))  # noqa: E731

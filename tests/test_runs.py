@@ -5,18 +5,21 @@ failures recorded), divergence warnings, stopping and the step budget."""
 import csv
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
 from run_rows import metric_rows
 
 from aclab import runs
+from aclab.callbacks import LambdaCallback
 from aclab.config import ConfigError
 from aclab.runs import (
     DivergenceMonitor,
@@ -97,6 +100,76 @@ def test_evaluation_of_offpolicy_noise_leaves_training_rng_untouched():
     assert algo.loop.rng.bit_generator.state == before and torch.equal(torch.get_rng_state(), torch_before)
     assert evaluate(algo, config, "test", train_envs=envs) == first
     envs.close()
+
+
+class _SlipperyCorridor(gymnasium.Env):
+    """A user env whose randomness comes from the global Python, NumPy and torch RNGs, as much user code's
+    does: a move slips (goes the other way) with probability 0.3, the reward has uniform noise."""
+
+    observation_space = gymnasium.spaces.Box(0.0, 1.0, (1,), np.float32)
+    action_space = gymnasium.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.pos = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        move = 1 if int(action) == 1 else -1
+        if np.random.random() < 0.3:
+            move = -move
+        self.pos = max(0, self.pos + move)
+        done = self.pos >= 5
+        reward = float(done) + 0.1 * random.random() + 0.1 * float(torch.rand(()))
+        return np.array([self.pos / 5], np.float32), reward, done, False, {}
+
+
+def test_a_resumed_run_continues_the_global_random_streams(tmp_path):
+    """User envs, callbacks or algorithms may draw from the global RNGs: the checkpoint holds their states, so a
+    run stopped and resumed in a fresh process state (here: the streams drawn on after the stop) matches an
+    uninterrupted one."""
+    env_id = "aclab_test/SlipperyCorridor-v0"
+    if env_id not in gymnasium.registry:
+        gymnasium.register(env_id, entry_point=_SlipperyCorridor, max_episode_steps=30)
+    config = lambda: make_config("ppo", f"gym:{env_id}", overrides=[  # noqa: E731
+        *FAST, "eval.episodes=0", "total_steps=1024", "env.num_envs=2", "params.num_steps=64"])
+    train(config(), tmp_path / "full")
+    train(config(), tmp_path / "split", stop_after_iterations=3)
+    np.random.random(7), random.random(), torch.rand(5)  # other code ran in between
+    train(config(), tmp_path / "split", resume=True)
+    assert metric_rows(tmp_path / "split") == metric_rows(tmp_path / "full")
+    assert _same_net(tmp_path / "full", tmp_path / "split")
+
+
+def test_a_resumed_run_reports_the_uninterrupted_final_return(tmp_path):
+    """final_return is the mean over the last 100 training episodes, a window the checkpoint holds: with fewer
+    episodes after the resume than that, it still equals the uninterrupted run's."""
+    full = train(_ppo(128 * 6), tmp_path / "full")
+    train(_ppo(128 * 6), tmp_path / "split", stop_after_iterations=4)
+    resumed = train(_ppo(128 * 6), tmp_path / "split", resume=True)
+    assert full["final_return_episodes"] < 100  # every episode of the run counts
+    episodes = [int(r["episodes"]) for r in metric_rows(tmp_path / "full")]
+    assert full["final_return_episodes"] == sum(episodes) > sum(episodes[4:])
+    assert (resumed["final_return"], resumed["final_return_episodes"]) == (
+        full["final_return"], full["final_return_episodes"])
+
+
+def test_a_stop_request_writes_a_checkpoint_the_resume_continues_from(tmp_path):
+    """SIGTERM between iterations, with no periodic checkpoint due: the run writes a checkpoint at the step it
+    reached, and the resume trains only the remaining iterations."""
+    def terminate(info):
+        if info.iteration == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = train(_ppo(128 * 6, "checkpoint_every_iterations=0"), tmp_path / "run",
+                    callbacks=[LambdaCallback(on_iteration=terminate)])
+    assert stopped["status"] == "interrupted" and stopped["steps"] == 3 * 128
+    assert stopped["checkpoint_step"] == 3 * 128
+    assert load_latest_checkpoint(tmp_path / "run" / "checkpoints")["step"] == 3 * 128
+    steps = []
+    resumed = train(_ppo(128 * 6, "checkpoint_every_iterations=0"), tmp_path / "run", resume=True,
+                    callbacks=[LambdaCallback(on_iteration=lambda info: steps.append(info.step))])
+    assert resumed["status"] == "finished" and steps == [128 * i for i in (4, 5, 6)]
 
 
 def test_tensorboard_keeps_the_checkpoint_step_after_resume(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -31,7 +32,7 @@ from torch import nn
 
 from aclab.algos.common import linear_schedule
 from aclab.analysis.stiffness import value_stiffness
-from aclab.analysis.value_bias import EpisodeStartTracker, value_bias_from_starts
+from aclab.analysis.value_bias import EpisodeStart, EpisodeStartTracker, value_bias_from_starts
 from aclab.config import require
 from aclab.core.distributions import make_distribution
 from aclab.nets.agents import ActorCritic, FusedMLPActorCritic, build_encoder, make_actor_critic
@@ -695,14 +696,21 @@ class TrainingAnalyses:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"trackers": copy.deepcopy(self.trackers), "starts": {k: list(v) for k, v in self.starts.items()},
+        """Plain data (arrays, dicts, floats), so that a resumed run's analyses continue exactly: each
+        tracker's open episodes, the finished episodes behind the bias, the truncation counts, the generator."""
+        return {"trackers": {name: tracker.state_dict() for name, tracker in self.trackers.items()},
+                "starts": {k: [dataclasses.asdict(s) for s in v] for k, v in self.starts.items()},
                 "truncated": dict(self.truncated), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.trackers = copy.deepcopy(state["trackers"])
+        for name, tracker in state["trackers"].items():
+            if isinstance(tracker, EpisodeStartTracker):  # a checkpoint written before the state was plain data
+                self.trackers[name] = copy.deepcopy(tracker)
+            else:
+                self.trackers[name].load_state_dict(tracker)
         for name, starts in state["starts"].items():
             self.starts[name].clear()
-            self.starts[name].extend(starts)
+            self.starts[name].extend(s if isinstance(s, EpisodeStart) else EpisodeStart(**s) for s in starts)
         self.truncated = dict(state["truncated"])
         self.generator.set_state(state["generator"])
 

@@ -297,6 +297,21 @@ class EpisodeStartTracker:
             )
         return finished
 
+    _STATE = ("awaiting_start", "active", "start_value", "return", "discount", "length")
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain arrays (each ``[B]``): which envs await an episode start, which episodes are followed, and
+        their start values, partial discounted returns, discounts and lengths."""
+        return {name: getattr(self, f"_{name}").copy() for name in self._STATE}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for name in self._STATE:
+            current = getattr(self, f"_{name}")
+            value = np.asarray(state[name], dtype=current.dtype)
+            if value.shape != current.shape:
+                raise ValueError(f"tracker state {name!r} has shape {value.shape}, expected {current.shape}")
+            setattr(self, f"_{name}", value.copy())
+
     def open_episodes(self) -> list[EpisodeStart]:
         """Episodes still running, as truncated records (partial returns, bootstrap ``nan``), e.g. at the end
         of training."""
