@@ -46,6 +46,7 @@ class EnvConfig:
     options: dict = field(default_factory=dict)
     normalize_obs: bool = False
     obs_clip: float = 10.0
+    obs_scale: float = 1.0  # normalised observations: clip(., +-obs_clip) * obs_scale (DNA authors: 5 and 3)
     normalize_reward: bool = False
     reward_gamma: float = 0.99
     reward_clip: float = 10.0
@@ -53,6 +54,7 @@ class EnvConfig:
     def validate(self) -> None:
         require(self.num_envs >= 1, "env.num_envs", self.num_envs, "an integer >= 1")
         require(self.obs_clip > 0, "env.obs_clip", self.obs_clip, "a number > 0")
+        require(self.obs_scale > 0, "env.obs_scale", self.obs_scale, "a number > 0")
         require(self.reward_clip > 0, "env.reward_clip", self.reward_clip, "a number > 0")
         require(0.0 <= self.reward_gamma <= 1.0, "env.reward_gamma", self.reward_gamma, "a number in [0, 1]")
         require(self.num_threads is None or self.num_threads >= 0, "env.num_threads", self.num_threads,

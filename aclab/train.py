@@ -178,6 +178,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     _set_torch_threads(config, device, envs.spec)
     algo = registry.build(config, envs.spec, device)
     recent = collections.deque(maxlen=RECENT_EPISODES)
+    recent_success = collections.deque(maxlen=RECENT_EPISODES)  # Meta-World: success at any step of an episode
     wall_before = 0.0
     envs_exact = True
     if checkpoint is not None:
@@ -185,6 +186,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         envs_exact = envs.load_state_dict(checkpoint["envs"])
         set_global_rng_state(checkpoint["rng"])
         recent.extend(checkpoint.get("recent_returns", []))
+        recent_success.extend(checkpoint.get("recent_successes", []))
         wall_before = float(checkpoint.get("wall_time_s", 0.0))
 
     def save(step: int) -> None:
@@ -193,6 +195,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
             "envs": envs.state_dict(),
             "rng": global_rng_state(),
             "recent_returns": list(recent),
+            "recent_successes": list(recent_success),
             "wall_time_s": wall_before + (time.time() - start),
         }, keep=config.keep_checkpoints)
 
@@ -211,6 +214,10 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                 iterations_here += 1
                 iteration = getattr(algo, "iteration", iterations_here)
                 recent.extend(float(r) for r in algo.last_episode_returns)
+                successes = envs.pop_episode_successes()
+                if successes.size:
+                    metrics["episode_success"] = float(successes.mean())
+                    recent_success.extend(successes.tolist())
                 elapsed = time.time() - start
                 metrics["steps_per_s"] = (algo.steps - start_steps) / max(elapsed, 1e-9)
                 if iteration % config.log_every_iterations == 0:
@@ -252,6 +259,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         "steps_per_s": round((algo.steps - start_steps) / max(time.time() - start, 1e-9), 1),
         "final_return": float(np.mean(recent)) if recent else None,
         "final_return_episodes": len(recent),
+        **({"final_success_rate": float(np.mean(recent_success))} if recent_success else {}),
         "status": status,
         "resumed_with_exact_env_state": envs_exact if resume else None,
         "device": str(device),

@@ -163,7 +163,7 @@ def test_without_the_fixup_phase_the_same_run_breaks_the_trust_region():
 
 
 def test_fixup_that_cannot_terminate_raises():
-    algo, envs = _build(_config("params.max_fixup_steps=3"))
+    algo, envs = _build(_config("params.max_fixup_steps=3", "params.on_fixup_failure=raise"))
     with pytest.raises(TrustRegionViolation, match="did not terminate"):
         for _ in range(4):
             algo.iterate(envs)
@@ -178,7 +178,8 @@ def test_fixup_steps_on_the_kl_alone_so_it_works_even_with_beta_zero():
         assert metrics["beta"] == 0.0 and metrics["trust_region/max_kl"] <= 0.05 * (1 + 1e-4)
     assert metrics["fixup/steps"] > 0
     envs.close()
-    algo, envs = _build(_config("params.beta_lr=0", "params.fixup_loss=beta_kl", "params.max_fixup_steps=50"))
+    algo, envs = _build(_config("params.beta_lr=0", "params.fixup_loss=beta_kl", "params.max_fixup_steps=50",
+                                "params.on_fixup_failure=raise"))
     with pytest.raises(TrustRegionViolation, match="did not terminate"):
         algo.iterate(envs)
     envs.close()
