@@ -204,3 +204,18 @@ def test_the_kl_before_the_fixup_is_logged_and_the_fixup_acts_exactly_when_it_ex
     assert set(needed) == expect_needed  # the primary phase left the trust region (at lr 3e-4 not always)
     assert metrics["fixup/needed_total"] == sum(needed)
     envs.close()
+
+
+def test_the_mt50_sweep_is_the_authors_metaworld_run():
+    """exps_tianshou.py: FixPO and PPO on the 50 MT50 tasks x seeds 0-2, 20M steps, goal observable."""
+    from pathlib import Path
+
+    from aclab.envs import parse_env_id
+    from aclab.sweep import load_sweep_spec
+
+    spec = load_sweep_spec(Path(__file__).parents[1] / "docs/results/fixpo/sweeps/metaworld_mt50.toml")
+    assert len(set(spec.envs)) == 50 and spec.seeds == [0, 1, 2] and spec.algos == ["fixpo", "ppo"]
+    for env in spec.envs:
+        parse_env_id(env)  # every task exists in EnvPool's Meta-World v3
+    assert "total_steps=20000000" in spec.overrides and spec.presets["fixpo"] == "fixpo-metaworld"
+    assert any("partially_observable" in o for o in spec.algo_overrides["ppo"])
