@@ -500,7 +500,9 @@ class DNA:
 
     def _policy_phase(self, batch: dict[str, torch.Tensor], measure_noise: bool) -> dict[str, float]:
         p = self.params
-        fields = ("obs", "actions", "old_log_probs", "advantages") + (("old_params",) if p.ratio_clip == "per_dim" else ())
+        fields = ("obs", "actions", "old_log_probs", "advantages")
+        if p.ratio_clip == "per_dim":
+            fields += ("old_params",)
         data = {k: batch[k] for k in fields}
         parameters = list(self.policy_net.parameters())
         metrics = {}
