@@ -42,6 +42,11 @@ FIELDS = ["condition", "env", "seed", "final_return", "updates", "beta_median", 
           "fallbacks", "post_update_kl_max", "return_std_last", "wall_time_s"]
 
 
+def _finished(path: Path) -> bool:
+    summary = path / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
+
+
 def run_dir(root: Path, condition: str, env: str, seed: int) -> Path:
     return root / f"{condition}-{env.replace(':', '-')}-s{seed}"
 
@@ -51,8 +56,7 @@ def cmd_run(args) -> None:
 
     algo, preset, extra = CONDITIONS[args.condition]
     path = run_dir(Path(args.root), args.condition, args.env, args.seed)
-    summary = path / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
+    if _finished(path):
         return
     config = make_config(algo, args.env, preset=preset, overrides=[
         "progress=false", f"seed={args.seed}", f"total_steps={STEPS}", "eval.episodes=0", "torch_threads=1",
@@ -110,7 +114,7 @@ def cmd_summarize(args) -> None:
         for env in ENVS:
             for seed in SEEDS:
                 path = run_dir(root, condition, env, seed)
-                if (path / "summary.json").exists():
+                if _finished(path):
                     records.append(run_stats(path, condition, env, seed))
     if records:
         with open(OUT / "beta_units_runs.csv", "w", newline="") as f:
