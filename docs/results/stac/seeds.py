@@ -259,6 +259,17 @@ def cmd_summarize(args) -> None:
                 md.append(f"| {mode} (n={len(rows)}) | {mean_ci([float(r['lag_mean']) for r in rows])} | "
                           + ", ".join(str(int(float(r["lag_max"]))) for r in rows)
                           + f" | {mean_ci([float(r['final_return']) for r in rows])} |")
+    if (OUT / "speed.csv").exists():
+        speed = list(csv.DictReader((OUT / "speed.csv").open()))
+        md += ["", "STAC / IMPALA wall time, measured side by side in one process (`seeds.py speed`):", "",
+               "| measured | IMPALA s | STAC s | STAC / IMPALA | blocks | 1-min load |",
+               "| --- | --- | --- | --- | --- | --- |"]
+        for kind, label in (("update", "one learner update (same batch)"), ("run", "whole 50k-step run")):
+            rows = [r for r in speed if r["kind"] == kind]
+            if len(rows) >= 2:
+                col = {k: [float(r[k]) for r in rows] for k in ("impala_s", "stac_s", "ratio", "load1")}
+                md.append(f"| {label} | {np.mean(col['impala_s']):.4g} | {np.mean(col['stac_s']):.4g} | "
+                          f"{mean_ci(col['ratio'])} | {len(rows)} | {min(col['load1']):.1f}-{max(col['load1']):.1f} |")
     (OUT / "seeds.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
