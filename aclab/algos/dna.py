@@ -52,6 +52,7 @@ from aclab.core.returns import gae, td_lambda_returns
 from aclab.data.rollout import RolloutCollector, shuffled_minibatches
 from aclab.nets.agents import ActorCritic, build_encoder
 from aclab.nets.encoders import init_linear
+from aclab.runs import check_stop
 
 ConstraintKind = Literal["kl", "logit_mse", "mean_mse", "scaled_mean_mse"]
 SCALED_MSE_EPS = 1e-5  # the authors' bias term in 0.5 (mu_old - mu)^2 / (2 sigma^2 + eps)
@@ -305,6 +306,7 @@ def random_warmup(envs, act_fn, random_fn, np_rng: np.random.Generator, max_step
     per_env = np_rng.integers(1, max_steps + 1, size=num_envs)
     length = int(per_env.max())
     for t in range(length):
+        check_stop()
         actions = random_fn()
         acting = t >= per_env
         if acting.any():
