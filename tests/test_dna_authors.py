@@ -270,3 +270,36 @@ def test_the_authors_noise_scale_estimator():
         assert estimate.b_simple == pytest.approx(ratio, rel=1e-9)
     paper = GradientNoiseScale(b_small, b_big).update(norms ** 2, g_big_sq)
     assert paper.g_small_sq > estimate.g_small_sq  # Jensen: the mean of squares exceeds the squared mean
+
+
+def test_the_authors_noise_scale_floors_a_vanishing_true_gradient_estimate():
+    """Pure-noise gradients (true gradient G = 0): the smoothed |G|^2 estimate falls below the authors' 1e-4
+    floor, so the noise scale is S / 1e-4 (finite, positive), as in estimate_noise_level of their rollout.py,
+    not S / |G|^2 (huge or sign-flipped). Reference: a slow loop over per-sample gradients in NumPy."""
+    rng = np.random.default_rng(5)
+    dim, size, b_small, n_small = 8, 4096, 32, 16
+    estimator = GradientNoiseScale(b_small, size, g2_smoothing=0.9, s_smoothing=0.9, small_average="norms",
+                                   g2_floor=1e-4)
+    s_avg = g2_avg = None
+    floored = 0
+    for _ in range(5):
+        per_sample = 0.1 * rng.standard_normal((size, dim))  # zero-mean per-sample gradients
+        small_norms = []
+        for _ in range(n_small):
+            idx = rng.choice(size, b_small, replace=False)
+            mean_grad = [sum(per_sample[i, k] for i in idx) / b_small for k in range(dim)]
+            small_norms.append(math.sqrt(sum(g * g for g in mean_grad)))
+        big_grad = per_sample.mean(axis=0)
+        g_big_sq = float(sum(g * g for g in big_grad))
+        g_small_sq = (sum(small_norms) / n_small) ** 2
+        g2 = (size * g_big_sq - b_small * g_small_sq) / (size - b_small)
+        s = (g_small_sq - g_big_sq) / (1 / b_small - 1 / size)
+        s_avg = s if s_avg is None else 0.9 * s_avg + 0.1 * s
+        g2_avg = g2 if g2_avg is None else 0.9 * g2_avg + 0.1 * g2
+        floored += g2_avg < 1e-4
+        expected = s_avg / max(g2_avg, 1e-4)
+        estimate = estimator.update(np.square(small_norms), g_big_sq)
+        assert estimate.g2_smoothed == pytest.approx(g2_avg, rel=1e-9, abs=1e-15)
+        assert estimate.b_simple == pytest.approx(expected, rel=1e-9)
+        assert 0 < estimate.b_simple <= estimate.s_smoothed / 1e-4 * (1 + 1e-12)
+    assert floored == 5  # the case the floor exists for: every smoothed |G|^2 is below it
