@@ -14,6 +14,7 @@ from gymnasium import spaces
 from aclab.envs import make_env
 from aclab.evaluate import report as rp
 from aclab.evaluate.runs_io import write_synthetic_run
+from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
 
 EPISODE = 4  # real steps per episode; with next-step autoreset one more (dummy) step follows
@@ -81,6 +82,22 @@ def test_train_logs_the_success_rate_and_its_final_value(tmp_path):
     assert summary["final_success_rate"] == 0.5
     assert "final_success_rate" not in train(make_config("ppo", "CartPole-v1", overrides=[
         "progress=false", "eval.episodes=0", "total_steps=512"]), tmp_path / "cartpole")
+
+
+def test_the_recent_success_flags_survive_a_resume(tmp_path):
+    """The checkpoint's loop state carries the recent episodes' success flags, so a resumed run's
+    final_success_rate counts the episodes before the interruption too."""
+    overrides = ["progress=false", "eval.episodes=0", "env.num_envs=2", "params.num_steps=20", "total_steps=120",
+                 "checkpoint_every_iterations=1"]
+    run_dir = tmp_path / "run"
+    assert train(make_config("ppo", "gym:aclab-test/SuccessToy-v0", overrides=overrides), run_dir,
+                 stop_after_iterations=2)["status"] == "interrupted"
+    loop = load_latest_checkpoint(run_dir / "checkpoints")["loop"]
+    assert sorted(loop["recent_successes"]) == [0.0] * 8 + [1.0] * 8  # 2 iterations x 2 envs x 4 episodes
+    summary = train(make_config("ppo", "gym:aclab-test/SuccessToy-v0", overrides=overrides), run_dir, resume=True)
+    assert summary["status"] == "finished" and summary["final_success_rate"] == 0.5
+    loop = load_latest_checkpoint(run_dir / "checkpoints")["loop"]  # at step 120: the flags of all 3 iterations
+    assert sorted(loop["recent_successes"]) == [0.0] * 12 + [1.0] * 12
 
 
 def _success_run(path, algo, task, seed, rates):
