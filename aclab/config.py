@@ -59,6 +59,7 @@ class EnvConfig:
     options: dict = field(default_factory=dict)
     normalize_obs: bool = False
     obs_clip: float = 10.0
+    obs_scale: float = 1.0  # normalised observations: clip(., +-obs_clip) * obs_scale (DNA authors: 5 and 3)
     normalize_reward: bool = False
     reward_gamma: float = 0.99
     reward_clip: float = 10.0
@@ -69,6 +70,7 @@ class EnvConfig:
             require(bool(_MODULE_NAME.fullmatch(module)), "env.imports", self.imports,
                     "a list of module names, e.g. ['corridor', 'mypackage.envs']")
         require(self.obs_clip > 0, "env.obs_clip", self.obs_clip, "a number > 0")
+        require(self.obs_scale > 0, "env.obs_scale", self.obs_scale, "a number > 0")
         require(self.reward_clip > 0, "env.reward_clip", self.reward_clip, "a number > 0")
         require(0.0 <= self.reward_gamma <= 1.0, "env.reward_gamma", self.reward_gamma, "a number in [0, 1]")
         require(self.num_threads is None or self.num_threads >= 0, "env.num_threads", self.num_threads,

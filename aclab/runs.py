@@ -56,7 +56,7 @@ import socket
 import threading
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -703,12 +703,14 @@ class DivergenceMonitor:
 class LoopState:
     """The training loop's own state, saved in every checkpoint as ``checkpoint["loop"]``: the recent
     episode returns (the summary's ``final_return``), the wall time so far, the evaluation schedule
-    (step of the last evaluation) and the divergence warnings already given."""
+    (step of the last evaluation), the divergence warnings already given and the recent episodes'
+    success flags (Meta-World; the summary's ``final_success_rate``)."""
 
     recent_returns: list[float]
     wall_time_s: float = 0.0
     last_eval_step: int = 0
     divergence: dict | None = None
+    recent_successes: list[float] = field(default_factory=list)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict | None) -> LoopState:
@@ -717,10 +719,11 @@ class LoopState:
         loop = checkpoint.get("loop")
         if loop is None:  # a checkpoint written before the loop state existed
             return cls(list(checkpoint.get("recent_returns", [])), float(checkpoint.get("wall_time_s", 0.0)),
-                       int(checkpoint["step"]))
+                       int(checkpoint["step"]), recent_successes=list(checkpoint.get("recent_successes", [])))
         return cls(list(loop["recent_returns"]), float(loop["wall_time_s"]), int(loop["last_eval_step"]),
-                   loop.get("divergence"))
+                   loop.get("divergence"), list(loop.get("recent_successes", [])))
 
     def state_dict(self) -> dict:
         return {"recent_returns": list(self.recent_returns), "wall_time_s": float(self.wall_time_s),
-                "last_eval_step": int(self.last_eval_step), "divergence": self.divergence}
+                "last_eval_step": int(self.last_eval_step), "divergence": self.divergence,
+                "recent_successes": [float(x) for x in self.recent_successes]}

@@ -362,6 +362,8 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                "nothing to do (raise --total-steps to train on)")
         return run.read_summary()
     recent = collections.deque(loop.recent_returns, maxlen=RECENT_EPISODES)
+    # Meta-World: success at any step of an episode
+    recent_success = collections.deque(loop.recent_successes, maxlen=RECENT_EPISODES)
     divergence = DivergenceMonitor(config.divergence.value_loss_max, config.divergence.kl_max,
                                    config.divergence.entropy_min, envs.spec.discrete)
     divergence.load_state_dict(loop.divergence or {})
@@ -372,6 +374,7 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
 
     def state() -> dict:
         loop.recent_returns, loop.wall_time_s, loop.divergence = list(recent), run.elapsed(), divergence.state_dict()
+        loop.recent_successes = list(recent_success)
         return {
             "algo": algo.state_dict(),
             "envs": envs.state_dict(),
@@ -418,6 +421,10 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                 iterations_here += 1
                 iteration = getattr(algo, "iteration", iterations_here)
                 recent.extend(float(r) for r in algo.last_episode_returns)
+                successes = envs.pop_episode_successes()
+                if successes.size:
+                    metrics["episode_success"] = float(successes.mean())
+                    recent_success.extend(successes.tolist())
                 metrics["steps_per_s"] = (algo.steps - start_steps) / max(time.time() - start, 1e-9)
                 if iteration % config.log_every_iterations == 0:
                     run.log(algo.steps, metrics)
@@ -481,6 +488,7 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
         "steps_per_s": round((algo.steps - start_steps) / max(time.time() - start, 1e-9), 1),
         "final_return": float(np.mean(recent)) if recent else None,
         "final_return_episodes": len(recent),
+        **({"final_success_rate": float(np.mean(recent_success))} if recent_success else {}),
         "status": status,
         "resumed_with_exact_env_state": envs_exact if resume else None,
         "device": str(device),

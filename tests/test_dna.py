@@ -103,13 +103,13 @@ def test_distil_loss_and_constraints_match_hand_computation():
 
 
 def test_repeated_action_mask_counts_runs_and_carries_over_rollouts():
-    # one env, limit 2: penalise the 3rd and later repeats of the same action
+    # one env, limit 2: penalise once the action has been repeated more than twice (its 4th take in a row)
     actions = np.array([[1], [1], [1], [1], [0], [0], [0], [5], [0]])
     valid = np.ones((9, 1), dtype=bool)
     valid[7] = False  # a dummy step (its action is ignored): changes nothing
     ends = np.zeros((9, 1), dtype=bool)
     mask, last, run = repeated_action_mask(actions, valid, ends, np.array([-1]), np.array([0]), limit=2)
-    assert mask[:, 0].tolist() == [False, False, True, True, False, False, True, False, True]
+    assert mask[:, 0].tolist() == [False, False, False, True, False, False, False, False, True]
     assert (last[0], run[0]) == (0, 4)
     # carried into the next rollout; an episode end clears the run
     mask2, last2, run2 = repeated_action_mask(np.array([[0], [0], [0]]), np.ones((3, 1), bool),

@@ -189,7 +189,7 @@ def test_one_state_outside_the_trust_region_is_a_violation_of_the_max_constraint
 
 
 def test_fixup_that_cannot_terminate_raises():
-    algo, envs = _build(_config("params.max_fixup_steps=3"))
+    algo, envs = _build(_config("params.max_fixup_steps=3", "params.on_fixup_failure=raise"))
     with pytest.raises(TrustRegionViolation, match="did not terminate"):
         for _ in range(4):
             algo.iterate(envs)
@@ -204,7 +204,8 @@ def test_fixup_steps_on_the_kl_alone_so_it_works_even_with_beta_zero():
         assert metrics["beta"] == 0.0 and metrics["trust_region/max_kl"] <= 0.05 * (1 + 1e-4)
     assert metrics["fixup/steps"] > 0
     envs.close()
-    algo, envs = _build(_config("params.beta_lr=0", "params.fixup_loss=beta_kl", "params.max_fixup_steps=50"))
+    algo, envs = _build(_config("params.beta_lr=0", "params.fixup_loss=beta_kl", "params.max_fixup_steps=50",
+                                "params.on_fixup_failure=raise"))
     with pytest.raises(TrustRegionViolation, match="did not terminate"):
         algo.iterate(envs)
     envs.close()
@@ -269,12 +270,12 @@ def test_fixup_phase_runs_when_due_steps_beta_and_leaves_the_critic_alone(monkey
         with torch.no_grad():
             values = algo.net.value(batch["obs"])
         state["in_fixup"], state["beta_stats"] = True, []
-        steps = real_fixup(batch, steps_so_far)
+        steps, terminated = real_fixup(batch, steps_so_far)
         state["in_fixup"] = False
         with torch.no_grad():
             moved = float((algo.net.value(batch["obs"]) - values).abs().max())
         calls.append((state["minibatches"], steps, state["beta_stats"], moved))
-        return steps
+        return steps, terminated
 
     monkeypatch.setattr(algo, "_beta_step", beta_step)
     monkeypatch.setattr(algo, "_fixup_phase", fixup_phase)

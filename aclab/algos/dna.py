@@ -10,19 +10,24 @@ by distillation); the value network outputs ``V_V``. One iteration (DNA paper, A
     3. policy phase, E_pi epochs:  L = -L_clip(rho, A) - c_eb * H[pi]                     (Eq. 11)
     4. value phase,  E_V epochs:   L = c_V * (V_V(s) - V_targ)^2                          (Eq. 12)
     5. distil phase, E_D epochs, pi_old = pi after step 3, targets V_V(s) from the updated value network:
-                                   L = (V_pi(s) - sg(V_V(s)))^2 + beta * KL(pi_old || pi) (Eq. 10)
+                                   L = c_D (V_pi(s) - sg(V_V(s)))^2 + beta * KL(pi_old || pi) (Eq. 10, c_D = 1)
        on the policy network only. Constraint options: ``logit_mse`` (the authors' code:
-       ``0.5 * mean_a (z_old - z)^2`` on pre-softmax logits) and ``mean_mse`` (Gaussian policies,
-       DNA paper, Appendix K: ``mean_d (mu_old - mu)^2``).
+       ``0.5 * mean_a (z_old - z)^2`` on pre-softmax logits), ``mean_mse`` (Gaussian policies,
+       DNA paper, Appendix K: ``mean_d (mu_old - mu)^2``) and ``scaled_mean_mse`` (the authors' MuJoCo code:
+       ``0.5 * mean_d (mu_old - mu)^2 / (2 sg(sigma_d)^2 + 1e-5)``); the authors' value term is c_D = 0.5.
 
 Each phase has its own Adam (eps 1e-5), epochs, minibatch size and global gradient-norm clip over
-its own parameters. Optional (DNA paper, Appendix A): a repeated-action penalty subtracted from the
-(normalised) rewards after the env's normaliser, a uniform-random-action warm-up that seeds the
-normalisers and de-synchronises the envs, and gradient-noise-scale measurements (Section 3.2,
-Appendix N) of the three losses every K iterations.
+its own parameters. Optional (DNA paper, Appendix A, "used by every method"): a repeated-action penalty
+subtracted from the (normalised) rewards after the env's normaliser once the same action has been
+*repeated* more than ``limit`` times, and a uniform-random-action warm-up that seeds the normalisers and
+de-synchronises the envs; and gradient-noise-scale measurements (Section 3.2, Appendix N) of the three
+losses every K iterations. The authors' code, as options: the ratio clipped per action dimension
+(``ratio_clip="per_dim"``, Gaussian policies), time-limit ends treated as terminal
+(``time_limit="terminal"``), their noise-scale estimator (``noise_small_average="norms"``, 16 small batches,
+EMA 0.9 on S and |G|^2, ``noise_g2_floor``).
 
 ``PPO2x`` is aclab's PPO with the Nature-CNN channels doubled (64, 128, 128; the DNA paper's "PPO (2x)",
-about 3.5M parameters like DNA's two networks).
+about 3.5M parameters like DNA's two networks), with the same Appendix A penalty and warm-up.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from aclab.nets.agents import ActorCritic, build_encoder
 from aclab.nets.encoders import init_linear
 from aclab.runs import check_stop
 
-ConstraintKind = Literal["kl", "logit_mse", "mean_mse"]
+ConstraintKind = Literal["kl", "logit_mse", "mean_mse", "scaled_mean_mse"]
+SCALED_MSE_EPS = 1e-5  # the authors' bias term in 0.5 (mu_old - mu)^2 / (2 sigma^2 + eps)
 NOISE_LOSSES = ("policy", "value", "distil")
 
 
@@ -80,9 +86,12 @@ class DNAConfig:
     value_loss_coef: float = 1.0  # Eq. 12 has no 1/2; 0.5 = the spec's / authors' 0.5 (V - V_targ)^2
     distil_beta: float = 1.0
     distil_constraint: ConstraintKind = "kl"
+    distil_value_coef: float = 1.0  # Eq. 10 (no 1/2); the authors' code: 0.5 (V_pi - V_V)^2
     norm_adv: Literal["batch", "minibatch", "off"] = "batch"
+    ratio_clip: Literal["joint", "per_dim"] = "joint"  # per_dim: the authors' MuJoCo code (Gaussian)
+    time_limit: Literal["bootstrap", "terminal"] = "bootstrap"  # terminal: the authors' code (no bootstrap)
     repeat_action_penalty: float = 0.0
-    repeat_action_limit: int = 100
+    repeat_action_limit: int = 100  # penalise once the same action has been repeated more than this
     warmup_max_steps: int = 0
     encoder: Literal["auto", "mlp", "nature_cnn", "impala"] = "auto"
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -96,6 +105,8 @@ class DNAConfig:
     noise_g2_smoothing: float = 0.95
     noise_s_smoothing: float = 0.0
     noise_small_batches: Literal["independent", "partition"] = "independent"
+    noise_small_average: Literal["squares", "norms"] = "squares"  # norms: the authors' code
+    noise_g2_floor: float | None = None  # the authors' code: 1e-4
 
     def validate(self) -> None:
         positive_int = "an integer >= 1"
@@ -115,14 +126,16 @@ class DNAConfig:
         for key in ("value_lr", "distil_lr"):
             value = getattr(self, key)
             require(value is None or value > 0, f"params.{key}", value, "a number > 0 or None (use lr)")
-        for key in ("ent_coef", "value_loss_coef", "distil_beta", "repeat_action_penalty", "warmup_max_steps",
-                    "noise_scale_every"):
+        for key in ("ent_coef", "value_loss_coef", "distil_beta", "distil_value_coef", "repeat_action_penalty",
+                    "warmup_max_steps", "noise_scale_every"):
             require(getattr(self, key) >= 0, f"params.{key}", getattr(self, key), "a number >= 0")
         require(self.noise_b_big > self.noise_b_small, "params.noise_b_big", self.noise_b_big,
                 f"an integer > params.noise_b_small ({self.noise_b_small})")
         for key in ("noise_g2_smoothing", "noise_s_smoothing"):
             value = getattr(self, key)
             require(0.0 <= value < 1.0, f"params.{key}", value, "a number in [0, 1)")
+        require(self.noise_g2_floor is None or self.noise_g2_floor > 0, "params.noise_g2_floor", self.noise_g2_floor,
+                "None or a number > 0")
         require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes), "params.hidden_sizes",
                 self.hidden_sizes, "a non-empty list of positive integers")
 
@@ -160,13 +173,29 @@ def build_dna_networks(params: DNAConfig, obs_shape, dist) -> tuple[ActorCritic,
 # ----------------------------------------------------------------------------------------------
 # Losses (pure functions on flat minibatches [N]; each returns a scalar mean)
 # ----------------------------------------------------------------------------------------------
+def normal_log_prob_per_dim(params: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Per-dimension log densities ``[N, D]`` of a diagonal Gaussian with params ``cat(mean, log_std)``."""
+    mean, log_std = normal_split(params)
+    return -0.5 * ((actions - mean) / log_std.exp()).square() - log_std - 0.5 * math.log(2.0 * math.pi)
+
+
 def policy_phase_loss(
     dist, dist_params: torch.Tensor, actions: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-    clip_coef: float, ent_coef: float,
+    clip_coef: float, ent_coef: float, old_params: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DNA paper, Eq. 11 as a loss: ``-mean(min(rho A, clip(rho, 1 +- eps) A)) - c_eb * mean H[pi]``."""
-    pg_loss, approx_kl, clip_fraction = losses.clipped_surrogate_loss(
-        dist.log_prob(dist_params, actions), old_log_probs, advantages, clip_coef)
+    """DNA paper, Eq. 11 as a loss: ``-mean(min(rho A, clip(rho, 1 +- eps) A)) - c_eb * mean H[pi]``.
+
+    With ``old_params`` (a diagonal Gaussian's behaviour params [N, 2D]) the ratio is clipped per action
+    dimension, as in the authors' MuJoCo code: ``rho_d = pi_d(a_d|s) / pi_old,d(a_d|s)`` and the loss is
+    ``-mean_s mean_d min(rho_d A, clip(rho_d) A)``."""
+    if old_params is None:
+        log_probs, old = dist.log_prob(dist_params, actions), old_log_probs
+        adv = advantages
+    else:
+        log_probs = normal_log_prob_per_dim(dist_params, actions)
+        old = normal_log_prob_per_dim(old_params, actions)
+        adv = advantages.unsqueeze(-1)
+    pg_loss, approx_kl, clip_fraction = losses.clipped_surrogate_loss(log_probs, old, adv, clip_coef)
     entropy = dist.entropy(dist_params).mean()
     stats = {"loss/policy": pg_loss.detach(), "entropy": entropy.detach(), "approx_kl": approx_kl,
              "clip_fraction": clip_fraction}
@@ -183,7 +212,9 @@ def distil_constraint(kind: str, dist, old_params: torch.Tensor, new_params: tor
 
     ``kl``: ``mean_s KL(pi_old(.|s) || pi(.|s))`` (DNA paper, Eq. 10, exact per state). ``logit_mse``: the
     authors' code, ``0.5 * mean_{s, a} (z_old - z)^2`` on logits (categorical only). ``mean_mse``:
-    DNA paper, Appendix K for Gaussian policies, ``mean_{s, d} (mu_old - mu)^2``.
+    DNA paper, Appendix K for Gaussian policies, ``mean_{s, d} (mu_old - mu)^2``. ``scaled_mean_mse``: the
+    authors' MuJoCo code, ``0.5 * mean_{s, d} (mu_old - mu)^2 / (2 sg(sigma_d)^2 + 1e-5)`` with the current
+    std (the mean-dependent part of the Gaussian KL, "ignoring the constant term").
     """
     if kind == "kl":
         return dist.kl(old_params, new_params).mean()
@@ -193,20 +224,26 @@ def distil_constraint(kind: str, dist, old_params: torch.Tensor, new_params: tor
         old_mean, _ = normal_split(old_params)
         new_mean, _ = normal_split(new_params)
         return (old_mean - new_mean).square().mean()
-    raise ValueError(f"unknown distil constraint {kind!r}; expected one of kl, logit_mse, mean_mse")
+    if kind == "scaled_mean_mse":
+        old_mean, _ = normal_split(old_params)
+        new_mean, new_log_std = normal_split(new_params)
+        variance = (2.0 * new_log_std).exp().detach()
+        return 0.5 * ((old_mean - new_mean).square() / (2.0 * variance + SCALED_MSE_EPS)).mean()
+    raise ValueError(f"unknown distil constraint {kind!r}; expected one of kl, logit_mse, mean_mse, scaled_mean_mse")
 
 
 def distil_phase_loss(
     policy_values: torch.Tensor, value_targets: torch.Tensor, dist, old_params: torch.Tensor,
-    new_params: torch.Tensor, beta: float, kind: str = "kl",
+    new_params: torch.Tensor, beta: float, kind: str = "kl", value_coef: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DNA paper, Eq. 10: ``mean((V_pi(s) - V_V(s))^2) + beta * constraint``; returns (loss, mse, constraint).
+    """DNA paper, Eq. 10: ``c_D mean((V_pi(s) - V_V(s))^2) + beta * constraint`` (c_D = 1; the authors' code
+    0.5); returns (loss, mse, constraint).
 
     ``value_targets`` and ``old_params`` must carry no gradient (the value network is not trained here).
     """
     mse = (policy_values - value_targets).square().mean()
     constraint = distil_constraint(kind, dist, old_params, new_params)
-    return mse + beta * constraint, mse, constraint
+    return value_coef * mse + beta * constraint, mse, constraint
 
 
 def repeated_action_mask(
@@ -217,9 +254,11 @@ def repeated_action_mask(
 
     actions, valid, ends: [T, B]; last_action, run_length: [B] (the state after the previous rollout;
     ``last_action = -1`` means none). On a valid step the run length becomes ``run + 1`` if the action
-    equals the previous one, else 1; the step is penalised when the run exceeds ``limit`` (the same
-    action taken more than ``limit`` times in a row). Dummy (autoreset) steps change nothing; an
-    episode end clears the run. Returns (mask [T, B] bool, last_action [B], run_length [B]).
+    equals the previous one, else 1; the step is penalised when the action has been *repeated* more
+    than ``limit`` times (DNA paper, Appendix A: "repeated the same action more than 100 times"), i.e.
+    when ``run - 1 > limit``: from the ``limit + 2``-th identical action in a row (the authors' counter
+    counts repeats the same way). Dummy (autoreset) steps change nothing; an episode end clears the
+    run. Returns (mask [T, B] bool, last_action [B], run_length [B]).
     """
     last_action = last_action.copy()
     run_length = run_length.copy()
@@ -228,10 +267,61 @@ def repeated_action_mask(
         same = actions[t] == last_action
         run_length = np.where(valid[t], np.where(same, run_length + 1, 1), run_length)
         last_action = np.where(valid[t], actions[t], last_action)
-        mask[t] = valid[t] & (run_length > limit)
+        mask[t] = valid[t] & (run_length - 1 > limit)
         run_length = np.where(ends[t], 0, run_length)
         last_action = np.where(ends[t], -1, last_action)
     return mask, last_action, run_length
+
+
+def penalise_repeated_actions(
+    rewards: torch.Tensor, rollout, last_action: np.ndarray, run_length: np.ndarray, penalty: float, limit: int,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, float]:
+    """DNA paper, Appendix A: ``rewards - penalty * mask`` with :func:`repeated_action_mask` (carried state in,
+    new state out). Returns (rewards [T, B], last_action [B], run_length [B], penalised fraction of the
+    valid steps)."""
+    valid = rollout.valid.cpu().numpy()
+    mask, last_action, run_length = repeated_action_mask(
+        rollout.actions.cpu().numpy(), valid, rollout.ends.cpu().numpy(), last_action, run_length, limit)
+    penalised = rewards - penalty * torch.as_tensor(mask, device=rewards.device, dtype=rewards.dtype)
+    return penalised, last_action, run_length, float(mask[valid].mean()) if valid.any() else 0.0
+
+
+def random_actions(env_spec, num_envs: int, np_rng: np.random.Generator) -> np.ndarray:
+    """Uniformly random actions ``[B, ...]`` (a Box with infinite bounds: uniform on [-1, 1])."""
+    space = env_spec.action_space
+    if env_spec.discrete:
+        return np_rng.integers(0, int(space.n), size=num_envs).astype(np.int64)
+    low = np.where(np.isfinite(space.low), space.low, -1.0)
+    high = np.where(np.isfinite(space.high), space.high, 1.0)
+    return np_rng.uniform(low, high, size=(num_envs, *space.shape)).astype(np.float32)
+
+
+def random_warmup(envs, act_fn, random_fn, np_rng: np.random.Generator, max_steps: int, device) -> int:
+    """DNA paper, Appendix A: env b first takes n_b ~ U(1, W) uniformly random actions (``random_fn()``).
+
+    The envs step in lockstep, so env b then acts with the current (untrained) policy ``act_fn`` until the
+    longest warm-up ends; nothing is learned from these steps. Returns the number of lockstep steps.
+    """
+    num_envs = envs.num_envs
+    per_env = np_rng.integers(1, max_steps + 1, size=num_envs)
+    length = int(per_env.max())
+    for t in range(length):
+        check_stop()
+        actions = random_fn()
+        acting = t >= per_env
+        if acting.any():
+            obs = torch.as_tensor(np.ascontiguousarray(envs.obs), device=device)
+            actions[acting] = act_fn(obs)[0][acting]
+        envs.step(actions)
+    return length
+
+
+def bootstrap_discounts(rollout, gamma: float, time_limit: str) -> torch.Tensor:
+    """``gamma * (1 - terminated)`` (a time-limit end bootstraps from V(final obs)); with ``time_limit =
+    "terminal"`` (the DNA authors' code, whose time limits set ``done``) ``gamma * (1 - end)``."""
+    if time_limit == "terminal":
+        return gamma * (~rollout.ends).to(rollout.rewards.dtype)
+    return rollout.discounts(gamma)
 
 
 def _num_minibatches(batch_size: int, minibatch_size: int) -> int:
@@ -259,9 +349,11 @@ class DNA:
         if p.distil_constraint == "logit_mse":
             require(isinstance(self.dist, Categorical), "params.distil_constraint", p.distil_constraint,
                     "'kl' or 'mean_mse' for continuous actions ('logit_mse' needs discrete actions)")
-        if p.distil_constraint == "mean_mse":
+        if p.distil_constraint in ("mean_mse", "scaled_mean_mse"):
             require(isinstance(self.dist, DiagGaussian), "params.distil_constraint", p.distil_constraint,
-                    "'kl' or 'logit_mse' for discrete actions ('mean_mse' needs a Gaussian policy)")
+                    f"'kl' or 'logit_mse' for discrete actions ('{p.distil_constraint}' needs a Gaussian policy)")
+        require(p.ratio_clip == "joint" or isinstance(self.dist, DiagGaussian), "params.ratio_clip", p.ratio_clip,
+                "'joint' for discrete actions ('per_dim' clips each dimension of a Gaussian policy)")
         require(p.repeat_action_penalty == 0 or env_spec.discrete, "params.repeat_action_penalty",
                 p.repeat_action_penalty, "0 for continuous actions (the penalty counts repeated discrete actions)")
         self.policy_net, self.value_net = build_dna_networks(p, env_spec.obs_shape, self.dist)
@@ -286,7 +378,8 @@ class DNA:
         self.repeat_last_action = np.full(self.num_envs, -1, dtype=np.int64)
         self.repeat_run_length = np.zeros(self.num_envs, dtype=np.int64)
         self.noise_estimators = {
-            name: GradientNoiseScale(p.noise_b_small, p.noise_b_big, p.noise_g2_smoothing, p.noise_s_smoothing)
+            name: GradientNoiseScale(p.noise_b_small, p.noise_b_big, p.noise_g2_smoothing, p.noise_s_smoothing,
+                                     small_average=p.noise_small_average, g2_floor=p.noise_g2_floor)
             for name in NOISE_LOSSES
         }
         self.noise_generator = torch.Generator().manual_seed(config.seed + 1)
@@ -313,31 +406,12 @@ class DNA:
         return policy_actions(self.dist, dist_params, deterministic, self.generator)
 
     def _random_actions(self) -> np.ndarray:
-        space = self.env_spec.action_space
-        if self.env_spec.discrete:
-            return self.np_rng.integers(0, int(space.n), size=self.num_envs).astype(np.int64)
-        low = np.where(np.isfinite(space.low), space.low, -1.0)
-        high = np.where(np.isfinite(space.high), space.high, 1.0)
-        return self.np_rng.uniform(low, high, size=(self.num_envs, *space.shape)).astype(np.float32)
+        return random_actions(self.env_spec, self.num_envs, self.np_rng)
 
     def _warmup(self, envs) -> int:
-        """DNA paper, Appendix A: env b first takes n_b ~ U(1, W) uniformly random actions.
-
-        The envs step in lockstep, so env b then acts with the current (untrained) policy until the
-        longest warm-up ends; nothing is learned from these steps. They count towards ``steps``.
-        Returns the number of lockstep steps taken.
-        """
-        per_env = self.np_rng.integers(1, self.params.warmup_max_steps + 1, size=self.num_envs)
-        length = int(per_env.max())
-        for t in range(length):
-            check_stop()
-            actions = self._random_actions()
-            acting = t >= per_env
-            if acting.any():
-                obs = torch.as_tensor(np.ascontiguousarray(envs.obs), device=self.device)
-                policy_actions = self._act(obs)[0]
-                actions[acting] = policy_actions[acting]
-            envs.step(actions)
+        """DNA paper, Appendix A (:func:`random_warmup`); the steps count towards ``steps``."""
+        length = random_warmup(envs, self._act, self._random_actions, self.np_rng, self.params.warmup_max_steps,
+                               self.device)
         self.steps += self.num_envs * length
         self.warmed_up = True
         return length
@@ -361,14 +435,12 @@ class DNA:
         self.value_net.train()
         rewards = rollout.rewards
         if p.repeat_action_penalty > 0:
-            mask, self.repeat_last_action, self.repeat_run_length = repeated_action_mask(
-                rollout.actions.cpu().numpy(), rollout.valid.cpu().numpy(), rollout.ends.cpu().numpy(),
-                self.repeat_last_action, self.repeat_run_length, p.repeat_action_limit)
-            rewards = rewards - p.repeat_action_penalty * torch.as_tensor(mask, device=rewards.device,
-                                                                          dtype=rewards.dtype)
-            metrics["repeat_penalty_fraction"] = float(mask[rollout.valid.cpu().numpy()].mean())
+            rewards, self.repeat_last_action, self.repeat_run_length, fraction = penalise_repeated_actions(
+                rewards, rollout, self.repeat_last_action, self.repeat_run_length, p.repeat_action_penalty,
+                p.repeat_action_limit)
+            metrics["repeat_penalty_fraction"] = fraction
         with torch.no_grad():
-            discounts = rollout.discounts(p.gamma)
+            discounts = bootstrap_discounts(rollout, p.gamma, p.time_limit)
             advantages = gae(rewards, rollout.values, discounts, p.lambda_pi, episode_ends=rollout.ends)
             value_targets = td_lambda_returns(rewards, rollout.values, discounts, p.lambda_v,
                                               episode_ends=rollout.ends)
@@ -393,6 +465,7 @@ class DNA:
             "obs": rollout.obs.reshape(-1, *rollout.obs.shape[2:])[idx],
             "actions": rollout.actions.reshape(-1, *rollout.actions.shape[2:])[idx],
             "old_log_probs": rollout.log_probs.reshape(-1)[idx],
+            "old_params": rollout.dist_params.reshape(-1, rollout.dist_params.shape[-1])[idx],
             "advantages": advantages.reshape(-1)[idx],
             "value_targets": value_targets.reshape(-1)[idx],
         }
@@ -430,6 +503,8 @@ class DNA:
     def _policy_phase(self, batch: dict[str, torch.Tensor], measure_noise: bool) -> dict[str, float]:
         p = self.params
         fields = ("obs", "actions", "old_log_probs", "advantages")
+        if p.ratio_clip == "per_dim":
+            fields += ("old_params",)
         data = {k: batch[k] for k in fields}
         parameters = list(self.policy_net.parameters())
         metrics = {}
@@ -438,7 +513,8 @@ class DNA:
                 i = indices.to(self.device)
                 params = self.policy_net.dist_params(data["obs"][i])
                 return policy_phase_loss(self.dist, params, data["actions"][i], data["old_log_probs"][i],
-                                         data["advantages"][i], p.clip_coef, p.ent_coef)[0]
+                                         data["advantages"][i], p.clip_coef, p.ent_coef,
+                                         data["old_params"][i] if "old_params" in data else None)[0]
             metrics.update(self._measure_noise("policy", loss_fn, parameters, data["obs"].shape[0]))
         num_minibatches = _num_minibatches(self.batch_size, self.minibatch_sizes["policy"])
         stats = []
@@ -447,7 +523,7 @@ class DNA:
                 dist_params = self.policy_net.dist_params(mb["obs"])
                 advantages = losses.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
                 loss, mb_stats = policy_phase_loss(self.dist, dist_params, mb["actions"], mb["old_log_probs"],
-                                                   advantages, p.clip_coef, p.ent_coef)
+                                                   advantages, p.clip_coef, p.ent_coef, mb.get("old_params"))
                 mb_stats["grad_norm/policy"] = self._step("policy", loss, parameters)
                 stats.append(mb_stats)
         metrics.update(self._summarise("policy", stats))
@@ -492,7 +568,7 @@ class DNA:
                 i = indices.to(self.device)
                 params, values = self.policy_net(data["obs"][i])
                 return distil_phase_loss(values, data["targets"][i], self.dist, data["old_params"][i], params,
-                                         p.distil_beta, p.distil_constraint)[0]
+                                         p.distil_beta, p.distil_constraint, p.distil_value_coef)[0]
             metrics.update(self._measure_noise("distil", loss_fn, parameters, data["obs"].shape[0]))
         num_minibatches = _num_minibatches(self.batch_size, self.minibatch_sizes["distil"])
         stats = []
@@ -500,7 +576,7 @@ class DNA:
             for mb in shuffled_minibatches(data, num_minibatches, self.generator):
                 params, values = self.policy_net(mb["obs"])
                 loss, mse, constraint = distil_phase_loss(values, mb["targets"], self.dist, mb["old_params"], params,
-                                                          p.distil_beta, p.distil_constraint)
+                                                          p.distil_beta, p.distil_constraint, p.distil_value_coef)
                 grad_norm = self._step("distil", loss, parameters)
                 stats.append({"loss/distil": loss.detach(), "loss/distil_value": mse.detach(),
                               "loss/distil_constraint": constraint.detach(), "grad_norm/distil": grad_norm})
@@ -596,18 +672,27 @@ class ScaledNatureCNN(nn.Module):
 
 @dataclass
 class PPO2xConfig(PPOConfig):
-    """PPO's parameters plus the encoder width multiplier (2 = the DNA paper's PPO (2x))."""
+    """PPO's parameters plus the encoder width multiplier (2 = the DNA paper's PPO (2x)) and the DNA paper's
+    Appendix A choices "used by every method": the repeated-action penalty and the random warm-up."""
 
     channel_multiplier: int = 2
+    repeat_action_penalty: float = 0.0
+    repeat_action_limit: int = 100
+    warmup_max_steps: int = 0
 
     def validate(self) -> None:
         super().validate()
         require(self.channel_multiplier >= 1, "params.channel_multiplier", self.channel_multiplier, "an integer >= 1")
+        require(self.repeat_action_limit >= 1, "params.repeat_action_limit", self.repeat_action_limit,
+                "an integer >= 1")
+        for key in ("repeat_action_penalty", "warmup_max_steps"):
+            require(getattr(self, key) >= 0, f"params.{key}", getattr(self, key), "a number >= 0")
 
 
 class PPO2x(PPO):
     """aclab's PPO with a wider torso: Nature CNN channels times ``channel_multiplier`` for image
-    observations; for vector observations the MLP hidden sizes are multiplied instead."""
+    observations; for vector observations the MLP hidden sizes are multiplied instead. Like DNA, it can
+    warm up with random actions and penalise repeated actions (DNA paper, Appendix A)."""
 
     Config = PPO2xConfig
 
@@ -632,6 +717,49 @@ class PPO2x(PPO):
             net.policy_encoder = wide().to(device)
             net.value_encoder = net.policy_encoder if net.shared else wide().to(device)
             self.optimizer = make_adam(net.parameters(), lr=params.lr, eps=params.adam_eps)
+        require(params.repeat_action_penalty == 0 or env_spec.discrete, "params.repeat_action_penalty",
+                params.repeat_action_penalty, "0 for continuous actions (the penalty counts repeated discrete actions)")
+        self.num_envs = config.env.num_envs
+        self.warmed_up = params.warmup_max_steps == 0
+        self.repeat_last_action = np.full(self.num_envs, -1, dtype=np.int64)
+        self.repeat_run_length = np.zeros(self.num_envs, dtype=np.int64)
+
+    def iterate(self, envs) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if not self.warmed_up:  # DNA paper, Appendix A
+            length = random_warmup(envs, self._act, self._random_actions, self.np_rng, self.params.warmup_max_steps,
+                                   self.device)
+            self.steps += self.num_envs * length
+            self.warmed_up = True
+            metrics["warmup_steps"] = float(self.num_envs * length)
+        metrics.update(super().iterate(envs))
+        return metrics
+
+    def _random_actions(self) -> np.ndarray:
+        return random_actions(self.env_spec, self.num_envs, self.np_rng)
+
+    def learning_rewards(self, rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """The repeated-action penalty (DNA paper, Appendix A), as in :class:`DNA`."""
+        p = self.params
+        if p.repeat_action_penalty == 0:
+            return rollout.rewards, {}
+        rewards, self.repeat_last_action, self.repeat_run_length, fraction = penalise_repeated_actions(
+            rollout.rewards, rollout, self.repeat_last_action, self.repeat_run_length, p.repeat_action_penalty,
+            p.repeat_action_limit)
+        return rewards, {"repeat_penalty_fraction": fraction}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(warmed_up=self.warmed_up, repeat_last_action=self.repeat_last_action.copy(),
+                     repeat_run_length=self.repeat_run_length.copy())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.warmed_up = bool(state.get("warmed_up", True))
+        if "repeat_last_action" in state:
+            self.repeat_last_action = np.array(state["repeat_last_action"], dtype=np.int64, copy=True)
+            self.repeat_run_length = np.array(state["repeat_run_length"], dtype=np.int64, copy=True)
 
 
 _DNA = "DNA (dual network PPO): separate policy and value networks, three phases, TD(lambda) returns per task"

@@ -17,7 +17,21 @@ Algorithm (FixPO paper, Algorithm 1), for each epoch:
 
 Postcondition, checked independently after every fixup phase: ``max_s D(s) <= eps_KL`` over the whole
 batch (within a float tolerance ``check_rtol``); a violation raises :class:`TrustRegionViolation`. The
-run logs the max KL and the number of fixup steps of every update.
+run logs the max KL and the number of fixup steps of every update, and the batch's max KL *before* each
+fixup phase (``kl/pre_fixup_max``), i.e. what the primary phase alone left behind.
+
+A fixup phase that has not terminated after ``max_fixup_steps`` steps of one update falls back to the
+parameters the update started from (``on_fixup_failure="revert"``): pi_old itself, whose KL to pi_old is 0,
+satisfies the trust region. The update is dropped, ``fixup/fallback`` logs it and the run continues
+(``"raise"``: stop with :class:`TrustRegionViolation` instead).
+
+Return normalisation (``return_norm``): ``"off"`` uses the rewards as the env layer gives them (aclab's
+reward scaler, when ``env.normalize_reward`` is on, divides the rewards, hence the advantages, by the
+running std of the discounted return). ``"targets"`` is Tianshou's ``rew_norm`` (the FixPO authors'
+code): the critic predicts returns divided by ``s = sqrt(var_R + 1e-8)``, GAE runs on the raw rewards
+with ``s * V``, the advantages stay in raw reward units, only the critic's targets are divided by ``s``,
+and ``var_R`` (a running variance of the batches' lambda-returns, no mean subtraction) is updated
+after each batch's targets are formed (:func:`normalized_value_targets`).
 
 Ablations (FixPO paper, Section 4.2) as switches: ``fixup="off"`` (no fixup phase; the check then only logs),
 ``kl_target="mean"`` (beta and the fixup exit use the mean KL), ``c_beta=1``, ``fixup="last_epoch"``,
@@ -27,6 +41,7 @@ categorical, diagonal Gaussian, and the Beta policy of :mod:`aclab.core.distribu
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +57,7 @@ from aclab.core.distributions import make_distribution
 from aclab.core.distributions_extra import Beta, make_extra_distribution
 from aclab.core.returns import gae
 from aclab.data.rollout import RolloutCollector, shuffled_minibatches
+from aclab.envs.normalize import RunningMeanStd
 from aclab.nets.agents import ActorCritic
 from aclab.runs import check_stop
 
@@ -81,6 +97,8 @@ class FixPOConfig:
     trust_region_check: Literal["auto", "raise", "log"] = "auto"  # auto: raise unless fixup="off"
     check_rtol: float = 1e-4
     max_fixup_steps: int = 10_000
+    on_fixup_failure: Literal["revert", "raise"] = "revert"  # revert: drop the update, keep pi_old (KL = 0)
+    return_norm: Literal["off", "targets"] = "off"  # targets: Tianshou's rew_norm (the authors' code)
     encoder: Literal["auto", "mlp", "nature_cnn", "impala"] = "auto"
     hidden_sizes: tuple[int, ...] = (64, 64)
     activation: Literal["tanh", "relu"] = "tanh"
@@ -147,6 +165,34 @@ def primary_loss(
     return total, policy_loss
 
 
+RETURN_NORM_EPS = 1e-8  # Tianshou's PGPolicy._eps
+
+
+def return_scale(return_rms: RunningMeanStd) -> float:
+    """``s = sqrt(var_R + 1e-8)``: the critic's unit under ``return_norm="targets"`` (Tianshou's ret_rms)."""
+    return float(np.sqrt(float(return_rms.var) + RETURN_NORM_EPS))
+
+
+def normalized_value_targets(
+    rewards: torch.Tensor, critic_values: torch.Tensor, discounts: torch.Tensor, gae_lambda: float,
+    episode_ends: torch.Tensor, valid: torch.Tensor, return_rms: RunningMeanStd,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tianshou's ``rew_norm`` (A2CPolicy._compute_returns): target-only return normalisation.
+
+    rewards, discounts, episode_ends, valid: [T, B] (raw rewards); critic_values: [T + 1, B], the
+    critic's outputs in normalised units. With ``s = sqrt(var_R + eps)`` of ``return_rms`` *before* this
+    batch: ``A = GAE(r, s V)`` (raw reward units, not rescaled), ``R = A + s V[:-1]`` and the critic's
+    targets ``R / s``; then ``return_rms`` absorbs the valid ``R`` (no mean subtraction, as Tianshou).
+    Returns (advantages [T, B], targets [T, B]).
+    """
+    scale = return_scale(return_rms)
+    values = critic_values * scale
+    advantages = gae(rewards, values, discounts, gae_lambda, episode_ends=episode_ends)
+    returns = advantages + values[:-1]
+    return_rms.update(returns[valid].double().cpu().numpy())
+    return advantages, returns / scale
+
+
 # ----------------------------------------------------------------------------------------------
 # The algorithm
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +232,9 @@ class FixPO:
         self.iteration = 0
         self.total_primary_steps = 0
         self.total_fixup_steps = 0
+        self.total_fallbacks = 0
+        self.total_updates_with_fixup = 0
+        self.return_rms = RunningMeanStd()
         self._collector: RolloutCollector | None = None
         self.last_episode_returns = np.zeros(0)
 
@@ -219,10 +268,17 @@ class FixPO:
         rollout, episode_returns, episode_lengths = self._collector.collect(envs, self._act, self._value)
         self.net.train()
         with torch.no_grad():
-            advantages = gae(rollout.rewards, rollout.values, rollout.discounts(p.gamma), p.gae_lambda,
-                             episode_ends=rollout.ends)
-            returns = advantages + rollout.values[:-1]
+            discounts = rollout.discounts(p.gamma)
+            if p.return_norm == "targets":
+                advantages, returns = normalized_value_targets(
+                    rollout.rewards, rollout.values, discounts, p.gae_lambda, rollout.ends, rollout.valid,
+                    self.return_rms)
+            else:
+                advantages = gae(rollout.rewards, rollout.values, discounts, p.gae_lambda, episode_ends=rollout.ends)
+                returns = advantages + rollout.values[:-1]
         metrics = self.update(rollout, advantages, returns)
+        if p.return_norm == "targets":
+            metrics["return_norm/std"] = return_scale(self.return_rms)
         self.last_episode_returns = episode_returns
         self.steps += self.batch_size
         self.iteration += 1
@@ -251,8 +307,11 @@ class FixPO:
         num_minibatches = max(self.batch_size // p.minibatch_size, 1)
         value_clip = p.value_clip_coef if p.clip_value_loss else None
         parameters = list(self.net.parameters())
+        snapshot = self._snapshot() if p.fixup != "off" and p.on_fixup_failure == "revert" else None
         stats = []
         fixup_steps = 0
+        fallback = False
+        pre_fixup: list[float] = []
         checks: list[tuple[float, float]] = []
         for epoch in range(p.num_epochs):
             for mb in shuffled_minibatches(batch, num_minibatches, self.generator):
@@ -269,8 +328,20 @@ class FixPO:
                 stats.append(torch.stack([policy_loss.detach(), value_loss.detach(), entropy.detach().mean(),
                                           kl.detach().mean(), kl.detach().max(), grad_norm]))
             if p.fixup == "every_epoch" or (p.fixup == "last_epoch" and epoch == p.num_epochs - 1):
-                fixup_steps += self._fixup_phase(batch, fixup_steps)
+                pre_fixup.append(float(self.batch_kl(batch).max()))
+                steps, terminated = self._fixup_phase(batch, fixup_steps)
+                fixup_steps += steps
+                if not terminated:
+                    if snapshot is None:
+                        raise TrustRegionViolation(
+                            f"FixPO fixup phase did not terminate within max_fixup_steps={p.max_fixup_steps} "
+                            f"(iteration {self.iteration}, beta={float(self.beta.detach()):.4g}); "
+                            "params.on_fixup_failure='revert' keeps pi_old instead")
+                    self._restore(snapshot)  # pi_old: KL(pi_old || pi_old) = 0 satisfies the trust region
+                    fallback = True
                 checks.append(self._check_trust_region(batch))
+                if fallback:
+                    break
         if p.fixup == "off":
             checks.append(self._check_trust_region(batch))
         names = ["loss/policy", "loss/value", "entropy", "kl/mean_primary", "kl/max_primary", "grad_norm"]
@@ -279,6 +350,8 @@ class FixPO:
         primary_steps = len(stats)
         self.total_primary_steps += primary_steps
         self.total_fixup_steps += fixup_steps
+        self.total_fallbacks += int(fallback)
+        self.total_updates_with_fixup += int(fixup_steps > 0)
         metrics = dict(zip(names, table.mean(0).tolist()))
         metrics["kl/max_primary"] = float(table[:, 4].max())
         metrics["beta"] = float(self.beta.detach())
@@ -286,6 +359,13 @@ class FixPO:
         metrics["fixup/primary_steps"] = float(primary_steps)
         metrics["fixup/overhead_percent"] = 100.0 * fixup_steps / primary_steps
         metrics["fixup/overhead_percent_total"] = 100.0 * self.total_fixup_steps / max(self.total_primary_steps, 1)
+        metrics["fixup/needed"] = float(fixup_steps > 0)
+        metrics["fixup/needed_total"] = float(self.total_updates_with_fixup)
+        metrics["fixup/fallback"] = float(fallback)
+        metrics["fixup/fallbacks_total"] = float(self.total_fallbacks)
+        if pre_fixup:
+            metrics["kl/pre_fixup_max"] = max(pre_fixup)
+            metrics["kl/pre_fixup_violations"] = float(sum(k > p.eps_kl for k in pre_fixup))
         metrics["trust_region/max_kl"] = max(c[0] for c in checks)
         metrics["trust_region/final_max_kl"] = checks[-1][0]
         metrics["trust_region/final_mean_kl"] = checks[-1][1]
@@ -296,6 +376,15 @@ class FixPO:
             explained = 1.0 - (ret - old_values).var() / var_returns if var_returns > 0 else torch.nan
         metrics["explained_variance"] = float(explained)
         return metrics
+
+    def _snapshot(self) -> dict:
+        """The network and its optimiser before an update (pi_old), to fall back to."""
+        return {"net": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def _restore(self, snapshot: dict) -> None:
+        self.net.load_state_dict(snapshot["net"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
 
     def _theta_step(self, loss: torch.Tensor, parameters: list[torch.Tensor]) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -315,9 +404,10 @@ class FixPO:
         with torch.no_grad():
             self.beta.clamp_(min=0.0, max=p.beta_max)
 
-    def _fixup_phase(self, batch: dict[str, torch.Tensor], steps_so_far: int) -> int:
+    def _fixup_phase(self, batch: dict[str, torch.Tensor], steps_so_far: int) -> tuple[int, bool]:
         """Repeat passes over the batch (minibatches of B_fix, shuffled); step on mean D (or sg(beta) mean D)
-        and on L_beta wherever the constraint is violated; stop after a clean pass. Returns the steps taken."""
+        and on L_beta wherever the constraint is violated; stop after a clean pass. Returns (the steps taken,
+        whether it terminated: False once the update's steps reach ``max_fixup_steps``)."""
         p = self.params
         n = batch["obs"].shape[0]
         parameters = list(self.net.parameters())
@@ -337,12 +427,9 @@ class FixPO:
                 self._beta_step(stat)
                 steps += 1
                 if steps_so_far + steps >= p.max_fixup_steps:
-                    raise TrustRegionViolation(
-                        f"FixPO fixup phase did not terminate within max_fixup_steps={p.max_fixup_steps} "
-                        f"(iteration {self.iteration}, last minibatch {p.kl_target} KL {float(stat):.4g} > "
-                        f"eps_kl={p.eps_kl}, beta={float(self.beta.detach()):.4g})")
+                    return steps, False
             if clean:
-                return steps
+                return steps, True
 
     @torch.no_grad()
     def batch_kl(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -381,6 +468,9 @@ class FixPO:
             "iteration": self.iteration,
             "total_primary_steps": self.total_primary_steps,
             "total_fixup_steps": self.total_fixup_steps,
+            "total_fallbacks": self.total_fallbacks,
+            "total_updates_with_fixup": self.total_updates_with_fixup,
+            "return_rms": self.return_rms.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -394,6 +484,10 @@ class FixPO:
         self.iteration = int(state["iteration"])
         self.total_primary_steps = int(state["total_primary_steps"])
         self.total_fixup_steps = int(state["total_fixup_steps"])
+        self.total_fallbacks = int(state.get("total_fallbacks", 0))
+        self.total_updates_with_fixup = int(state.get("total_updates_with_fixup", 0))
+        if "return_rms" in state:
+            self.return_rms.load_state_dict(state["return_rms"])
 
 
 _FIXPO = "FixPO: KL-penalised surrogate with a Lagrange-multiplier beta and a fixup phase (guaranteed trust region)"

@@ -161,11 +161,13 @@ class PPO:
         self.net.eval()
         rollout, episode_returns, episode_lengths = self._collector_for(envs).collect(envs, self._act, self._value)
         self.net.train()
+        rewards, reward_metrics = self.learning_rewards(rollout)
         with torch.no_grad():
-            advantages = gae(rollout.rewards, rollout.values, rollout.discounts(p.gamma), p.gae_lambda,
+            advantages = gae(rewards, rollout.values, rollout.discounts(p.gamma), p.gae_lambda,
                              episode_ends=rollout.ends)
             returns = advantages + rollout.values[:-1]
         metrics = self.update(rollout, advantages, returns)
+        metrics.update(reward_metrics)
         if self.numpy_actor is not None:
             self.numpy_actor.sync()
         self.last_episode_returns = episode_returns
@@ -177,6 +179,10 @@ class PPO:
             metrics["episode_length"] = float(episode_lengths.mean())
             metrics["episodes"] = float(episode_returns.size)
         return metrics
+
+    def learning_rewards(self, rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """The rewards GAE sees (here the rollout's; a subclass may shape them) and metrics about them."""
+        return rollout.rewards, {}
 
     def update(self, rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         p = self.params

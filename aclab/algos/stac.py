@@ -3,7 +3,14 @@
 Metaparameters (Section 3, Algorithm 2): ``eta = {gamma, lambda, g_v, g_p, g_e, alpha}`` per head, each an
 unconstrained logit used through a sigmoid: ``gamma = sig(eta_gamma)``, ``lambda = sig(eta_lambda)``,
 ``alpha = sig(eta_alpha)`` (leaky V-trace, Eq. 5, alpha_rho = alpha_c), ``g_x = sig(eta_x) * g_x_outer``;
-every logit starts at 4.6 (sigma = 0.99). A metaparameter that is not self-tuned keeps its outer value.
+every logit starts at 4.6 (sigma = 0.99; Table 3's eta_init). A metaparameter that is not self-tuned keeps
+its outer value; for alpha that is alpha_outer = 1 (V-trace).
+
+alpha's initial value: Section 3.1 says "we initialise alpha = 1", Table 3 gives eta_init = 4.6 for every
+metaparameter (alpha = 0.990) and Section 4.3 / Figure 4(c) vary alpha_init with the others in 0.99-0.999.
+We follow Table 3 (``alpha_init = None``): through a sigmoid, alpha = 1 exactly is a logit of +inf, whose
+meta-gradient ``sig'(eta) = 0`` is zero for good, so alpha would never be tuned. ``alpha_init = 1.0``
+reaches Section 3.1's literal setting (exactly V-trace, frozen); any value in (0, 1) starts alpha there.
 
 One learner step on a batch T (Algorithm 2, lines 9-15):
     1. inner loss ``L(theta; zeta(eta))`` averaged over heads (line 11): leaky V-trace targets from
@@ -13,7 +20,8 @@ One learner step on a batch T (Algorithm 2, lines 9-15):
        ``optimizer_stats="exact"`` differentiates the new mean square too, ``"frozen"`` treats it as a
        constant);
     3. outer loss on the *same* batch at theta', head 1 only, with the fixed outer hyperparameters
-       (V-trace, alpha = 1), a stop-gradient advantage (line 22) and
+       (V-trace: alpha_outer = 1 whatever ``params.alpha_rho`` / ``alpha_c`` say, Section 3.1;
+       :func:`stac_outer_weights`), a stop-gradient advantage (line 22) and
        ``g_kl * sum KL(pi_theta' || sg pi_theta)`` (lines 13-14);
     4. ``eta <- Adam(eta, grad_eta L_outer)`` (lr 1e-3, b1 0.9, b2 0.999, eps 1e-4; line 15);
     5. theta' (detached) and the new RMSProp statistics are committed: the same update IMPALA would make
@@ -30,6 +38,7 @@ after the sigmoid and, for the loss coefficients, *unscaled* (as the paper's Fig
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -65,6 +74,7 @@ class StacConfig(ImpalaConfig):
     self_tune: tuple[str, ...] = ETA_NAMES
     separate_alphas: bool = False  # learn alpha_rho and alpha_c separately (Fig. 5(b))
     eta_init: float = 4.6
+    alpha_init: float | None = None  # None: sig(eta_init) (Table 3); 1.0: exactly V-trace (frozen, Sec. 3.1)
     meta_lr: float = 1e-3
     meta_beta1: float = 0.9
     meta_beta2: float = 0.999
@@ -89,6 +99,34 @@ class StacConfig(ImpalaConfig):
         require(self.meta_eps > 0, "params.meta_eps", self.meta_eps, "a number > 0")
         require(self.kl_coef >= 0, "params.kl_coef", self.kl_coef, "a number >= 0")
         require(self.gamma_embedding >= 0, "params.gamma_embedding", self.gamma_embedding, "an integer >= 0")
+        require(self.alpha_init is None or 0.0 < self.alpha_init <= 1.0, "params.alpha_init", self.alpha_init,
+                "None (sigmoid(params.eta_init), Table 3) or a number in (0, 1] (1: exactly V-trace)")
+        for key in ("alpha_rho", "alpha_c"):
+            require(getattr(self, key) == 1.0, f"params.{key}", getattr(self, key),
+                    "1.0: STAC's outer loss is V-trace (alpha_outer = 1, STAC paper Section 3.1); the inner alpha "
+                    "is a metaparameter (params.self_tune, params.alpha_init)")
+
+
+ALPHA_OUTER = 1.0  # STAC paper, Section 3.1 / Table 3: the outer loss is V-trace
+
+
+def stac_outer_weights(p: StacConfig) -> LossWeights:
+    """The outer loss's fixed hyperparameters zeta (Table 3): IMPALA's loss settings with alpha_outer = 1."""
+    w = outer_weights(p)
+    return LossWeights(w.gamma, w.trace_lambda, ALPHA_OUTER, ALPHA_OUTER, w.g_v, w.g_p, w.g_e)
+
+
+def initial_logits(p: StacConfig, names: tuple[str, ...]) -> torch.Tensor:
+    """eta at the start [P, K]: ``eta_init`` everywhere, alpha's entries from ``alpha_init`` when given
+    (``logit(alpha_init)``; +inf for 1.0)."""
+    logits = torch.full((p.num_heads, len(names)), float(p.eta_init))
+    if p.alpha_init is not None:
+        a = float(p.alpha_init)
+        value = math.inf if a >= 1.0 else math.log(a / (1.0 - a))
+        for k, name in enumerate(names):
+            if name.startswith("alpha"):
+                logits[:, k] = value
+    return logits
 
 
 def eta_names(separate_alphas: bool) -> tuple[str, ...]:
@@ -288,15 +326,13 @@ class Stac(Impala):
         p: StacConfig = config.params
         self.names = eta_names(p.separate_alphas)
         self.tuned = tuned_mask(tuple(p.self_tune), p.separate_alphas)
-        self.logits = torch.full(
-            (p.num_heads, len(self.names)), float(p.eta_init), device=device, requires_grad=True
-        )
+        self.logits = initial_logits(p, self.names).to(device).requires_grad_(True)
         self.meta_optimizer = torch.optim.Adam(
             [self.logits], lr=p.meta_lr, betas=(p.meta_beta1, p.meta_beta2), eps=p.meta_eps
         )
         self.meta = MetaSettings(
             loss=self.loss_settings,
-            outer=outer_weights(p),
+            outer=stac_outer_weights(p),
             names=self.names,
             tuned=self.tuned,
             kl_coef=p.kl_coef,

@@ -20,6 +20,14 @@ measured every third update) and ``s_smoothing = 0.0`` (no smoothing of ``S``, a
 McCandlish et al. and the authors' later code also smooth ``S``). The first call initialises each average
 with its estimate (no zero-initialisation bias). ``alpha = 0`` disables smoothing.
 
+The DNA authors' code (``estimate_noise_level`` in maitchison/PPO, DNA branch) differs in three ways, each
+an option here: 16 small batches; it averages the small batches' gradient *norms* and squares the average
+(``small_average="norms"``: ``|G_small|^2 = (mean_i |g_i|)^2``, not Algorithm 2's ``mean_i |g_i|^2``, line 7);
+it smooths both ``S`` and ``|G|^2`` with an EMA of 0.9 (first value as initial average); and it divides by
+``max(|G|^2, 1e-4)`` (``g2_floor``) so a negative smoothed ``|G|^2`` does not flip the sign. Its big batch is
+the whole rollout (here: ``b_big`` = the data set size). By Jensen, ``(mean |g_i|)^2 <= mean |g_i|^2``, so the
+norms average lowers ``S`` and raises ``|G|^2`` against Algorithm 2: its noise scale is biased low.
+
 Sampling: Algorithm 2 draws the big batch and each of the ``N`` small batches independently, each without
 replacement from the data ``D``. With a finite ``D`` of ``M`` samples the estimators stay unbiased for the
 finite population: ``E|G_B|^2 = |G_D|^2 + (1/B - 1/M) s^2`` with ``s^2`` the Bessel-corrected trace of the
@@ -36,6 +44,7 @@ import torch
 from torch import Tensor
 
 _SMALL_BATCH_MODES = ("independent", "partition")
+_SMALL_AVERAGES = ("squares", "norms")
 
 
 @dataclass(frozen=True)
@@ -93,8 +102,10 @@ class GradientNoiseScale:
 
     ``b_small``, ``b_big``: default batch sizes (paper: 32 and 16384); ``b_big=None`` means "the whole
     data set" in :func:`measure_noise_scale`. ``g2_smoothing``, ``s_smoothing``: EMA constants ``alpha``
-    for ``|G|^2`` and ``S`` (module docstring). ``state_dict``/``load_state_dict`` carry the averages
-    through checkpoints.
+    for ``|G|^2`` and ``S`` (module docstring). ``small_average``: ``"squares"`` (Algorithm 2, line 7) or
+    ``"norms"`` (the authors' code: the square of the mean norm). ``g2_floor``: divide by
+    ``max(|G|^2_smoothed, g2_floor)`` (the authors' 1e-4); None: ``inf`` when ``|G|^2_smoothed <= 0``.
+    ``state_dict``/``load_state_dict`` carry the averages through checkpoints.
     """
 
     def __init__(
@@ -103,15 +114,23 @@ class GradientNoiseScale:
         b_big: int | None = 16384,
         g2_smoothing: float = 0.95,
         s_smoothing: float = 0.0,
+        small_average: str = "squares",
+        g2_floor: float | None = None,
     ) -> None:
         if b_big is not None:
             _check_batch_sizes(b_small, b_big)
         _check_smoothing(g2_smoothing, "g2_smoothing")
         _check_smoothing(s_smoothing, "s_smoothing")
+        if small_average not in _SMALL_AVERAGES:
+            raise ValueError(f"small_average must be one of {_SMALL_AVERAGES}, got {small_average!r}")
+        if g2_floor is not None and not g2_floor > 0:
+            raise ValueError(f"g2_floor must be None or > 0, got {g2_floor}")
         self.b_small = b_small
         self.b_big = b_big
         self.g2_smoothing = g2_smoothing
         self.s_smoothing = s_smoothing
+        self.small_average = small_average
+        self.g2_floor = g2_floor
         self.g2_smoothed: float | None = None
         self.s_smoothed: float | None = None
         self.num_updates = 0
@@ -134,14 +153,20 @@ class GradientNoiseScale:
         small = torch.as_tensor(g_small_sq_norms, dtype=torch.float64).reshape(-1)
         if small.numel() == 0:
             raise ValueError("need at least one small-batch gradient norm")
-        g_small_sq = float(small.mean())
+        if self.small_average == "squares":
+            g_small_sq = float(small.mean())  # Algorithm 2, line 7: the mean of the squared norms
+        else:
+            g_small_sq = float(small.clamp_min(0.0).sqrt().mean()) ** 2  # the authors': the squared mean norm
         g_big_sq = float(torch.as_tensor(g_big_sq_norm, dtype=torch.float64))
         g2 = true_gradient_sq_estimate(g_small_sq, g_big_sq, b_small, b_big)
         s = trace_covariance_estimate(g_small_sq, g_big_sq, b_small, b_big)
         self.g2_smoothed = _ema(self.g2_smoothed, g2, self.g2_smoothing)
         self.s_smoothed = _ema(self.s_smoothed, s, self.s_smoothing)
         self.num_updates += 1
-        b_simple = self.s_smoothed / self.g2_smoothed if self.g2_smoothed > 0 else math.inf
+        if self.g2_floor is not None:
+            b_simple = self.s_smoothed / max(self.g2_smoothed, self.g2_floor)
+        else:
+            b_simple = self.s_smoothed / self.g2_smoothed if self.g2_smoothed > 0 else math.inf
         return NoiseScaleEstimate(
             g_small_sq=g_small_sq,
             g_big_sq=g_big_sq,

@@ -219,7 +219,12 @@ def leaky_vtrace(
     of the final observation) replaces ``vs_{s+1}``.
 
     alpha_rho = alpha_c = 1 is V-trace (Eq. 2); 0 is full importance sampling. Theorem 1 (contraction
-    to the value of ``pi_{rho_bar, alpha_rho}``) needs ``alpha_rho >= alpha_c`` and ``rho_bar >= c_bar``.
+    to the value of ``pi_{rho_bar, alpha_rho}``) is stated for ``alpha_rho >= alpha_c`` and
+    ``rho_bar >= c_bar``, but its proof needs the leaky ``rho_t >= c_t``, and
+    ``rho_t - c_t = alpha_c (IS_t - c_bar)^+ - alpha_rho (IS_t - rho_bar)^+`` (lambda aside) is non-negative for
+    every ratio only when ``alpha_rho <= alpha_c``: the condition runs the other way.
+    ``tests/test_returns.py`` checks the contraction and the fixed point for ``alpha_rho <= alpha_c`` (STAC's
+    single ``alpha`` included) and exhibits a contraction failure with ``alpha_rho = 1 > alpha_c = 0``.
 
     Shapes: log_rhos (= log pi - log mu), rewards, discounts, episode_ends [T, B]; values [T + 1, B];
     lambda_, alpha_rho, alpha_c floats or tensors broadcastable to [T, B]. Nothing is detached: the

@@ -404,6 +404,7 @@ def make_env(
     normalize_reward: bool = False,
     reward_gamma: float = 0.99,
     reward_clip: float = 10.0,
+    obs_scale: float = 1.0,
     level_control: bool = False,
     render: bool = False,
 ) -> VecEnv:
@@ -422,6 +423,7 @@ def make_env(
         options: family options, validated (see the module docstring).
         normalize_obs: per-element running observation normalisation, clipped to ``+-obs_clip``.
         obs_clip: the observation clip (with ``normalize_obs``).
+        obs_scale: multiplies the clipped normalised observations (DNA authors' code: clip 5, times 3).
         normalize_reward: reward scaling by the running std of the discounted return with discount
             ``reward_gamma``, clipped to ``+-reward_clip``.
         reward_gamma: the discount of that return.
@@ -492,8 +494,9 @@ def make_env(
         obs_dtype = backend_obj.adapter.dtype
         obs_normalizer = reward_scaler = None
         if normalize_obs:
-            obs_normalizer = ObsNormalizer(obs_shape, clip=obs_clip)
-            obs_space = spaces.Box(-float(obs_clip), float(obs_clip), obs_shape, np.float32)
+            obs_normalizer = ObsNormalizer(obs_shape, clip=obs_clip, scale=obs_scale)
+            bound = float(obs_clip) * float(obs_scale)
+            obs_space = spaces.Box(-bound, bound, obs_shape, np.float32)
             obs_dtype = np.dtype(np.float32)
         if normalize_reward:
             reward_scaler = RewardScaler(num_envs, gamma=reward_gamma, clip=reward_clip)

@@ -4,9 +4,9 @@
   the parallel algorithm of Chan, Golub & LeVeque (1979). ``count`` starts at 0 (no pseudo-count), so
   after any sequence of updates ``mean``/``var`` equal ``np.mean``/``np.var`` (population variance,
   ddof=0) of all the data seen, up to rounding. Before the first update ``var`` is 1.
-* :class:`ObsNormalizer` -- ``clip((obs - mean) / sqrt(var + eps), -clip, clip)`` per element, statistics
-  updated with every real observation before normalising it (the DNA / FixPO / PPO-continuous
-  convention).
+* :class:`ObsNormalizer` -- ``scale * clip((obs - mean) / sqrt(var + eps), -clip, clip)`` per element
+  (``scale`` 1 by default; the DNA authors' code clips at 5 and multiplies by 3), statistics updated with
+  every real observation before normalising it (the DNA / FixPO / PPO-continuous convention).
 * :class:`RewardScaler` -- divides rewards by the running std of a per-env discounted return, with no mean
   subtraction (DNA paper, Appendix A, phasic.md "Reward normalisation"):
   ``c_t = r_t + gamma * c_{t-1} * (1 - done_{t-1})``; the statistics are updated with ``c_t``, then
@@ -78,17 +78,21 @@ class RunningMeanStd:
 
 
 class ObsNormalizer:
-    """Per-element observation normalisation ``clip((obs - mean) / sqrt(var + eps), +-clip)``.
+    """Per-element observation normalisation ``scale * clip((obs - mean) / sqrt(var + eps), +-clip)``.
 
     ``__call__(obs)`` takes a batch ``[B, *shape]`` of real observations, updates the statistics with it
     (unless ``update`` is False) and returns the normalised batch as float32.
     """
 
-    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8, update: bool = True) -> None:
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8, update: bool = True,
+                 scale: float = 1.0) -> None:
         if clip <= 0:
             raise ValueError(f"obs_clip must be > 0, got {clip}")
+        if scale <= 0:
+            raise ValueError(f"obs_scale must be > 0, got {scale}")
         self.rms = RunningMeanStd(shape)
         self.clip = float(clip)
+        self.scale = float(scale)
         self.eps = float(eps)
         self.update = bool(update)
         self._refresh()
@@ -111,6 +115,8 @@ class ObsNormalizer:
         # minimum/maximum: np.clip has ~1 us more Python overhead on small arrays.
         np.maximum(out, -self.clip, out=out)
         np.minimum(out, self.clip, out=out)
+        if self.scale != 1.0:
+            out *= np.float32(self.scale)
         return out
 
     def copy_from(self, other: ObsNormalizer) -> None:
@@ -118,12 +124,13 @@ class ObsNormalizer:
         self.load_state_dict(other.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rms": self.rms.state_dict(), "clip": self.clip, "eps": self.eps}
+        return {"rms": self.rms.state_dict(), "clip": self.clip, "eps": self.eps, "scale": self.scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rms.load_state_dict(state["rms"])
         self.clip = float(state["clip"])
         self.eps = float(state["eps"])
+        self.scale = float(state.get("scale", 1.0))
         self._refresh()
 
 

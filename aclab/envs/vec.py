@@ -12,8 +12,11 @@ time-major ``[T, B, ...]``):
   advantages, losses and statistics. (EnvPool and Gymnasium >= 1.0 both work this way.)
 * **Episode statistics** use raw rewards, never count dummy steps, and are reported at the step where a
   *full* episode ends: ``episode_return[b]`` (float64, NaN elsewhere) and ``episode_length[b]`` (int64,
-  0 elsewhere). For Atari with ``episodic_life`` a life loss sets ``terminated`` (a training signal)
-  but the statistics accumulate over the whole game.
+  0 elsewhere). Envs whose info has a ``success`` flag (Meta-World) also report ``episode_success[b]``:
+  1.0 if ``success`` was set at *any* real step of the episode, else 0.0 (NaN where no episode ends);
+  the flags of finished episodes queue up for :meth:`VecEnv.pop_episode_successes`. For Atari with
+  ``episodic_life`` a life loss sets ``terminated`` (a training signal) but the statistics accumulate
+  over the whole game.
 * **Actions**: int64 ``[B]`` for Discrete spaces; float32 ``[B, *shape]`` for Box spaces, clipped to the
   space's bounds here (EnvPool's MuJoCo envs would otherwise charge control costs on out-of-range
   actions). The clipped action is what the simulator sees; the agent should store its unclipped
@@ -24,6 +27,7 @@ time-major ``[T, B, ...]``):
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +52,8 @@ class StepResult:
     steps). ``terminated`` / ``truncated``: bool. ``raw_reward``: float32, before normalisation.
     ``episode_return``: float64 raw undiscounted return of the episode that ended at this step, NaN
     elsewhere. ``episode_length``: int64 number of real (non-dummy) steps of that episode, 0 elsewhere.
+    ``episode_success``: float64, for envs with a ``success`` info flag, 1.0 / 0.0 where an episode ended
+    (success at any of its real steps) and NaN elsewhere; None for other envs.
     """
 
     obs: np.ndarray
@@ -57,6 +63,10 @@ class StepResult:
     raw_reward: np.ndarray
     episode_return: np.ndarray
     episode_length: np.ndarray
+    episode_success: np.ndarray | None = None
+
+
+_SUCCESS_QUEUE = 100_000  # finished-episode success flags kept until popped
 
 
 class VecEnv:
@@ -99,6 +109,8 @@ class VecEnv:
         self._has_reset = False
         self._ep_return = np.zeros(b, dtype=np.float64)
         self._ep_length = np.zeros(b, dtype=np.int64)
+        self._ep_success = np.zeros(b, dtype=bool)
+        self._finished_successes: collections.deque[float] = collections.deque(maxlen=_SUCCESS_QUEUE)
         self._nan = np.full(b, np.nan, dtype=np.float64)
         backend_action_space = backend.single_action_space
         if isinstance(spec.action_space, spaces.Discrete):
@@ -142,6 +154,7 @@ class VecEnv:
         self._has_reset = True
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
+        self._ep_success[:] = False
         self.next_is_dummy = np.zeros(self.num_envs, dtype=bool)
         self._any_dummy = False
         if self.reward_scaler is not None:
@@ -172,6 +185,12 @@ class VecEnv:
         episode_return = self._nan.copy()
         episode_length = np.zeros(self.num_envs, dtype=np.int64)
         self.step_calls += 1
+        info = self._backend.info or {}
+        episode_success = None
+        if "success" in info:  # Meta-World: success at any real step of the episode
+            success = np.asarray(info["success"]).reshape(-1) > 0
+            self._ep_success |= success & ~dummy if self._any_dummy else success
+            episode_success = self._nan.copy()
         if np.count_nonzero(episode_end):  # (ndarray.any() costs ~1.5 us on tiny arrays)
             episode_return[episode_end] = self._ep_return[episode_end]
             episode_length[episode_end] = self._ep_length[episode_end]
@@ -179,6 +198,10 @@ class VecEnv:
                 self._log_episodes(episode_end, episode_return, episode_length)
             self._ep_return[episode_end] = 0.0
             self._ep_length[episode_end] = 0
+            if episode_success is not None:
+                episode_success[episode_end] = self._ep_success[episode_end]
+                self._finished_successes.extend(episode_success[episode_end].tolist())
+                self._ep_success[episode_end] = False
         if self.reward_scaler is not None:
             reward = self.reward_scaler(raw_reward, done, ~dummy if self._any_dummy else None)
         else:
@@ -190,7 +213,8 @@ class VecEnv:
         self.obs = obs
         self.next_is_dummy = done
         self._any_dummy = np.count_nonzero(done) > 0
-        return StepResult(obs, reward, terminated, truncated, raw_reward, episode_return, episode_length)
+        return StepResult(obs, reward, terminated, truncated, raw_reward, episode_return, episode_length,
+                          episode_success)
 
     # ------------------------------------------------------------------ per-episode levels
     def set_next_level(self, env_index: int, level: int) -> None:
@@ -229,6 +253,13 @@ class VecEnv:
     def info(self) -> dict[str, Any]:
         """The backend's last raw info dict (rows aligned with env index)."""
         return self._backend.info
+
+    def pop_episode_successes(self) -> np.ndarray:
+        """Success flags (1.0 / 0.0, float64 ``[E]``) of the episodes that ended since the last call, in the
+        order they ended; empty for envs without a ``success`` info flag."""
+        out = np.fromiter(self._finished_successes, dtype=np.float64, count=len(self._finished_successes))
+        self._finished_successes.clear()
+        return out
 
     def close(self) -> None:
         self._backend.close()
@@ -272,6 +303,7 @@ class VecEnv:
             "marks": None if self._marks is None else self._marks.state_dict(),
             "episode_return_acc": self._ep_return.copy(),
             "episode_length_acc": self._ep_length.copy(),
+            "episode_success_acc": self._ep_success.copy(),
             "obs": None if self.obs is None else self.obs.copy(),
             "next_is_dummy": self.next_is_dummy.copy(),
             "backend": self._backend.get_state() if self._has_reset else None,
@@ -306,6 +338,8 @@ class VecEnv:
         self._has_reset = bool(state["has_reset"])
         self._ep_return = np.array(state["episode_return_acc"], dtype=np.float64, copy=True)
         self._ep_length = np.array(state["episode_length_acc"], dtype=np.int64, copy=True)
+        self._ep_success = np.array(state.get("episode_success_acc", np.zeros(self.num_envs, bool)), dtype=bool,
+                                    copy=True)
         self.obs = None if state["obs"] is None else np.array(state["obs"], copy=True)
         self.next_is_dummy = np.array(state["next_is_dummy"], dtype=bool, copy=True)
         self._any_dummy = bool(self.next_is_dummy.any())

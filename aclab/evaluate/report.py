@@ -11,6 +11,10 @@
     final_scores.csv            one row per run and score source: raw and normalised final scores
     aggregates.json             the aggregate / P(X > Y) numbers shown in the report
 
+Runs that log ``episode_success`` (Meta-World: success at any step of an episode) also get a success-rate
+section: final success rate per task (mean of the last ``last_k`` logged values) and its mean over tasks
+with a 95% stratified-bootstrap CI (:func:`success_rate_section`).
+
 A *score source* is where a final score comes from (see :mod:`aclab.evaluate.runs_io`): ``eval/test``,
 ``eval/train`` (evals.csv) or ``train_episodes`` (metrics.csv). Every source that all runs provide gets
 a table and statistics; a source only some runs have gets a table with n/a cells.
@@ -667,6 +671,8 @@ def build_report(
             evals_file=evals_file,
         )
 
+    md += success_rate_section(groups, labels, tasks, summary_json, last_k=last_k, seed=seed, reps=reps)
+
     with open(out / "final_scores.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["algo", "env_id", "seed", "source", "score", "normalized_score", "step"])
         writer.writeheader()
@@ -692,6 +698,60 @@ def build_report(
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+SUCCESS_METRIC = "episode_success"
+
+
+def success_rate_section(
+    groups: dict[tuple[str, str], list[RunRecord]],
+    labels: Sequence[str],
+    tasks: Sequence[str],
+    summary_json: dict,
+    *,
+    last_k: int,
+    seed: int,
+    reps: int,
+) -> list[str]:
+    """Markdown lines of the success-rate section (empty when no run logs ``episode_success``).
+
+    Per run: the mean of its last ``last_k`` logged ``episode_success`` values (each the fraction of the
+    episodes of one iteration that succeeded at any step). Per task: mean ± std over seeds. Per
+    algorithm: the mean over tasks with a 95% stratified-bootstrap CI (rliable, seed order pairs the
+    tasks as in the other aggregates). Also stored as ``summary_json["success_rate"]``.
+    """
+    finals: dict[str, dict[str, np.ndarray]] = {}
+    for (label, task), runs in groups.items():
+        values = [float(np.mean(r.curve(SUCCESS_METRIC)[1][-last_k:])) for r in runs if r.has_metric(SUCCESS_METRIC)]
+        if values:
+            finals.setdefault(label, {})[task] = np.asarray(values)
+    if not finals:
+        return []
+    rows = []
+    for task in tasks:
+        rows.append([task] + [mean_std_cell(finals[lb][task]) if task in finals.get(lb, {}) else "n/a"
+                              for lb in labels])
+    complete = [lb for lb in labels if all(t in finals.get(lb, {}) for t in tasks)]
+    section: dict = {"per_task": {lb: {t: finals[lb][t].tolist() for t in finals[lb]} for lb in finals}}
+    if complete:
+        matrices = {}
+        for lb in complete:
+            n = min(len(finals[lb][t]) for t in tasks)
+            matrices[lb] = np.stack([finals[lb][t][:n] for t in tasks], axis=1)
+        intervals = stats.aggregate_intervals(matrices, metrics=("mean",), reps=reps, seed=seed)
+        rows.append([f"**mean over {len(tasks)} task(s) [95% CI]**"] + [
+            f"{intervals[lb]['mean']}" if lb in intervals else "n/a" for lb in labels])
+        section["mean_over_tasks"] = {lb: vars(iv["mean"]) for lb, iv in intervals.items()}
+    summary_json["success_rate"] = section
+    return [
+        "",
+        "## Success rate",
+        "",
+        f"`{SUCCESS_METRIC}`: the fraction of episodes that succeeded at any step (Meta-World's `success` "
+        f"flag); final value per run = mean of its last {last_k} logged values; mean ± std over seeds.",
+        "",
+        _md_table(["Task", *labels], rows),
+    ]
 
 
 def _source_section(
