@@ -83,7 +83,7 @@ def test_task_advantages_are_returns_minus_a_per_task_linear_baseline():
                         actions=np.zeros((steps, n, 2), np.float32),
                         rewards=(rng.normal(size=(steps, n)) * valid).astype(np.float32),
                         next_obs=np.zeros((steps, n, 2), np.float32), terminated=terminated, valid=valid)
-    adv = task_advantages(traj, tasks, gamma, 1.0, 1e-5).numpy()
+    adv = task_advantages(traj, tasks, gamma, 1.0, 1e-5)[0].numpy()
     for k in range(tasks):
         feats, rets, masks = [], [], []
         for e in range(episodes):

@@ -149,7 +149,8 @@ def test_hyper_critic_uses_its_learning_rate_and_trains():
     assert metrics["updates"] > 0 and np.isfinite(metrics["loss/actor"])
     assert any(not torch.equal(a, b) for a, b in zip(before, algo.critic.parameters()))
     variant = make_config("td3-hyper", "mujoco:Hopper-v4", overrides=FAST)
-    assert variant.params.critic == "sa_hyper" and variant.preset == "td3-mujoco"
+    assert variant.params.critic == "sa_hyper" and variant.preset == "td3-hyper-mujoco"  # the paper's TD3 settings
+    assert (variant.params.batch_size, variant.params.learning_starts) == (100, 1000)
 
 
 def test_gradient_accuracy_is_logged_on_mujoco():
