@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.aclab-installed
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -23,10 +23,15 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check aclab tests benchmarks
+	$(VENV)/bin/ruff check aclab tests benchmarks docs
+
+## The documentation site (MkDocs Material, API pages from the docstrings) in site/; strict: any warning fails.
+## The test suite builds it too (tests/test_docs.py), so CI checks it.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/ppo_speed.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs site .pytest_cache

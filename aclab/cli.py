@@ -1,4 +1,4 @@
-"""Command line: ``aclab train | eval | list | report | sweep | analyze``.
+"""Command line: ``aclab train | eval | list | report | sweep | tune | analyze``.
 
 Bad input (unknown algorithm, env id, preset or config key, invalid value, missing run directory)
 prints one line ``aclab: error: ...`` naming the problem and the valid choices, and exits with 2.
@@ -21,7 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an algorithm (or resume a run)")
     p.add_argument("algo", nargs="?", help="algorithm name (see 'aclab list')")
     p.add_argument("--env", dest="env_id", help="env id, e.g. CartPole-v1, procgen:bigfish, atari:Breakout, "
-                                                 "mujoco:HalfCheetah-v4, dmc:cheetah-run, metaworld:reach-v3")
+                                                 "mujoco:HalfCheetah-v4, dmc:cheetah-run, metaworld:reach-v3; your "
+                                                 "own: gym:MODULE:EnvId or factory:MODULE:FUNCTION")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE before the env is made (it registers your env ids); saved as env.imports "
+                        "(repeatable)")
     p.add_argument("--preset", help="preset name (see 'aclab list') or a path to a .toml file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set params.lr=3e-4 --set env.num_envs=8 (repeatable)")
@@ -40,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="Procgen: train or held-out test levels (other envs: new seeds)")
     p.add_argument("--deterministic", action="store_true", help="greedy/mean actions instead of sampling")
     p.add_argument("--no-log", action="store_true", help="do not append the result to the run's evals.csv")
+    p.add_argument("--checkpoint", default="final", metavar="final|best|PATH",
+                   help="final: the latest checkpoint (default); best: the checkpoint of the run's best evaluation "
+                        "(checkpoints/best.pt); or a checkpoint file")
+    p.add_argument("--video", type=Path, metavar="DIR",
+                   help="write videos of --episodes episodes (default 1) into DIR instead of evaluating")
+    p.add_argument("--gif", action="store_true", help="with --video: GIFs (for docs) instead of MP4s")
+    p.add_argument("--fps", type=int, help="with --video: frames per second (default: the env's own, else 30)")
 
     sub.add_parser("list", help="algorithms, env families and presets")
 
@@ -48,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("report"))
     p.add_argument("--normalization", default="auto", choices=["auto", "none", "procgen_minmax", "atari_hns"])
     p.add_argument("--metric", default="episode_return", help="training metric for curves and final scores")
-    p.add_argument("--last-k", type=int, default=10, help="final score: mean of the last k logged points")
+    p.add_argument("--last-episodes", type=int, default=100,
+                   help="final training score: mean return of the last N finished episodes (episodes.csv)")
+    p.add_argument("--last-k", type=int, default=10,
+                   help="final training score of runs without episodes.csv: mean of the last k logged points")
     p.add_argument("--last-k-evals", type=int, default=1, help="final eval score: mean of the last k evaluations")
     p.add_argument("--ppo-baseline", help="algorithm to normalise against (PPO-normalised score)")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
@@ -81,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, help="also write the JSON result to this file")
 
+    p = sub.add_parser("tune", help="hyperparameter search (Optuna) from a TOML spec; resumes a killed tuning")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--max-parallel", type=int, help="trials at a time (default: the spec's, else 1)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report of the study, run no trial")
+
     p = sub.add_parser("sweep", help="run a grid of algorithms x envs x seeds from a TOML spec")
     p.add_argument("spec", type=Path)
     p.add_argument("--dry-run", action="store_true", help="print the jobs without running them")
@@ -95,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "report": cmd_report,
-                "sweep": cmd_sweep, "analyze": cmd_analyze}[args.command](args)
+                "sweep": cmd_sweep, "analyze": cmd_analyze, "tune": cmd_tune}[args.command](args)
     except (ConfigError, EnvIdError, FileExistsError, FileNotFoundError, *_domain_errors()) as exc:
         print(f"aclab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -105,7 +124,8 @@ def _domain_errors() -> tuple[type[Exception], ...]:
     """Input errors of the reporting and sweep layers (imported only when present)."""
     errors: list[type[Exception]] = []
     for module, name in (("aclab.evaluate.report", "ReportError"), ("aclab.evaluate.runs_io", "RunDirError"),
-                         ("aclab.evaluate.stats", "StatsError"), ("aclab.sweep", "SweepError")):
+                         ("aclab.evaluate.stats", "StatsError"), ("aclab.sweep", "SweepError"),
+                       ("aclab.evaluate.video", "VideoError"), ("aclab.tune", "TuneError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -114,10 +134,14 @@ def _domain_errors() -> tuple[type[Exception], ...]:
 
 
 def cmd_train(args) -> int:
+    import json
+
     from aclab.config import ConfigError
     from aclab.train import make_config, resume_config, train
 
     overrides = list(args.overrides)
+    if args.imports:
+        overrides.append("env.imports=" + json.dumps(args.imports))
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     if args.total_steps is not None:
@@ -131,14 +155,30 @@ def cmd_train(args) -> int:
             raise ConfigError("--resume takes the run's saved config; drop ALGO/--env/--preset "
                               "(use --set to change keys)")
         config = resume_config(args.resume, overrides)
-        summary = train(config, args.resume, resume=True)
+        summary = train(config, args.resume, resume=True, callbacks=_trial_callbacks())
     else:
         if not args.algo:
             raise ConfigError("missing algorithm: 'aclab train ALGO --env ID' (see 'aclab list')")
+        if args.env_id is None and args.preset is None and not any(
+                o.split("=", 1)[0].strip() == "env.id" for o in overrides):
+            raise ConfigError(f"missing --env: which environment should {args.algo} train on? e.g. 'aclab train "
+                              f"{args.algo} --env CartPole-v1' (families and presets: 'aclab list'; a --preset "
+                              "that names an env also works)")
         config = make_config(args.algo, args.env_id, args.preset, overrides)
-        summary = train(config, args.run_dir, overwrite=args.overwrite)
+        summary = train(config, args.run_dir, overwrite=args.overwrite, callbacks=_trial_callbacks())
     _print_summary(summary, args.resume or args.run_dir)
-    return 0 if summary["status"] in ("finished", "interrupted") else EXIT_FAILED_RUN
+    return 0 if summary["status"] in ("finished", "interrupted", "stopped") else EXIT_FAILED_RUN
+
+
+def _trial_callbacks() -> list:
+    """A tuning trial (``aclab tune`` started this process) reports its evaluations and can be pruned."""
+    import os
+
+    if "ACLAB_TUNE_TRIAL_ID" not in os.environ:
+        return []
+    from aclab.tune import callbacks_from_environment
+
+    return callbacks_from_environment()
 
 
 def _print_summary(summary: dict, run_dir) -> None:
@@ -149,7 +189,8 @@ def _print_summary(summary: dict, run_dir) -> None:
     table.add_column("key")
     table.add_column("value")
     for key in ("status", "algo", "env_id", "preset", "seed", "steps", "wall_time_s", "steps_per_s",
-                "final_return", "final_return_episodes", "eval_test_return", "eval_train_return", "error"):
+                "final_return", "final_return_episodes", "eval_test_return", "eval_train_return", "stop_reason",
+                "error"):
         if summary.get(key) is not None:
             value = summary[key]
             table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
@@ -165,24 +206,35 @@ def cmd_eval(args) -> int:
     from aclab.envs import build_envs
     from aclab.evaluate.policy import evaluate
     from aclab.runs import Run
-    from aclab.train import load_run_config
+    from aclab.train import load_run_checkpoint, load_run_config
 
     config = load_run_config(args.run_dir)
-    run, checkpoint = Run.resume_readonly(args.run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"{args.run_dir} has no checkpoint to evaluate")
+    run, _ = Run.resume_readonly(args.run_dir)
+    checkpoint, which = load_run_checkpoint(args.run_dir, args.checkpoint)
     envs = build_envs(config)  # the training envs' shape, to restore their normalisation statistics
     algo = registry.build(config, envs.spec, resolve_device(config.device))
     algo.load_state_dict(checkpoint["algo"])
     envs.load_state_dict(checkpoint["envs"])
     splits = ["train", "test"] if args.split == "both" else [args.split]
-    for split in splits:
-        returns = evaluate(algo, config, split, args.episodes, train_envs=envs, deterministic=args.deterministic)
-        print(f"{split}: mean return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes "
-              f"(step {checkpoint['step']})")
-        if not args.no_log:
-            run.log_eval(int(checkpoint["step"]), split, returns)
-    envs.close()
+    try:
+        if args.video is not None:
+            from aclab.evaluate.video import record_videos
+
+            for split in splits:
+                written = record_videos(algo, config, args.video, episodes=args.episodes or 1, split=split,
+                                        fmt="gif" if args.gif else "mp4", deterministic=args.deterministic or None,
+                                        train_envs=envs, fps=args.fps, prefix=f"{split}-step{checkpoint['step']}")
+                for path, ret, length in written:
+                    print(f"{path}: return {ret:.2f}, {length} steps ({which} checkpoint, step {checkpoint['step']})")
+            return 0
+        for split in splits:
+            returns = evaluate(algo, config, split, args.episodes, train_envs=envs, deterministic=args.deterministic)
+            print(f"{split}: mean return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes "
+                  f"({which} checkpoint, step {checkpoint['step']})")
+            if not args.no_log and which != "best":
+                run.log_eval(int(checkpoint["step"]), split, returns)
+    finally:
+        envs.close()
     return 0
 
 
@@ -206,7 +258,8 @@ def cmd_list(args) -> int:
     for family, example in (("classic", "CartPole-v1, Pendulum-v1"), ("procgen", "procgen:bigfish"),
                             ("atari", "atari:Breakout"), ("mujoco", "mujoco:HalfCheetah-v4"),
                             ("dmc", "dmc:cheetah-run"), ("metaworld", "metaworld:reach-v3"),
-                            ("gym", "gym:<any registered Gymnasium id>")):
+                            ("gym", "gym:<any registered Gymnasium id>, gym:<module>:<EnvId> (your own)"),
+                            ("factory", "factory:<module>:<function returning a gymnasium.Env>")):
         t.add_row(family, example)
     console.print(t)
     t = Table(title="presets")
@@ -223,6 +276,7 @@ def cmd_report(args) -> int:
     from aclab.evaluate.report import build_report
 
     path = build_report(args.run_dirs, args.out, normalization=args.normalization, last_k=args.last_k,
+                        last_episodes=args.last_episodes,
                         last_k_evals=args.last_k_evals, metric=args.metric, seed=args.seed, reps=args.reps,
                         ppo_baseline=args.ppo_baseline, title=args.title)
     print(f"report written to {path}")
@@ -261,6 +315,15 @@ def _run_analysis(run_analysis, args, common) -> dict:
     elif args.analysis == "gradient-noise":
         return run_analysis.run_gradient_noise(args.path, updates=args.updates, episodes=args.episodes, **common)
     return run_analysis.run_ood_actions(args.path, num_transitions=args.num_transitions, **common)
+
+
+def cmd_tune(args) -> int:
+    from aclab.tune import report_only, run_tune
+
+    path = report_only(args.spec) if args.report_only else run_tune(args.spec, max_parallel=args.max_parallel)
+    print(f"tuning report written to {path}")
+    print(path.read_text())
+    return 0
 
 
 def cmd_sweep(args) -> int:

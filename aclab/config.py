@@ -4,6 +4,8 @@ A run's configuration has three parts:
 
 * top-level fields (:class:`Config`): algorithm name, seed, step budget, device, logging;
 * ``env``: which environment and how it is wrapped (:class:`EnvConfig`);
+* ``eval``: periodic and final evaluation (:class:`EvalConfig`); ``logging``: episodes.csv, progress
+  lines, Weights & Biases (:class:`LoggingConfig`);
 * ``params``: the algorithm's own dataclass (e.g. :class:`aclab.algos.ppo.PPOConfig`).
 
 Presets are TOML files in ``aclab/presets/`` holding the papers' hyperparameter tables. Overrides use
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 PRESET_DIR = Path(__file__).parent / "presets"
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class ConfigError(ValueError):
@@ -37,9 +41,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class EnvConfig:
-    """Which environment to train on and how it is wrapped (see :func:`aclab.envs.make_env`)."""
+    """Which environment to train on and how it is wrapped (see :func:`aclab.envs.make_env`).
+
+    ``imports``: modules imported before the env is made (modules that register your own Gymnasium ids),
+    saved with the run so that ``--resume``, ``aclab eval`` and ``aclab analyze`` find the env again.
+    """
 
     id: str = "CartPole-v1"
+    imports: list[str] = field(default_factory=list)
     num_envs: int = 4
     backend: Literal["auto", "envpool", "gymnasium"] = "auto"
     num_threads: int | None = None
@@ -52,6 +61,9 @@ class EnvConfig:
 
     def validate(self) -> None:
         require(self.num_envs >= 1, "env.num_envs", self.num_envs, "an integer >= 1")
+        for module in self.imports:
+            require(bool(_MODULE_NAME.fullmatch(module)), "env.imports", self.imports,
+                    "a list of module names, e.g. ['corridor', 'mypackage.envs']")
         require(self.obs_clip > 0, "env.obs_clip", self.obs_clip, "a number > 0")
         require(self.reward_clip > 0, "env.reward_clip", self.reward_clip, "a number > 0")
         require(0.0 <= self.reward_gamma <= 1.0, "env.reward_gamma", self.reward_gamma, "a number in [0, 1]")
@@ -76,6 +88,30 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What a run logs besides metrics.csv / metrics.jsonl / evals.csv / TensorBoard.
+
+    ``episodes``: write ``episodes.csv``, one row per finished training episode. ``progress_every_s``: when
+    the output is not a terminal (nohup, batch jobs), print a plain progress line this often (0: every
+    iteration). ``wandb``: mirror metrics and evaluations to Weights & Biases (``pip install 'aclab[wandb]'``);
+    ``wandb_mode = "offline"`` writes the W&B files under the run directory without a network.
+    """
+
+    episodes: bool = True
+    progress_every_s: float = 30.0
+    wandb: bool = False
+    wandb_project: str = "aclab"
+    wandb_entity: str | None = None
+    wandb_group: str | None = None
+    wandb_mode: Literal["online", "offline"] = "online"
+
+    def validate(self) -> None:
+        require(self.progress_every_s >= 0, "logging.progress_every_s", self.progress_every_s,
+                "a number of seconds >= 0 (0: a line every iteration)")
+        require(bool(self.wandb_project), "logging.wandb_project", self.wandb_project, "a non-empty project name")
+
+
+@dataclass
 class Config:
     """The full, resolved configuration of one run (saved as ``config.json`` in the run directory).
 
@@ -96,6 +132,7 @@ class Config:
     progress: bool = True
     env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     params: Any = None
 
     def validate(self) -> None:
@@ -108,6 +145,7 @@ class Config:
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         self.env.validate()
         self.eval.validate()
+        self.logging.validate()
         if self.params is not None and hasattr(self.params, "validate"):
             self.params.validate()
 
@@ -206,7 +244,10 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"invalid value {key}={value!r}: expected a list like [64, 64]") from exc
+                args = typing.get_args(tp)
+                if not (args and args[0] is str):
+                    raise ConfigError(f"invalid value {key}={value!r}: expected a list like [64, 64]") from exc
+                value = [item.strip() for item in text[1:-1].split(",") if item.strip()]  # [a, b] unquoted
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"invalid value {key}={value!r}: expected a list")
         args = typing.get_args(tp)
@@ -260,7 +301,8 @@ def set_key(config: Config, key: str, raw_value: Any) -> None:
     """Apply one override ``key=value`` (``key`` dotted or bare) to ``config`` in place."""
     parts = key.split(".")
     if len(parts) == 1:
-        for target, section in ((config, ""), (config.params, "params"), (config.env, "env"), (config.eval, "eval")):
+        for target, section in ((config, ""), (config.params, "params"), (config.env, "env"), (config.eval, "eval"),
+                                (config.logging, "logging")):
             if target is not None and key in _fields(target) and not dataclasses.is_dataclass(getattr(target, key)):
                 apply_table(target, {key: raw_value}, section)
                 return
@@ -268,10 +310,11 @@ def set_key(config: Config, key: str, raw_value: Any) -> None:
         valid = [k for k in valid if k != "params"]
         valid += [f"params.{k}" for k in _fields(config.params)] if config.params is not None else []
         valid += [f"env.{k}" for k in _fields(config.env)] + [f"eval.{k}" for k in _fields(config.eval)]
+        valid += [f"logging.{k}" for k in _fields(config.logging)]
         raise _unknown_key(key, "", valid)
     head, rest = parts[0], ".".join(parts[1:])
-    if head not in ("env", "eval", "params"):
-        raise ConfigError(f"unknown config section {head!r} in {key!r}; valid sections: env, eval, params")
+    if head not in ("env", "eval", "logging", "params"):
+        raise ConfigError(f"unknown config section {head!r} in {key!r}; valid sections: env, eval, logging, params")
     target = getattr(config, head)
     if target is None:
         raise ConfigError(f"{key!r}: this algorithm has no parameters")

@@ -7,8 +7,10 @@ Layout of a run directory::
       metrics.csv          one row per logged iteration: step, time_s, then metric columns
       metrics.jsonl        the same rows as JSON lines
       evals.csv            step, split, mean_return, std_return, num_episodes, returns (space-separated)
+      episodes.csv         one row per finished training episode: step, env, return, length, level, task
       summary.json         algo, env_id, seed, steps, wall_time_s, steps_per_s, final_return, status, ...
       checkpoints/ckpt_<step>.pt   written atomically (temporary file, fsync, rename)
+      checkpoints/best.pt  the checkpoint of the best evaluation so far (best.json: its step and score)
       tb/                  TensorBoard event files
       learning_curve.png   episode return against env steps
 
@@ -32,7 +34,11 @@ from typing import Any
 import torch
 
 CHECKPOINT_RE = re.compile(r"ckpt_(\d+)\.pt$")
+BEST_CHECKPOINT, BEST_INFO = "best.pt", "best.json"
 EVAL_COLUMNS = ["step", "split", "mean_return", "std_return", "num_episodes", "returns"]
+# step: env steps when the episode ended; env: index of the env in the batch (empty when the algorithm
+# collected it elsewhere, e.g. actor processes); level: Procgen level seed; task: Meta-World / meta-RL task.
+EPISODE_COLUMNS = ["step", "env", "return", "length", "level", "task"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -70,6 +76,7 @@ class Run:
         self._tb = None
         self._tb_purge_step = start_step if start_step > 0 else None
         self.started = time.time()
+        self.sinks: list = []  # mirrors of the logs (e.g. Weights & Biases): log(step, dict), close()
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -126,15 +133,23 @@ class Run:
             lines = [ln for ln in jsonl.read_text().splitlines() if ln.strip()]
             keep_lines = [ln for ln in lines if json.loads(ln)["step"] <= step]
             atomic_write_text(jsonl, "".join(ln + "\n" for ln in keep_lines))
-        evals = self.path / "evals.csv"
-        if evals.exists():
-            rows = list(csv.DictReader(evals.open()))
-            keep = [r for r in rows if int(float(r["step"])) <= step]
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=EVAL_COLUMNS)
-            writer.writeheader()
-            writer.writerows(keep)
-            atomic_write_text(evals, buf.getvalue())
+        self._drop_best_after(step)
+        for name, columns in (("evals.csv", EVAL_COLUMNS), ("episodes.csv", EPISODE_COLUMNS)):
+            path = self.path / name
+            if path.exists():
+                rows = list(csv.DictReader(path.open()))
+                keep = [r for r in rows if int(float(r["step"])) <= step]
+                buf = io.StringIO()
+                writer = csv.DictWriter(buf, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(keep)
+                atomic_write_text(path, buf.getvalue())
+
+    def _drop_best_after(self, step: int) -> None:
+        info = self.best_checkpoint_info()
+        if info is not None and info["step"] > step:  # found by work that the resume repeats
+            (self.checkpoint_dir / BEST_CHECKPOINT).unlink(missing_ok=True)
+            (self.checkpoint_dir / BEST_INFO).unlink(missing_ok=True)
 
     def _rewrite_csv(self, rows: list[dict]) -> None:
         buf = io.StringIO()
@@ -164,6 +179,21 @@ class Run:
             for k, v in metrics.items():
                 if v is not None and math.isfinite(float(v)):
                     tb.add_scalar(k, float(v), int(step))
+        for sink in self.sinks:
+            sink.log(int(step), {k: v for k, v in clean.items() if k != "step"})
+
+    def log_episodes(self, rows: list[dict]) -> None:
+        """Append finished training episodes (dicts with :data:`EPISODE_COLUMNS` keys) to episodes.csv."""
+        if not rows:
+            return
+        path = self.path / "episodes.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=EPISODE_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows({k: (f"{v:.8g}" if isinstance(v, float) else _format(v)) for k, v in
+                              ((k, row.get(k)) for k in EPISODE_COLUMNS)} for row in rows)
 
     def log_eval(self, step: int, split: str, returns: list[float]) -> dict:
         """Append an evaluation (per-episode raw returns) to evals.csv and TensorBoard."""
@@ -188,6 +218,10 @@ class Run:
         tb = self.tensorboard()
         if tb is not None and arr.size:
             tb.add_scalar(f"eval/{split}_return", record["mean_return"], int(step))
+        if arr.size:
+            for sink in self.sinks:
+                sink.log(int(step), {f"eval/{split}_return": record["mean_return"],
+                                     f"eval/{split}_return_std": record["std_return"]})
         return record
 
     def tensorboard(self):
@@ -217,6 +251,25 @@ class Run:
             self._tb.flush()
         return path
 
+    def best_checkpoint_info(self) -> dict | None:
+        """``{"step", "score", "split"}`` of ``checkpoints/best.pt``, or None when there is none."""
+        path = self.checkpoint_dir / BEST_INFO
+        if not path.exists() or not (self.checkpoint_dir / BEST_CHECKPOINT).exists():
+            return None
+        return json.loads(path.read_text())
+
+    def save_best_checkpoint(self, step: int, state: dict, score: float, split: str) -> bool:
+        """Write ``checkpoints/best.pt`` when ``score`` (an evaluation's mean return) beats the best so far."""
+        info = self.best_checkpoint_info()
+        if info is not None and not score > info["score"]:
+            return False
+        buf = io.BytesIO()
+        torch.save(dict(state, step=int(step)), buf)
+        atomic_write_bytes(self.checkpoint_dir / BEST_CHECKPOINT, buf.getvalue())
+        atomic_write_text(self.checkpoint_dir / BEST_INFO,
+                          json.dumps({"step": int(step), "score": float(score), "split": split}))
+        return True
+
     # ---------------------------------------------------------------- summary
     def write_summary(self, summary: dict) -> None:
         path = self.path / "summary.json"
@@ -228,6 +281,9 @@ class Run:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -173,7 +173,7 @@ def _override_list(key: str, value: Any) -> list[str]:
         raise _fail(key, value, 'a table of key = value, or a list of "key=value" strings')
     out = []
     for name, item in value.items():
-        if isinstance(item, dict) and name in ("env", "eval", "params"):
+        if isinstance(item, dict) and name in ("env", "eval", "logging", "params"):
             out += [f"{name}.{inner}={_format_value(v)}" for inner, v in item.items()]
         else:
             out.append(f"{name}={_format_value(item)}")

@@ -28,9 +28,12 @@ from aclab.algos.common import (
     seed_everything,
     set_global_rng_state,
 )
+from aclab.callbacks import CallbackList, EvaluationInfo, IterationInfo
 from aclab.config import (
     Config,
     ConfigError,
+    EnvConfig,
+    apply_table,
     config_from_dict,
     config_from_table,
     load_preset,
@@ -38,7 +41,9 @@ from aclab.config import (
     set_key,
 )
 from aclab.envs import build_envs, make_env, parse_env_id
+from aclab.envs.registry import import_env_modules, register_env_factory
 from aclab.evaluate.policy import evaluate
+from aclab.run_logging import EpisodeRecorder, PlainProgress, WandbSink
 from aclab.runs import Run
 
 RECENT_EPISODES = 100
@@ -52,20 +57,34 @@ def make_config(
     env_id: str | None = None,
     preset: str | None = None,
     overrides: list[str] | dict | None = None,
+    *,
+    env_factory=None,
 ) -> Config:
     """Resolve a full Config: algorithm defaults <- preset <- env id <- overrides; validated.
 
     With no ``preset``, the preset ``<algo>-<family>`` for the env's family is used when it exists.
+    ``env_factory``: a zero-argument callable returning a ``gymnasium.Env`` (your own env object) instead
+    of ``env_id``; the config records it as ``"factory:<module>:<name>"`` (see
+    :func:`aclab.envs.register_env_factory`).
     """
+    if env_factory is not None:
+        if env_id is not None:
+            raise ConfigError("give env_id or env_factory, not both")
+        env_id = register_env_factory(env_factory)
     entry = registry.get_entry(algo)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
+    items = list(items)
+    loaded = load_preset(preset) if preset is not None else None
+    _import_early(items, loaded[1] if loaded else {})
     if env_id is not None:
         parse_env_id(env_id)  # unknown ids fail here, before anything is built
     table: dict = {"algo": algo}
     if preset is None and env_id is not None:
         family, _ = parse_env_id(env_id)
         preset = registry.default_preset(algo, family, _is_discrete(env_id))
-    if preset is not None:
-        preset_name, table = load_preset(preset)
+        loaded = load_preset(preset) if preset is not None else None
+    if loaded is not None:
+        preset_name, table = loaded
         table = dict(table)
         preset_algo = table.get("algo", algo)
         if preset_algo != algo and registry.get_algorithm(preset_algo) is not entry.cls:
@@ -77,12 +96,24 @@ def make_config(
         set_key(config, f"params.{key}", value)
     if env_id is not None:
         config.env.id = env_id
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
     for key, value in items:
         set_key(config, key, value)
     parse_env_id(config.env.id)
     config.validate()
     return config
+
+
+def _import_early(items: list, preset_table: dict) -> None:
+    """Import ``env.imports`` (from the preset, then the overrides) before the env id is checked."""
+    probe = EnvConfig()
+    env_table = preset_table.get("env") if isinstance(preset_table.get("env"), dict) else {}
+    if "imports" in env_table:
+        apply_table(probe, {"imports": env_table["imports"]}, "env")
+    for key, value in items:
+        if key in ("env.imports", "imports"):
+            apply_table(probe, {"imports": value}, "env")
+    probe.validate()
+    import_env_modules(probe.imports)
 
 
 def _is_discrete(env_id: str) -> bool:
@@ -99,7 +130,31 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     data = json.loads(path.read_text())
-    return config_from_dict(data, registry.get_algorithm(data["algo"]).Config)
+    config = config_from_dict(data, registry.get_algorithm(data["algo"]).Config)
+    import_env_modules(config.env.imports)  # the modules that register the run's own env ids
+    return config
+
+
+def load_run_checkpoint(run_dir: Path, which: str = "final") -> tuple[dict, str]:
+    """``(checkpoint, description)`` of a run: ``"final"`` (or ``"latest"``) = its newest checkpoint,
+    ``"best"`` = ``checkpoints/best.pt`` (the best evaluation so far), else a checkpoint file's path."""
+    from aclab.runs import BEST_CHECKPOINT, load_latest_checkpoint
+
+    run_dir = Path(run_dir)
+    if which in ("final", "latest"):
+        checkpoint = load_latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint to evaluate")
+        status = json.loads((run_dir / "summary.json").read_text()).get("status") if (
+            run_dir / "summary.json").exists() else None
+        return checkpoint, "final" if status == "finished" else f"latest ({status or 'unfinished'} run)"
+    path = run_dir / "checkpoints" / BEST_CHECKPOINT if which == "best" else Path(which)
+    if not path.is_file():
+        if which == "best":
+            raise FileNotFoundError(f"{run_dir} has no best checkpoint (checkpoints/{BEST_CHECKPOINT}): it is written "
+                                    "at evaluations (eval.every_steps, or the evaluation at the end)")
+        raise FileNotFoundError(f"--checkpoint {which}: expected final, best or a checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=False), "best" if which == "best" else str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,12 +206,18 @@ class _StopRequest:
 
 
 def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
-          stop_after_iterations: int | None = None, console=None) -> dict:
+          stop_after_iterations: int | None = None, console=None, callbacks=(), env_factory=None) -> dict:
     """Train ``config.algo`` until ``config.total_steps``; return the summary dict.
 
     ``resume=True`` reopens ``run_dir`` and continues from its latest checkpoint.
     ``stop_after_iterations`` stops early (as a kill would, but after a clean checkpoint); for tests.
+    ``callbacks``: objects with any of ``on_iteration`` / ``on_evaluation`` / ``on_checkpoint`` (see
+    :mod:`aclab.callbacks`); ``on_iteration`` returning False stops the run (status ``"stopped"``).
+    ``env_factory``: a zero-argument callable returning a ``gymnasium.Env``; it replaces ``config.env.id``
+    (give the same factory again to resume a run whose factory cannot be imported by path).
     """
+    if env_factory is not None:
+        config.env.id = register_env_factory(env_factory)
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         env_name = config.env.id.replace(":", "-").replace("/", "-")
@@ -166,6 +227,12 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     if config.deterministic_torch:
         torch.use_deterministic_algorithms(True)
 
+    if config.logging.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("logging.wandb=true needs the wandb package: pip install 'aclab[wandb]' "
+                              "(scripts/setup.sh installs it)") from exc
     checkpoint = None
     if resume:
         run, checkpoint = Run.resume(run_dir)
@@ -187,26 +254,43 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         recent.extend(checkpoint.get("recent_returns", []))
         wall_before = float(checkpoint.get("wall_time_s", 0.0))
 
-    def save(step: int) -> None:
-        run.save_checkpoint(step, {
+    hooks = CallbackList(callbacks)
+    recorder = EpisodeRecorder(envs) if config.logging.episodes else None
+    if config.logging.wandb:
+        run.sinks.append(_wandb_sink(config, run))
+
+    def state() -> dict:
+        return {
             "algo": algo.state_dict(),
             "envs": envs.state_dict(),
             "rng": global_rng_state(),
             "recent_returns": list(recent),
             "wall_time_s": wall_before + (time.time() - start),
-        }, keep=config.keep_checkpoints)
+        }
+
+    def save(step: int) -> None:
+        path = run.save_checkpoint(step, state(), keep=config.keep_checkpoints)
+        hooks.on_checkpoint(int(step), path)
+
+    def evaluate_now(final: bool = False) -> None:
+        best_split = "test" if config.eval.split == "both" else config.eval.split
+        for split, returns in _run_evals(algo, config, run, envs, hooks, final=final):
+            if split == best_split and returns:
+                run.save_best_checkpoint(algo.steps, state(), float(np.mean(returns)), split)
 
     run.tensorboard()  # import and open the writer before the clock starts
     start = time.time()
     start_steps = algo.steps
     status = "finished"
-    error = None
-    progress = _Progress(config, algo.steps, enabled=config.progress, console=console)
+    error = stop_reason = None
+    progress = _make_progress(config, algo.steps, console)
     iterations_here = 0
     last_eval_step = algo.steps
     try:
         with _StopRequest() as stop, progress:
             while algo.steps < config.total_steps:
+                if recorder is not None:
+                    recorder.begin(algo.steps)
                 metrics = algo.iterate(envs)
                 iterations_here += 1
                 iteration = getattr(algo, "iteration", iterations_here)
@@ -215,14 +299,23 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                 metrics["steps_per_s"] = (algo.steps - start_steps) / max(elapsed, 1e-9)
                 if iteration % config.log_every_iterations == 0:
                     run.log(algo.steps, metrics)
+                if recorder is not None:
+                    run.log_episodes(recorder.rows(algo))
                 progress.update(algo.steps, metrics, recent)
+                hooks.on_iteration(IterationInfo(int(algo.steps), iterations_here, metrics,
+                                                 np.asarray(algo.last_episode_returns, dtype=np.float64).reshape(-1),
+                                                 run.path, config, algo))
                 if config.eval.every_steps and algo.steps - last_eval_step >= config.eval.every_steps:
-                    _run_evals(algo, config, run, envs)
+                    evaluate_now()
                     last_eval_step = algo.steps
                 done = algo.steps >= config.total_steps
                 if (config.checkpoint_every_iterations and iteration % config.checkpoint_every_iterations == 0
                         and not done):
                     save(algo.steps)
+                if hooks.stop is not None and not done:
+                    save(algo.steps)
+                    status, stop_reason = "stopped", hooks.stop.reason
+                    break
                 if stop.requested or (stop_after_iterations is not None and iterations_here >= stop_after_iterations):
                     if not done:
                         save(algo.steps)
@@ -236,8 +329,10 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     wall = wall_before + (time.time() - start)
     if status == "finished":
         save(algo.steps)
-        if config.eval.episodes > 0:
-            _run_evals(algo, config, run, envs)
+    if (status == "finished" or (status == "stopped" and hooks.stop.final_eval)) and config.eval.episodes > 0:
+        evaluate_now(final=True)
+    if recorder is not None:
+        recorder.close()
     envs.close()
     if hasattr(algo, "close"):  # actor pools (IMPALA/STAC) stop their workers now rather than at exit
         algo.close()
@@ -258,6 +353,8 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     }
     if error:
         summary["error"] = error
+    if stop_reason:
+        summary["stop_reason"] = stop_reason
     evals_path = run.path / "evals.csv"
     if evals_path.exists():
         import csv
@@ -277,11 +374,35 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     return summary
 
 
-def _run_evals(algo, config: Config, run: Run, envs) -> None:
+def _run_evals(algo, config: Config, run: Run, envs, hooks: CallbackList | None = None,
+               final: bool = False) -> list[tuple[str, list[float]]]:
     splits = ["train", "test"] if config.eval.split == "both" else [config.eval.split]
+    done = []
     for split in splits:
         returns = evaluate(algo, config, split, train_envs=envs)
         run.log_eval(algo.steps, split, returns)
+        done.append((split, returns))
+        if hooks is not None:
+            hooks.on_evaluation(EvaluationInfo(int(algo.steps), split, returns, final, run.path))
+    return done
+
+
+def _wandb_sink(config: Config, run: Run) -> WandbSink:
+    log = config.logging
+    return WandbSink(run.path, config.to_dict(), project=log.wandb_project, entity=log.wandb_entity,
+                     group=log.wandb_group, mode=log.wandb_mode)
+
+
+def _make_progress(config: Config, start_steps: int, console=None):
+    """A rich progress bar on a terminal; plain lines every ``logging.progress_every_s`` seconds otherwise."""
+    if config.progress:
+        from rich.console import Console
+
+        terminal = (console or Console()).is_terminal
+        if not terminal:
+            return PlainProgress(config.total_steps, start_steps, config.logging.progress_every_s,
+                                 file=console.file if console is not None else None)
+    return _Progress(config, start_steps, enabled=config.progress, console=console)
 
 
 class _Progress:

@@ -125,7 +125,7 @@ def test_parse_env_id_families():
     assert parse_env_id("metaworld:reach-v3") == ("metaworld", "MetaWorld/Reach-v3")
     assert parse_env_id("gym:CartPole-v1") == ("gym", "CartPole-v1")
     assert parse_env_id("Taxi-v4") == ("gym", "Taxi-v4")
-    assert len(PROCGEN_GAMES) == 16 and len(ENV_FAMILIES) == 7
+    assert len(PROCGEN_GAMES) == 16 and len(ENV_FAMILIES) == 8
 
 
 @pytest.mark.parametrize(

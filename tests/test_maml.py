@@ -2,6 +2,8 @@
 meta-gradient against finite differences, the policies, end-to-end training, resume, learning."""
 
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -254,6 +256,14 @@ def test_training_loop_end_to_end(tmp_path, name):
     assert len(rows) == 3 and rows[1]["test/return_pre"] and rows[1]["test/return_post"]
     assert all(float(r["trpo/kl"]) <= 0.01 for r in rows)
     assert "eval_test_return" in summary
+    episodes = list(csv.DictReader((tmp_path / "run" / "episodes.csv").open()))  # post-adaptation episodes
+    assert len(episodes) == 3 * 3 * 4 and {e["env"] for e in episodes} == {""}
+    for i, row in enumerate(rows):
+        mine = episodes[12 * i: 12 * (i + 1)]
+        assert {int(e["step"]) for e in mine} == {int(row["step"])}
+        assert np.mean([float(e["return"]) for e in mine]) == pytest.approx(float(row["episode_return"]), rel=1e-5)
+        tasks = [e["task"] for e in mine]
+        assert all(tasks[4 * k: 4 * k + 4] == [tasks[4 * k]] * 4 for k in range(3))  # 4 episodes per task
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -227,16 +227,37 @@ def test_mean_and_standard_error_identical_grids():
     np.testing.assert_array_equal(count, [2, 2, 2])
 
 
-def test_mean_and_standard_error_interpolates_on_common_range():
+def test_mean_and_standard_error_interpolates_on_the_union_of_steps():
     a = (np.array([0.0, 10.0]), np.array([0.0, 10.0]))
     b = (np.array([5.0, 20.0]), np.array([5.0, 20.0]))
-    grid, mean, se, _ = rp.mean_and_standard_error([a, b], num_points=6)
-    np.testing.assert_allclose(grid, np.linspace(5.0, 10.0, 6))
+    grid, mean, se, count = rp.mean_and_standard_error([a, b], num_points=6)
+    np.testing.assert_allclose(grid, [0.0, 5.0, 10.0, 20.0])
     np.testing.assert_allclose(mean, grid)  # both curves are y = x
     np.testing.assert_allclose(se, 0.0)
+    np.testing.assert_array_equal(count, [1, 2, 2, 1])
     single, mean1, se1, _ = rp.mean_and_standard_error([a])
     np.testing.assert_allclose(mean1, [0.0, 10.0])
     np.testing.assert_allclose(se1, 0.0)
+
+
+def test_seeds_of_different_lengths_are_not_cut_at_the_shortest():
+    """Three seeds on one log grid, stopped at 10k, 6k and 3k steps: the mean runs to 10k, averaging
+    the seeds that reach each step (their values are 1, 2, 3 times step/1000)."""
+    curves = [(np.arange(500, total + 1, 500.0), k * np.arange(500, total + 1, 500.0) / 1000)
+              for k, total in ((1, 10_000), (2, 6_000), (3, 3_000))]
+    grid, mean, se, count = rp.mean_and_standard_error(curves)
+    assert grid[-1] == 10_000 and grid.size == 20
+    at = {float(s): (float(m), int(c)) for s, m, c in zip(grid, mean, count)}
+    assert at[3000.0] == (pytest.approx(6.0), 3)  # (3 + 6 + 9) / 3
+    assert at[5000.0] == (pytest.approx(7.5), 2)  # (5 + 10) / 2
+    assert at[10000.0] == (pytest.approx(10.0), 1)
+
+
+def test_padded_limits_keep_points_off_the_axis_edges():
+    low, high = rp.padded_limits([0.39, 0.66, 0.39, 0.66])
+    assert low < 0.39 and high > 0.66
+    low, high = rp.padded_limits([0.5, 0.5])  # one run: zero span
+    assert low < 0.5 < high
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +283,52 @@ def test_final_score_sources(tmp_path):
     assert score == pytest.approx((8.0 + 10.0) / 2) and step == 1000
     with pytest.raises(RunDirError, match="no 'train' evaluations"):
         final_score(run, "eval/train")
+
+
+def test_final_score_is_the_mean_of_the_last_n_episodes(tmp_path):
+    """episodes.csv gives the training score per episode: the last 10 of 50 episodes with returns 1..50
+    average 45.5, whatever the per-iteration means in metrics.csv say; without episodes.csv (or with
+    last_episodes=None) the metrics.csv definition is kept."""
+    episodes = [(100 * i, float(i)) for i in range(1, 51)]
+    run = load_run(write_synthetic_run(tmp_path / "r", num_points=10, total_steps=1000, train_episodes=episodes))
+    score, step = final_score(run, "train_episodes", last_k=2, last_episodes=10)
+    assert score == pytest.approx(45.5) and step == 5000
+    assert final_score(run, "train_episodes", last_k=2, last_episodes=None)[0] == pytest.approx((0.9 + 1.0) / 2)
+    old = load_run(write_synthetic_run(tmp_path / "old", num_points=10, total_steps=1000))
+    assert final_score(old, "train_episodes", last_k=2, last_episodes=10)[0] == pytest.approx((0.9 + 1.0) / 2)
+
+    path = rp.build_report([tmp_path / "r"], tmp_path / "out", last_episodes=10, reps=30, poi_reps=20)
+    rows = csv.DictReader((tmp_path / "out" / "final_scores.csv").open())
+    rows = [r for r in rows if r["source"] == "train_episodes"]
+    assert [float(r["score"]) for r in rows] == [pytest.approx(45.5)]
+    assert "mean return of the last 10 finished training episodes (episodes.csv)" in path.read_text()
+
+
+def test_one_seed_aggregate_plot_keeps_points_inside_the_axes(tmp_path, monkeypatch):
+    """With one run per task every interval is a point: each must lie strictly inside its panel's x range
+    (matplotlib's autoscale put them on the edges) and be drawn as a marker."""
+    from aclab.evaluate.stats import Interval
+
+    figures = []
+    monkeypatch.setattr(rp, "_save", lambda fig, path: figures.append(fig))
+    results = {"ppo": {"median": Interval(0.39, 0.39, 0.39), "mean": Interval(0.39, 0.39, 0.39)},
+               "dcpg": {"median": Interval(0.66, 0.66, 0.66), "mean": Interval(0.66, 0.66, 0.66)}}
+    rp.plot_aggregates(results, ["ppo", "dcpg"], rp._colors(["ppo", "dcpg"]), "score", "t", tmp_path / "a.png")
+    for ax in figures[0].axes:
+        low, high = ax.get_xlim()
+        assert low < 0.39 - 0.01 and high > 0.66 + 0.01
+        markers = [line for line in ax.get_lines() if line.get_marker() == "D"]
+        assert sorted(line.get_xdata()[0] for line in markers) == [0.39, 0.66]
+
+
+def test_report_out_must_be_a_folder(tmp_path, capsys):
+    from aclab.cli import main
+
+    write_synthetic_run(tmp_path / "runs" / "r", num_points=5)
+    (tmp_path / "report.md").write_text("x")
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report.md")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file: give a folder" in err and "Errno" not in err
 
 
 def test_no_runs(tmp_path):

@@ -823,6 +823,7 @@ class Impala:
             self._pool.publish(flat_state(self.net), self.iteration)
         self.steps += chunk.env_steps
         self.last_episode_returns = chunk.episode_returns
+        self.last_episode_lengths = chunk.episode_lengths
         if chunk.episode_returns.size:
             metrics["episode_return"] = float(chunk.episode_returns.mean())
             metrics["episode_length"] = float(chunk.episode_lengths.mean())

@@ -519,6 +519,8 @@ class MAML:
         self.steps += steps
         self.iteration += 1
         self.last_episode_returns = post.episode_returns.reshape(-1)
+        per_task = post.episode_returns.shape[1]  # episodes.csv: the task of each post-adaptation episode
+        self.last_episode_tasks = [np.array2string(np.asarray(t), precision=4) for t in tasks for _ in range(per_task)]
         metrics = {"episode_return": float(post.episode_returns.mean()),
                    "return_pre": float(pre.episode_returns.mean()), "return_post": float(post.episode_returns.mean()),
                    "episode_length": float(post.mask.sum() / post.episode_returns.size),

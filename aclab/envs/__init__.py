@@ -20,7 +20,9 @@ from aclab.envs.registry import (
     ENV_FAMILIES,
     PROCGEN_GAMES,
     EnvIdError,
+    import_env_modules,
     parse_env_id,
+    register_env_factory,
 )
 from aclab.envs.spec import EnvSpec
 from aclab.envs.vec import StepResult, VecEnv, copy_normalization
@@ -40,6 +42,8 @@ __all__ = [
     "VecEnv",
     "build_envs",
     "copy_normalization",
+    "import_env_modules",
     "make_env",
     "parse_env_id",
+    "register_env_factory",
 ]

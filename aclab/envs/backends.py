@@ -148,6 +148,10 @@ class EnvPoolBackend:
             episode_end = truncated | (terminated & info["terminated"].astype(bool))
         return self.adapter(obs), reward, terminated, truncated, episode_end
 
+    def render(self) -> np.ndarray:
+        """The RGB frame ``[H, W, 3]`` uint8 of env 0 (needs ``render_mode="rgb_array"`` in the config)."""
+        return np.asarray(self._pool.render(env_ids=[0]))[0]
+
     def get_state(self) -> bytes | None:
         return None  # EnvPool's simulators cannot be serialised.
 
@@ -235,6 +239,14 @@ class GymnasiumBackend:
             np.asarray(truncated, dtype=bool),
             None,
         )
+
+    def render(self) -> np.ndarray | None:
+        """The RGB frame of env 0 (its env made with ``render_mode="rgb_array"``), or None."""
+        env = self.env.envs[0] if self.is_sync else self.env
+        frame = env.render()
+        if isinstance(frame, (list, tuple)):  # a vector env's frames
+            frame = frame[0] if frame else None
+        return None if frame is None else np.asarray(frame)
 
     def get_state(self) -> bytes | None:
         if not self.exact_state:

@@ -7,10 +7,15 @@ Used by the training loop, evaluation, actors (threads, processes, Ray) and the 
 from __future__ import annotations
 
 from aclab.envs.make import make_env
+from aclab.envs.registry import import_env_modules
 
 
-def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, options: dict | None = None):
+def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, options: dict | None = None,
+               render: bool = False):
+    """``make_env`` for ``config.env`` (its ``imports`` are imported first), ``num_envs`` / ``seed`` / extra
+    ``options`` overriding the config's; ``render=True``: env 0 gives RGB frames (videos)."""
     e = config.env
+    import_env_modules(getattr(e, "imports", ()))
     return make_env(
         e.id,
         num_envs or e.num_envs,
@@ -23,4 +28,5 @@ def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, 
         normalize_reward=e.normalize_reward,
         reward_gamma=e.reward_gamma,
         reward_clip=e.reward_clip,
+        render=render,
     )

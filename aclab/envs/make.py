@@ -11,7 +11,7 @@ Default backends (``backend="auto"``), measured on the 2-core CPU machine, us pe
 | mujoco with <= 2 envs | Gymnasium (direct MuJoCo) | HalfCheetah 1 env: ~70 us vs EnvPool ~185 us |
 | procgen, atari, mujoco, dmc, metaworld | EnvPool, min(B, cores) threads | only EnvPool has them; 2 threads |
 | | | beat 1 by 1.4-1.7x (bigfish 64 envs: 82k vs 48k steps/s) |
-| gym:<id>, factories | Gymnasium ``SyncVectorEnv`` (NEXT_STEP) | generic |
+| gym:<id>, gym:<module>:<id>, factory:<module>:<fn>, callables | Gymnasium ``SyncVectorEnv`` | generic |
 
 :class:`VecEnv` adds ~7 us per step on top of the backend (4 envs; no normalisation); observation plus
 reward normalisation add ~25-30 us more.
@@ -20,6 +20,7 @@ Family options (``options=``; unknown keys raise :class:`EnvIdError` listing the
 
 * classic / gym: ``max_episode_steps`` and (Gymnasium backend) the env constructor's keyword arguments;
   EnvPool backend: EnvPool's config keys.
+* factory: the factory's keyword arguments (``options={"length": 8}`` calls ``factory(length=8)``).
 * procgen: ``levels`` = ``"train"`` (default; levels ``[0, 200)``: ``num_levels=200, start_level=0``),
   ``"test"`` (the full distribution, ``num_levels=0``), ``"test-unseen"`` (levels ``>= 200`` only:
   ``start_level=200, num_levels=2**31-1-200``, EnvPool draws level seeds uniformly in
@@ -43,6 +44,7 @@ Family options (``options=``; unknown keys raise :class:`EnvIdError` listing the
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ from aclab.envs import registry
 from aclab.envs.atari_marks import AtariFrameMarks
 from aclab.envs.backends import EnvPoolBackend, GymnasiumBackend, default_num_threads, derive_env_seeds
 from aclab.envs.normalize import ObsNormalizer, RewardScaler
-from aclab.envs.registry import EnvIdError, check_option_keys, coerce_option, parse_env_id
+from aclab.envs.registry import EnvIdError, check_option_keys, coerce_option, parse_env_id, resolve_env_factory
 from aclab.envs.spec import EnvSpec
 from aclab.envs.vec import VecEnv
 
@@ -98,6 +100,7 @@ class _Plan:
     game_over_from_info: bool = False
     marks: dict[str, Any] | None = None
     factory: Callable[[], gymnasium.Env] | None = None
+    render_only_sync: bool = False  # frames: one Gymnasium env per slot (not a numpy-vectorised env)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -218,8 +221,27 @@ def _plan_simulated(env_id: str, family: str, task_id: str, options: dict, backe
     return _Plan(family, env_id, "envpool", task_id=task_id, config=_envpool_options(env_id, task_id, options))
 
 
+def _plan_factory(env_id: str, path: str, options: dict[str, Any], backend: str) -> _Plan:
+    if backend == "envpool":
+        raise EnvIdError(f"{env_id!r}: an env factory runs on the Gymnasium backend; use backend='auto' or 'gymnasium'")
+    factory = resolve_env_factory(path)
+    if options:
+        try:
+            inspect.signature(factory).bind(**options)
+        except TypeError as exc:
+            raise EnvIdError(f"options {sorted(options)} for {env_id!r} do not fit the factory's arguments: "
+                             f"{exc}") from exc
+        except ValueError:  # no signature (a builtin): let the call decide
+            pass
+        kwargs = dict(options)
+        factory = functools.partial(factory, **kwargs)
+    return _Plan("factory", env_id, "gymnasium", factory=factory)
+
+
 def _plan(env_id: str, options: dict[str, Any], backend: str, num_envs: int = 1) -> _Plan:
     family, name = parse_env_id(env_id)
+    if family == "factory":
+        return _plan_factory(env_id, name, options, backend)
     if family in ("classic", "gym"):
         return _plan_classic_or_gym(env_id, family, name, options, backend)
     if family == "procgen":
@@ -255,6 +277,27 @@ def _single_env_max_steps(env: gymnasium.Env) -> int | None:
     return None
 
 
+def _plan_rendering(plan: _Plan) -> None:
+    """Ask the backend for RGB frames (``render_mode="rgb_array"``); EnvIdError where there are none."""
+    if plan.backend == "envpool":
+        if plan.family in ("mujoco", "dmc", "metaworld"):
+            raise EnvIdError(
+                f"{plan.env_id!r}: no frames: EnvPool's MuJoCo renderer cannot create a GL context on this machine"
+                + (" (use backend='gymnasium' for MuJoCo)" if plan.family == "mujoco" else
+                   "; DM Control and Meta-World have no other renderer here"))
+        plan.config["render_mode"] = "rgb_array"
+    elif plan.factory is not None:
+        try:
+            takes = "render_mode" in inspect.signature(plan.factory).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            plan.factory = functools.partial(plan.factory, render_mode="rgb_array")
+    else:
+        plan.config["render_mode"] = "rgb_array"
+        plan.render_only_sync = True
+
+
 def _build_gymnasium(plan: _Plan, num_envs: int, seeds: list[int]) -> tuple[GymnasiumBackend, int | None]:
     if plan.factory is not None:
         factory = plan.factory
@@ -268,7 +311,7 @@ def _build_gymnasium(plan: _Plan, num_envs: int, seeds: list[int]) -> tuple[Gymn
         )
         return backend, _single_env_max_steps(backend.env.envs[0])
     gym_id, kwargs = plan.task_id, dict(plan.config)
-    if _vector_entry_accepts(gym_id, kwargs):
+    if not plan.render_only_sync and _vector_entry_accepts(gym_id, kwargs):
         backend = GymnasiumBackend(
             lambda: gymnasium.make_vec(gym_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **kwargs),
             num_envs,
@@ -313,6 +356,7 @@ def make_env(
     normalize_reward: bool = False,
     reward_gamma: float = 0.99,
     reward_clip: float = 10.0,
+    render: bool = False,
 ) -> VecEnv:
     """Build ``num_envs`` copies of an environment as one :class:`VecEnv` (not yet reset).
 
@@ -327,9 +371,17 @@ def make_env(
             ``"gymnasium"``.
         num_threads: EnvPool worker threads (default 1 for classic control, else min(B, cores)).
         options: family options, validated (see the module docstring).
-        normalize_obs / obs_clip: per-element running observation normalisation, clipped to +-obs_clip.
-        normalize_reward / reward_gamma / reward_clip: reward scaling by the running std of the
-            discounted return with discount ``reward_gamma``, clipped to +-reward_clip.
+        normalize_obs: per-element running observation normalisation, clipped to ``+-obs_clip``.
+        obs_clip: the observation clip (with ``normalize_obs``).
+        normalize_reward: reward scaling by the running std of the discounted return with discount
+            ``reward_gamma``, clipped to ``+-reward_clip``.
+        reward_gamma: the discount of that return.
+        reward_clip: the reward clip (with ``normalize_reward``).
+        render: make env 0 give RGB frames (:meth:`VecEnv.render`): EnvPool's renderer for classic
+            control (then on EnvPool), Atari and Procgen; Gymnasium's ``render_mode="rgb_array"`` for
+            Gymnasium ids and MuJoCo (which then runs on the Gymnasium backend); a factory gets
+            ``render_mode="rgb_array"`` when it takes that argument. DM Control and Meta-World give no
+            frames here (EnvPool's MuJoCo renderer cannot create a GL context on CPU machines).
 
     Raises :class:`EnvIdError` (a ValueError) for unknown ids, families, options or backends, and
     ValueError for a bad ``num_envs`` / ``seed`` -- before any env is built.
@@ -352,7 +404,14 @@ def make_env(
         name = getattr(env_id, "__name__", type(env_id).__name__)
         plan = _Plan("gym", f"callable:{name}", "gymnasium", factory=env_id)
     else:
+        family = parse_env_id(env_id)[0] if render and backend == "auto" else None
+        if family == "mujoco":
+            backend = "gymnasium"  # EnvPool's MuJoCo renderer needs a GL context it cannot create on CPUs
+        elif family == "classic":
+            backend = "envpool"  # renders without pygame (which Gymnasium's classic control needs)
         plan = _plan(env_id, options, backend, num_envs)
+    if render:
+        _plan_rendering(plan)
 
     seeds = derive_env_seeds(seed, num_envs)
     if plan.backend == "envpool":

@@ -7,6 +7,11 @@ Id grammar (see :func:`parse_env_id`):
   Gymnasium -> ``gym``.
 * ``"classic:CartPole-v1"``, ``"procgen:bigfish"``, ``"atari:Breakout"``, ``"mujoco:HalfCheetah-v4"``,
   ``"dmc:cheetah-run"``, ``"metaworld:reach-v3"``, ``"gym:<registered Gymnasium id>"``.
+* Your own environments: ``"gym:<module>:<EnvId>"`` (Gymnasium's ``module:EnvId`` form: ``module`` is
+  imported first, so the env registers itself), or ``"factory:<module>:<function>"`` (a zero-argument
+  callable returning a ``gymnasium.Env``; ``env.options`` are passed to it as keyword arguments). Modules
+  are imported like ``python -m`` does: from ``sys.path``, then from the current directory.
+  :func:`import_env_modules` imports a config's ``env.imports`` list (modules that register ids).
 
 Errors are :class:`EnvIdError` (a ``ValueError``) whose message names the bad id or option and lists the
 valid choices.
@@ -16,8 +21,12 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import inspect
+import os
 import re
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = [
@@ -30,9 +39,12 @@ __all__ = [
     "CLASSIC_IDS",
     "ATARI_SETTINGS",
     "parse_env_id",
+    "import_env_modules",
+    "register_env_factory",
+    "resolve_env_factory",
 ]
 
-ENV_FAMILIES = ("classic", "procgen", "atari", "mujoco", "dmc", "metaworld", "gym")
+ENV_FAMILIES = ("classic", "procgen", "atari", "mujoco", "dmc", "metaworld", "gym", "factory")
 
 
 class EnvIdError(ValueError):
@@ -178,7 +190,8 @@ def parse_env_id(env_id: str) -> tuple[str, str]:
     if family not in ENV_FAMILIES:
         raise EnvIdError(
             f"unknown env family {family!r} in {env_id!r}; valid families: {_choices(ENV_FAMILIES)}"
-            f" (e.g. 'procgen:bigfish', 'atari:Breakout', 'dmc:cheetah-run')"
+            f" (e.g. 'procgen:bigfish', 'atari:Breakout', 'dmc:cheetah-run'; your own env in module"
+            f" {env_id.partition(':')[0]!r}: 'gym:{env_id}')"
         )
     if not name:
         raise EnvIdError(f"env id {env_id!r} names no environment after '{family}:'")
@@ -270,13 +283,117 @@ def _parse_metaworld(name: str) -> str:
 
 
 def _parse_gym(name: str) -> str:
+    """``EnvId`` or Gymnasium's ``module:EnvId`` (``module`` is imported first); returns ``EnvId``."""
+    if ":" in name:
+        module, _, name = name.partition(":")
+        import_env_modules([module], what=f"'gym:{module}:{name}'")
     registry = _gym_registry()
     if name in registry:
         return name
     raise EnvIdError(
-        f"{name!r} is not a registered Gymnasium id (import the package that registers it first)."
-        f"{_closest(name, registry.keys())}"
+        f"{name!r} is not a registered Gymnasium id. Name the module that registers it: 'gym:<module>:{name}'"
+        f" or env.imports = ['<module>'] (an env registered in a script cannot be re-created by"
+        f" 'aclab eval' or '--resume').{_closest(name, registry.keys())}"
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Your own environments: imported modules and env factories
+# ----------------------------------------------------------------------------------------------------
+# Factories that cannot be imported by path (a lambda, a function of a script run as __main__): usable
+# in this process only, under the id "factory:<module>:<qualname>".
+_LOCAL_FACTORIES: dict[str, Callable[..., Any]] = {}
+
+
+def _import(module: str, what: str):
+    """Import ``module`` from ``sys.path``, else from the current directory (as ``python -m`` would)."""
+    if not isinstance(module, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
+        raise EnvIdError(f"{what}: {module!r} is not a module name (e.g. 'corridor' or 'mypackage.envs')")
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        top = module.split(".")[0]
+        cwd = os.getcwd()
+        if exc.name != top or cwd in sys.path or not (
+            os.path.exists(os.path.join(cwd, top + ".py")) or os.path.isdir(os.path.join(cwd, top))
+        ):
+            raise EnvIdError(
+                f"{what}: cannot import module {module!r} ({exc}); install it or put its folder on PYTHONPATH"
+            ) from exc
+    sys.path.append(cwd)
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise EnvIdError(f"{what}: cannot import module {module!r} ({exc})") from exc
+
+
+def import_env_modules(modules: Iterable[str], what: str = "env.imports") -> None:
+    """Import each module (e.g. ``env.imports``) so that the Gymnasium ids it registers can be made.
+
+    Raises :class:`EnvIdError` naming ``what`` and the module when one cannot be imported.
+    """
+    for module in modules or ():
+        _import(module, what)
+
+
+def _qualified(obj: Any) -> str | None:
+    """``"module:qualname"`` when ``obj`` can be imported back by that path, else None."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname:
+        return None
+    try:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{qualname}" if found is obj else None
+
+
+def register_env_factory(factory: Callable[..., Any]) -> str:
+    """The env id ``"factory:<module>:<qualname>"`` of a zero-argument callable returning a ``gymnasium.Env``.
+
+    A module-level function (or class) of an importable module is found again by that path in any process
+    (``aclab eval``, ``--resume``, actor processes). Anything else (a lambda, a closure, a function of a
+    script run as ``__main__``) is remembered in this process only: later commands on the run need the
+    same factory again (``train(..., env_factory=...)``).
+    """
+    if not callable(factory):
+        raise EnvIdError(f"an env factory must be callable, got {type(factory).__name__}")
+    path = _qualified(factory)
+    if path is None:
+        module = getattr(factory, "__module__", None) or "__main__"
+        name = getattr(factory, "__qualname__", None) or getattr(factory, "__name__", None) or type(factory).__name__
+        path = f"{module}:{name}"
+        _LOCAL_FACTORIES[path] = factory
+    return f"factory:{path}"
+
+
+def resolve_env_factory(path: str) -> Callable[..., Any]:
+    """The callable of a ``"module:qualname"`` factory path (see :func:`register_env_factory`)."""
+    if path in _LOCAL_FACTORIES:
+        return _LOCAL_FACTORIES[path]
+    module, sep, qualname = path.partition(":")
+    if not sep or not qualname:
+        raise EnvIdError(f"env factory {path!r}: expected 'factory:<module>:<function>', e.g. 'factory:corridor:make'")
+    if module == "__main__" or "<" in qualname:
+        raise EnvIdError(
+            f"env factory {path!r} was defined in a script or as a lambda and cannot be imported here: pass it"
+            " again (train(..., env_factory=...)) or move it to a module and use 'factory:<module>:<function>'"
+        )
+    found: Any = _import(module, f"'factory:{path}'")
+    for part in qualname.split("."):
+        if not hasattr(found, part):
+            raise EnvIdError(f"env factory 'factory:{path}': module {module!r} has no attribute {qualname!r}")
+        found = getattr(found, part)
+    if not callable(found):
+        raise EnvIdError(f"env factory 'factory:{path}' is not callable ({type(found).__name__})")
+    return found
+
+
+def _parse_factory(name: str) -> str:
+    resolve_env_factory(name)
+    return name
 
 
 _PARSERS = {
@@ -287,6 +404,7 @@ _PARSERS = {
     "dmc": _parse_dmc,
     "metaworld": _parse_metaworld,
     "gym": _parse_gym,
+    "factory": _parse_factory,
 }
 
 

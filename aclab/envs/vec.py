@@ -88,6 +88,10 @@ class VecEnv:
         self.reward_scaler = reward_scaler
         self._marks = marks
         self.backend_name: str = backend.name
+        # Calls to step() so far, and (when set to a list) a record of every finished episode:
+        # (step call number, env index, return, length, level or None, task or None). See record_episodes.
+        self.step_calls = 0
+        self.episode_log: list[tuple] | None = None
         b = self.num_envs
         self.obs: np.ndarray | None = None
         self.next_is_dummy = np.zeros(b, dtype=bool)
@@ -167,9 +171,12 @@ class VecEnv:
             episode_end = done
         episode_return = self._nan.copy()
         episode_length = np.zeros(self.num_envs, dtype=np.int64)
+        self.step_calls += 1
         if np.count_nonzero(episode_end):  # (ndarray.any() costs ~1.5 us on tiny arrays)
             episode_return[episode_end] = self._ep_return[episode_end]
             episode_length[episode_end] = self._ep_length[episode_end]
+            if self.episode_log is not None:
+                self._log_episodes(episode_end, episode_return, episode_length)
             self._ep_return[episode_end] = 0.0
             self._ep_length[episode_end] = 0
         if self.reward_scaler is not None:
@@ -184,6 +191,27 @@ class VecEnv:
         self.next_is_dummy = done
         self._any_dummy = np.count_nonzero(done) > 0
         return StepResult(obs, reward, terminated, truncated, raw_reward, episode_return, episode_length)
+
+    def render(self) -> np.ndarray:
+        """The current RGB frame ``[H, W, 3]`` uint8 of env 0; the env must be made with
+        ``make_env(..., render=True)``."""
+        frame = self._backend.render() if hasattr(self._backend, "render") else None
+        if frame is None:
+            raise RuntimeError(f"{self.spec.env_id}: this env gives no frames (make it with make_env(..., render=True);"
+                               " a factory must create its env with render_mode='rgb_array')")
+        return frame
+
+    def record_episodes(self, on: bool = True) -> None:
+        """Start (or stop) recording finished episodes into :attr:`episode_log` (drained by the caller)."""
+        self.episode_log = [] if on else None
+
+    def _log_episodes(self, ended: np.ndarray, returns: np.ndarray, lengths: np.ndarray) -> None:
+        info = self._backend.info or {}
+        level = _info_column(info, ("level_seed", "level"), self.num_envs)
+        task = _info_column(info, ("task_id", "task"), self.num_envs)
+        for i in np.nonzero(ended)[0]:
+            self.episode_log.append((self.step_calls, int(i), float(returns[i]), int(lengths[i]),
+                                     None if level is None else level[i], None if task is None else task[i]))
 
     @property
     def info(self) -> dict[str, Any]:
@@ -272,6 +300,19 @@ class VecEnv:
         if self._marks is not None and state["marks"] is not None:
             self._marks.load_state_dict(state["marks"])
         return True
+
+
+def _info_column(info: dict[str, Any], keys: tuple[str, ...], num_envs: int) -> list | None:
+    """The first of ``keys`` in a backend's info dict as one plain value per env (e.g. Procgen's
+    ``level_seed`` of the episode that just ended, Meta-World's ``task_id``), else None."""
+    for key in keys:
+        value = info.get(key) if isinstance(info, dict) else None
+        if value is None:
+            continue
+        array = np.asarray(value)
+        if array.shape == (num_envs,) and array.dtype.kind in "iufbU":
+            return array.tolist()
+    return None
 
 
 def copy_normalization(src: VecEnv, dst: VecEnv, freeze: bool = True) -> None:

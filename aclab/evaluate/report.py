@@ -36,13 +36,22 @@ from matplotlib.lines import Line2D
 
 from aclab.evaluate import scores as sc
 from aclab.evaluate import stats
-from aclab.evaluate.runs_io import SCORE_SOURCES, RunDirError, RunRecord, final_score, group_runs, load_runs
+from aclab.evaluate.runs_io import (
+    SCORE_SOURCES,
+    RunDirError,
+    RunRecord,
+    final_score,
+    group_runs,
+    load_runs,
+    uses_episodes,
+)
 
 SOURCE_TITLES = {
     "eval/test": "evaluation on the test split (evals.csv, split=test)",
     "eval/train": "evaluation on the train split (evals.csv, split=train)",
-    "train_episodes": "training episodes (metrics.csv)",
+    "train_episodes": "training episodes (episodes.csv, else metrics.csv)",
 }
+MAX_UNION_POINTS = 1000  # curves on different step grids: beyond this, resample the union of their ranges
 AGGREGATE_TITLES = {"median": "Median", "iqm": "IQM", "mean": "Mean", "optimality_gap": "Optimality gap"}
 
 
@@ -84,10 +93,11 @@ def mean_std_cell(values: np.ndarray, bold: bool = False) -> str:
 def mean_and_standard_error(curves: Sequence[tuple[np.ndarray, np.ndarray]], num_points: int = 100):
     """Mean and standard error over seeds of curves ``(steps, values)`` logged at different steps.
 
-    Identical step grids are used as they are; otherwise each curve is linearly interpolated onto
-    ``num_points`` steps spanning the range all curves cover (if they overlap; else the union of their
-    ranges, each curve counting only inside its own range). Returns ``(steps, mean, se, count)``;
-    ``se`` is ``std(ddof=1) / sqrt(count)`` (0 where one curve contributes).
+    Identical step grids are used as they are. Otherwise the grid is the union of the curves' steps (or,
+    beyond :data:`MAX_UNION_POINTS` steps, ``num_points`` steps evenly spread over the union of their
+    ranges) and each curve, linearly interpolated, counts only inside its own range: seeds of different
+    lengths are not cut at the shortest, ``count`` says how many seeds each point averages. Returns
+    ``(steps, mean, se, count)``; ``se`` is ``std(ddof=1) / sqrt(count)`` (0 where one curve contributes).
     """
     curves = [(np.asarray(s, float), np.asarray(v, float)) for s, v in curves if len(s) > 0]
     if not curves:
@@ -97,10 +107,9 @@ def mean_and_standard_error(curves: Sequence[tuple[np.ndarray, np.ndarray]], num
     if all(s.shape == first_steps.shape and np.array_equal(s, first_steps) for s, _ in curves):
         grid, stack = first_steps, np.stack([v for _, v in curves])
     else:
-        start, end = max(s[0] for s, _ in curves), min(s[-1] for s, _ in curves)
-        if start >= end:
-            start, end = min(s[0] for s, _ in curves), max(s[-1] for s, _ in curves)
-        grid = np.linspace(start, end, num_points) if end > start else np.array([start])
+        grid = np.unique(np.concatenate([s for s, _ in curves]))
+        if grid.size > MAX_UNION_POINTS:
+            grid = np.linspace(grid[0], grid[-1], num_points)
         stack = np.stack([np.where((grid >= s[0]) & (grid <= s[-1]), np.interp(grid, s, v), np.nan) for s, v in curves])
     count = np.sum(np.isfinite(stack), axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -110,6 +119,19 @@ def mean_and_standard_error(curves: Sequence[tuple[np.ndarray, np.ndarray]], num
         var = np.sum(centred**2, axis=0) / np.maximum(count - 1, 1)
         se = np.where(count > 1, np.sqrt(var) / np.sqrt(np.maximum(count, 1)), 0.0)
     return grid, mean, se, count
+
+
+def padded_limits(values: Sequence[float], fraction: float = 0.1) -> tuple[float, float]:
+    """Axis limits around ``values`` with a margin of ``fraction`` of their span on each side, so that no
+    point sits on an axis edge (a zero span, e.g. one algorithm with one seed, gets a margin of 10% of
+    the value's magnitude, at least 0.05)."""
+    finite = [float(v) for v in values if math.isfinite(float(v))]
+    if not finite:
+        return -1.0, 1.0
+    low, high = min(finite), max(finite)
+    span = high - low
+    pad = fraction * span if span > 0 else max(fraction * max(abs(low), abs(high)), 0.05)
+    return low - pad, high + pad
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -177,6 +199,7 @@ def collect_final_scores(
     last_k: int,
     last_k_evals: int,
     metric: str,
+    last_episodes: int | None = None,
 ) -> FinalScores:
     raw: dict[str, dict[str, np.ndarray]] = {}
     normalized: dict[str, dict[str, np.ndarray]] = {}
@@ -188,7 +211,8 @@ def collect_final_scores(
         complete = complete and len(have) == len(runs)
         if not have:
             continue
-        values = [final_score(r, source, last_k=last_k, last_k_evals=last_k_evals, metric=metric) for r in have]
+        values = [final_score(r, source, last_k=last_k, last_k_evals=last_k_evals, metric=metric,
+                              last_episodes=last_episodes) for r in have]
         raw.setdefault(label, {})[task] = np.asarray([v for v, _ in values])
         steps.setdefault(label, {})[task] = np.asarray([s for _, s in values])
         seeds.setdefault(label, {})[task] = [r.seed for r in have]
@@ -200,13 +224,14 @@ def collect_final_scores(
 # Figures
 # ----------------------------------------------------------------------------------------------
 def _plot_mean_se(ax, curves, color, label, linestyle="-") -> bool:
-    grid, mean, se, _ = mean_and_standard_error(curves)
+    grid, mean, se, count = mean_and_standard_error(curves)
     if grid.size == 0:
         return False
     sparse = grid.size <= 30  # e.g. evaluations: show the measured points
+    full = count == count.max()
     ax.plot(
         grid,
-        mean,
+        np.where(full, mean, np.nan),
         color=color,
         linestyle=linestyle,
         label=label,
@@ -214,6 +239,10 @@ def _plot_mean_se(ax, curves, color, label, linestyle="-") -> bool:
         marker="o" if sparse else None,
         markersize=3.5,
     )
+    if not full.all():  # steps that only some seeds reach (runs of different lengths): thin, dotted
+        partial = ~full | np.convolve(~full, np.ones(3), mode="same").astype(bool)  # joined to the solid part
+        ax.plot(grid, np.where(partial, mean, np.nan), color=color, linestyle=":", linewidth=1.2,
+                marker="o" if sparse else None, markersize=2.5)
     if grid.size == 1:
         ax.errorbar(grid, mean, yerr=se, color=color, capsize=4)
     elif np.any(se > 0):
@@ -322,6 +351,10 @@ def plot_aggregates(
             iv = results[label][name]
             ax.barh(i, iv.upper - iv.lower, left=iv.lower, height=0.6, color=colors[label], alpha=0.75)
             ax.vlines(iv.point, i - 0.3, i + 0.3, color="black", linewidth=2)
+            if iv.upper - iv.lower <= 0:  # one seed: no interval, show the point itself
+                ax.plot([iv.point], [i], marker="D", color=colors[label], markeredgecolor="black", markersize=7)
+        ax.set_xlim(*padded_limits([v for lb in labels for v in (results[lb][name].lower, results[lb][name].upper,
+                                                                  results[lb][name].point)]))
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels if j == 0 else [""] * len(labels))
         ax.set_ylim(-0.6, len(labels) - 0.4)
@@ -332,7 +365,8 @@ def plot_aggregates(
         )
         ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(title, fontsize=11)
+    degenerate = all(iv.upper - iv.lower <= 0 for res in results.values() for iv in res.values())
+    fig.suptitle(title + (" (one run per task: no interval, points shown)" if degenerate else ""), fontsize=11)
     fig.tight_layout()
     _save(fig, path)
     return path
@@ -477,6 +511,7 @@ def build_report(
     normalization: str = "auto",
     last_k: int = 10,
     last_k_evals: int = 1,
+    last_episodes: int | None = 100,
     metric: str = "episode_return",
     seed: int = 0,
     reps: int = 2000,
@@ -488,13 +523,20 @@ def build_report(
 
     ``run_dirs``: run directories or folders containing them. ``normalization``: ``auto`` (Procgen:
     min-max, Atari: human-normalised %, others raw), ``none``, ``procgen_minmax`` or ``atari_hns``.
-    ``last_k``: final score of training episodes = mean of the last ``last_k`` logged values;
-    ``last_k_evals``: of evaluations = mean of the last ``last_k_evals`` evaluations per split.
+    ``last_episodes``: final score of training episodes = mean return of the last ``last_episodes``
+    finished episodes (episodes.csv); runs without episodes.csv (or ``last_episodes=None``): mean of the
+    last ``last_k`` logged values of ``metric``. ``last_k_evals``: of evaluations = mean of the last
+    ``last_k_evals`` evaluations per split.
     ``seed``, ``reps``, ``poi_reps``: bootstrap seed and replications (aggregates, P(X > Y), profiles).
     ``ppo_baseline``: an algorithm label to add a PPO-normalised row (DCPG tables) and to put first.
     """
     if not run_dirs:
         raise ReportError("no run directories given")
+    if last_episodes is not None and last_episodes < 1:
+        raise ReportError(f"last_episodes must be >= 1 (or None), got {last_episodes}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ReportError(f"--out {out_dir} is a file: give a folder, the report writes report.md and its figures "
+                          "into it")
     try:
         runs = load_runs(run_dirs)
         groups = group_runs(runs)
@@ -558,7 +600,8 @@ def build_report(
         "## Learning curves",
         "",
         "Mean over seeds with a shaded standard error; seeds logged at different steps are linearly "
-        "interpolated onto the steps all of them cover.",
+        "interpolated onto the union of their steps. Where only some seeds reach a step (runs of different "
+        "lengths) the line is dotted and averages the seeds that reach it.",
         "",
     ]
     if len(tasks) > 1:
@@ -570,6 +613,14 @@ def build_report(
         md += [f"### {task}", "", f"![Learning curves on {task}]({rel})", ""]
 
     # ---- final scores and statistics per source
+    from_episodes = sum(uses_episodes(r, metric, last_episodes) for r in runs)
+    train_what = f"mean of the last {last_k} logged `{metric}` values (metrics.csv)"
+    if from_episodes == len(runs):
+        train_what = f"mean return of the last {last_episodes} finished training episodes (episodes.csv)"
+    elif from_episodes:
+        train_what = (f"mean return of the last {last_episodes} finished training episodes (episodes.csv) for "
+                      f"{from_episodes} run(s); for the {len(runs) - from_episodes} run(s) without episodes.csv, "
+                      f"the {train_what}")
     available = [s for s in SCORE_SOURCES if any(s in r.sources(metric) for r in runs)]
     if not available:
         raise ReportError(f"no run has a final score: no evaluations and no values of {metric!r}")
@@ -577,7 +628,8 @@ def build_report(
     summary_json: dict = {"normalization": scheme, "labels": labels, "tasks": tasks, "sources": {}}
     for source in available:
         final = collect_final_scores(
-            groups, source, normalizers, last_k=last_k, last_k_evals=last_k_evals, metric=metric
+            groups, source, normalizers, last_k=last_k, last_k_evals=last_k_evals, metric=metric,
+            last_episodes=last_episodes,
         )
         for label in final.raw:
             for task in final.raw[label]:
@@ -607,9 +659,8 @@ def build_report(
             seed=seed,
             reps=reps,
             poi_reps=poi_reps,
-            last_k=last_k,
             last_k_evals=last_k_evals,
-            metric=metric,
+            train_what=train_what,
         )
 
     with open(out / "final_scores.csv", "w", newline="") as f:
@@ -621,7 +672,7 @@ def build_report(
         "",
         "## Method",
         "",
-        f"- Final score per run: training episodes = mean of the last {last_k} logged `{metric}` values; "
+        f"- Final score per run: training episodes = {train_what}; "
         f"evaluations = mean of the last {last_k_evals} evaluation(s) of the split.",
         "- Tables: mean ± sample standard deviation (ddof=1) over seeds; best mean per row in bold.",
         "- Summary rows and aggregate statistics pair runs across tasks by seed order (run i = the i-th "
@@ -651,17 +702,12 @@ def _source_section(
     seed,
     reps,
     poi_reps,
-    last_k,
     last_k_evals,
-    metric,
+    train_what,
 ) -> list[str]:
     source = final.source
     key = slug(source)
-    what = (
-        f"mean of the last {last_k} logged values"
-        if source == "train_episodes"
-        else (f"mean of the last {last_k_evals} evaluation(s)")
-    )
+    what = train_what if source == "train_episodes" else f"mean of the last {last_k_evals} evaluation(s)"
     all_steps = np.concatenate([v for per_task in final.steps.values() for v in per_task.values()])
     md = [
         "",

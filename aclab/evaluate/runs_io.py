@@ -5,15 +5,19 @@ A run directory (written by :class:`aclab.runs.Run`) holds::
     config.json    resolved config: "algo", "env" {"id", "options"}, "seed", "total_steps", ...
     metrics.csv    step, time_s, then metric columns (e.g. episode_return; empty cells allowed)
     evals.csv      step, split ("train" | "test"), mean_return, std_return, num_episodes, returns
+    episodes.csv   step, env, return, length, level, task: one row per finished training episode
     summary.json   {"algo", "env_id", "seed", "steps", "wall_time_s", "status", ...} (optional here)
 
-``config.json`` and ``metrics.csv`` are required; ``evals.csv`` and ``summary.json`` are optional.
+``config.json`` and ``metrics.csv`` are required; ``evals.csv``, ``episodes.csv`` and ``summary.json``
+are optional.
 Anything missing or unparsable raises :class:`RunDirError` naming the path and the problem.
 
 Final scores (one number per run and *score source*):
 
-* ``"train_episodes"``: mean of the last ``last_k`` finite values of a metrics.csv column
-  (``episode_return`` by default: returns of the training episodes);
+* ``"train_episodes"``: the mean return of the last ``last_episodes`` finished training episodes
+  (episodes.csv); for runs without episodes.csv (or ``last_episodes=None``, or another ``metric``), the
+  mean of the last ``last_k`` finite values of a metrics.csv column (``episode_return`` by default:
+  per-iteration means of the training episodes);
 * ``"eval/test"``, ``"eval/train"``: mean of ``mean_return`` over the last ``last_k_evals`` evaluations
   of that split in evals.csv (Procgen: test = held-out levels, train = training levels).
 
@@ -63,6 +67,7 @@ class RunRecord:
     summary: dict
     metrics: dict[str, np.ndarray]
     evals: dict[str, EvalSeries] = field(default_factory=dict)
+    episodes: dict[str, np.ndarray] | None = None  # episodes.csv columns "step", "return", "length"
 
     @property
     def label(self) -> str:
@@ -199,7 +204,27 @@ def load_run(path: str | Path) -> RunRecord:
         summary=summary,
         metrics=_read_metrics(path / "metrics.csv"),
         evals=_read_evals(path / "evals.csv"),
+        episodes=_read_episodes(path / "episodes.csv"),
     )
+
+
+def _read_episodes(path: Path) -> dict[str, np.ndarray] | None:
+    """episodes.csv as float arrays ``step``, ``return``, ``length`` in file (= finishing) order, or None."""
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("step", "return") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise RunDirError(f"{path}: missing columns {missing} (header: {reader.fieldnames})")
+        columns: dict[str, list[float]] = {"step": [], "return": [], "length": []}
+        for line, row in enumerate(reader, start=2):
+            for column in columns:
+                columns[column].append(_to_float(row.get(column), path, line, column))
+    out = {c: np.asarray(v, dtype=np.float64) for c, v in columns.items()}
+    if np.any(~np.isfinite(out["step"])) or np.any(~np.isfinite(out["return"])):
+        raise RunDirError(f"{path}: empty 'step' or 'return' cell")
+    return out
 
 
 def _looks_like_run_dir(path: Path) -> bool:
@@ -274,9 +299,20 @@ def final_score(
     last_k: int = 10,
     last_k_evals: int = 1,
     metric: str = "episode_return",
+    last_episodes: int | None = None,
 ) -> tuple[float, float]:
-    """``(score, step)``: the run's final score from ``source`` and the last step it was measured at."""
+    """``(score, step)``: the run's final score from ``source`` and the last step it was measured at.
+
+    ``train_episodes`` with ``last_episodes = N``: the mean return of the run's last N finished training
+    episodes (episodes.csv) when it has them and ``metric`` is ``episode_return``; otherwise the mean of the
+    last ``last_k`` logged values of ``metric`` (metrics.csv).
+    """
     if source == "train_episodes":
+        if last_episodes is not None and uses_episodes(run, metric, last_episodes):
+            if last_episodes < 1:
+                raise ValueError(f"last_episodes must be >= 1, got {last_episodes}")
+            returns = run.episodes["return"]
+            return float(returns[-last_episodes:].mean()), float(run.episodes["step"][-1])
         if last_k < 1:
             raise ValueError(f"last_k must be >= 1, got {last_k}")
         steps, values = run.curve(metric)
@@ -292,6 +328,12 @@ def final_score(
         series = run.evals[split]
         return float(series.mean_returns[-last_k_evals:].mean()), float(series.steps[-1])
     raise ValueError(f"unknown score source {source!r}; valid: {', '.join(SCORE_SOURCES)}")
+
+
+def uses_episodes(run: RunRecord, metric: str = "episode_return", last_episodes: int | None = 100) -> bool:
+    """Whether the ``train_episodes`` score of ``run`` comes from episodes.csv (see :func:`final_score`)."""
+    return (last_episodes is not None and metric == "episode_return" and run.episodes is not None
+            and run.episodes["return"].size > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +357,7 @@ def write_synthetic_run(
     checkpoint: bool = False,
     env_options: dict | None = None,
     extra_config: dict | None = None,
+    train_episodes: Sequence[tuple[int, float]] | None = None,
 ) -> Path:
     """Write a run directory with known curves.
 
@@ -376,6 +419,13 @@ def write_synthetic_run(
                             " ".join(repr(float(r)) for r in per_episode),
                         ]
                     )
+
+    if train_episodes is not None:
+        with open(path / "episodes.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "env", "return", "length", "level", "task"])
+            for step, ret in train_episodes:
+                writer.writerow([int(step), 0, repr(float(ret)), 10, "", ""])
 
     if checkpoint:
         (path / "checkpoints").mkdir(exist_ok=True)
