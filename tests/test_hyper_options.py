@@ -280,3 +280,17 @@ def test_sac_soft_probe_samples_the_policy_and_adds_minus_alpha_log_pi():
     plain, _ = build_algo(_cheetah_config("sac-hyper"))
     assert plain.gradient_probe(envs).rollout_policy is None
     envs.close()
+
+
+def test_logged_fractions_include_the_papers_figure_3bc_thresholds():
+    """Figure 3b-c plots the fraction of states with CS > 0.25 and > 0.75: both are logged columns,
+    computed as strict fractions over the states with a defined cosine (NaN: below every threshold)."""
+    from aclab.analysis.grad_accuracy import GradientAccuracyResult
+
+    cosine = np.array([0.2, 0.3, 0.8, 0.74, np.nan])
+    empty = np.zeros((5, 1))
+    metrics = GradientAccuracyResult(cosine=cosine, true_gradient=empty, critic_gradient=empty, actions=empty,
+                                     returns=empty, obs=empty).metrics()
+    assert metrics["grad_cs/frac_gt_0.25"] == pytest.approx(3 / 5)
+    assert metrics["grad_cs/frac_gt_0.75"] == pytest.approx(1 / 5)
+    assert metrics["grad_cs/mean"] == pytest.approx(np.mean([0.2, 0.3, 0.8, 0.74]))

@@ -77,8 +77,9 @@ def report(out: Path) -> str:
                 "frac_0.25": np.nanmean([_float(r["grad_cs/frac_gt_0.25"]) for r in run_grads]),
                 "frac_0.75": np.nanmean([_float(r["grad_cs/frac_gt_0.75"]) for r in run_grads]),
             }
+    grad_steps = ", ".join(f"{s:,}" for s in sorted({int(r["step"]) for r in grads}))
     lines = [f"Final evaluation at {final_step} steps (mean action, 5 episodes per run); gradient accuracy = mean "
-             "over the run's measurements (every 5,000 steps, 15 states x 15 actions). Point estimate "
+             f"over the run's measurements (at {grad_steps} steps, 15 states x 15 actions). Point estimate "
              "[95% stratified-bootstrap CI] across runs.", "",
              "| arm | runs | final return: mean | final return: IQM | mean CS | fraction CS > 0.25 | "
              "fraction CS > 0.75 |", "| --- | --- | --- | --- | --- | --- | --- |"]

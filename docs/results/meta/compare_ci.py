@@ -1,19 +1,21 @@
-"""MAML on 2-D navigation (maml-point-nav-cpu) with 5 seeds per policy and the gradient-noise experiment
-(hypernetwork paper, Figure 5) on every seed's final checkpoint: data, 95% bootstrap CIs, plots.
+"""MAML on HalfCheetah-Fwd-Back (maml-halfcheetah-fwd-back-cpu, 20 meta-iterations) with 5 seeds per policy
+and the gradient-noise experiment (hypernetwork paper, Figure 5) on every Context-MAML and Hyper-MAML seed's
+final checkpoint: data, 95% bootstrap CIs, plots.
 
-Runs (one per command; see docs/meta_rl.md):
+Runs (one per command): docs/results/meta/run_maml_fwd_back.sh ROOT, i.e.
 
-    aclab train maml | maml-context | maml-hyper --preset maml-point-nav-cpu --seed S --run-dir ROOT/<algo>-sS
-    aclab analyze gradient-noise ROOT/<algo>-sS --updates 12 --device cpu --out ROOT/noise-<algo>-sS.json
+    aclab train maml | maml-context | maml-hyper --preset maml-halfcheetah-fwd-back-cpu --total-steps 320000 \
+        --seed S --run-dir ROOT/<algo>-sS --set params.eval_every=5
+    aclab analyze gradient-noise ROOT/<algo>-sS --updates 8 --episodes 2 --device cpu --out ROOT/noise-<algo>-sS.json
 
 Then:
 
     .venv/bin/python docs/results/meta/compare_ci.py collect ROOT docs/results/meta
     .venv/bin/python docs/results/meta/compare_ci.py report docs/results/meta
 
-``collect`` writes ``maml_point_nav_5seeds.csv`` (test-task returns before / after adaptation at every
+``collect`` writes ``maml_fwd_back_5seeds.csv`` (test-task returns before / after adaptation at every
 evaluation) and ``gradient_noise_5seeds.csv`` (the returns of every independently updated policy);
-``report`` reads only those files and writes ``summary_5seeds.md``, ``maml_point_nav_5seeds.png`` and
+``report`` reads only those files and writes ``summary_5seeds.md``, ``maml_fwd_back_5seeds.png`` and
 ``gradient_noise_5seeds.png``. Intervals: stratified percentile bootstrap over runs (rliable via
 aclab.evaluate.stats) for means and IQMs; for ratios of two policies' mean spreads, a percentile
 bootstrap resampling each policy's runs independently (numpy, 5000 draws).
@@ -35,6 +37,7 @@ import numpy as np  # noqa: E402
 from aclab.evaluate.stats import aggregate_intervals, probability_of_improvement_intervals  # noqa: E402
 
 ALGOS = {"maml": "Vanilla-MAML", "maml-context": "Context-MAML", "maml-hyper": "Hyper-MAML"}
+CURVES_CSV, CURVES_PNG = "maml_fwd_back_5seeds.csv", "maml_fwd_back_5seeds.png"
 COLOURS = {"maml": "tab:gray", "maml-context": "tab:blue", "maml-hyper": "tab:red"}
 
 
@@ -55,7 +58,7 @@ def collect(root: Path, out: Path) -> None:
             noise.append({"algo": algo, "seed": seed, "update": i, "return_pre": pre, "return_post": post,
                           "checkpoint_pre": data["return_pre_before_update"],
                           "checkpoint_post": data["return_post_before_update"]})
-    for name, rows in (("maml_point_nav_5seeds.csv", curves), ("gradient_noise_5seeds.csv", noise)):
+    for name, rows in ((CURVES_CSV, curves), ("gradient_noise_5seeds.csv", noise)):
         with (out / name).open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -70,7 +73,7 @@ def _ratio_interval(x: np.ndarray, y: np.ndarray, reps: int = 5000, seed: int = 
 
 
 def report(out: Path) -> str:
-    curves = list(csv.DictReader((out / "maml_point_nav_5seeds.csv").open()))
+    curves = list(csv.DictReader((out / CURVES_CSV).open()))
     algos = [a for a in ALGOS if any(r["algo"] == a for r in curves)]
     final_step = max(int(r["step"]) for r in curves)
     final = {a: {k: np.array([[float(r[k])] for r in curves if r["algo"] == a and int(r["step"]) == final_step])
@@ -79,8 +82,9 @@ def report(out: Path) -> str:
     pre = aggregate_intervals({a: final[a]["return_pre"] for a in algos}, metrics=("mean", "iqm"), reps=5000)
     post = aggregate_intervals({a: final[a]["return_post"] for a in algos}, metrics=("mean", "iqm"), reps=5000)
     gains = aggregate_intervals(gain, metrics=("mean",), reps=5000)
-    lines = [f"MAML on 2-D navigation, maml-point-nav-cpu, final evaluation ({final_step} env steps): mean return per "
-             "test episode on the 20 held-out tasks. Point estimate [95% stratified-bootstrap CI] across runs.", "",
+    lines = [f"MAML on HalfCheetah-Fwd-Back, maml-halfcheetah-fwd-back-cpu, final evaluation ({final_step} env steps): "
+             "mean return per test episode on the 20 test tasks. Point estimate [95% stratified-bootstrap CI] "
+             "across runs.", "",
              "| policy | runs | before adaptation: mean | IQM | after one inner step: mean | IQM | "
              "gain from adaptation |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for a in algos:
@@ -126,6 +130,14 @@ def report(out: Path) -> str:
             for key, label in (("return_pre", "before adaptation"), ("return_post", "after adaptation")):
                 r, lo, hi = _ratio_interval(spread["maml-context"][key], spread["maml-hyper"][key])
                 lines.append(f"- Context-MAML / Hyper-MAML spread, {label}: {r:.2f} [{lo:.2f}, {hi:.2f}]")
+        amp = aggregate_intervals({a: (spread[a]["return_post"] / spread[a]["return_pre"])[:, None] for a in nalgos},
+                                  metrics=("mean",), reps=5000)
+        lines += ["", "Spread after / before adaptation per run (what the inner step adds), mean [95% CI]: "
+                      + "; ".join(f"{ALGOS[a]} {amp[a]['mean']}" for a in nalgos)]
+        lines += ["", "Per run (seed: std before / after):", ""]
+        for a in nalgos:
+            cells = ", ".join(f"{x:.3f} / {y:.3f}" for x, y in zip(spread[a]["return_pre"], spread[a]["return_post"]))
+            lines.append(f"- {ALGOS[a]}: {cells}")
         _plot_noise(out, nalgos, spread)
     table = "\n".join(lines) + "\n"
     (out / "summary_5seeds.md").write_text(table)
@@ -150,7 +162,7 @@ def _plot_curves(out: Path, algos: list[str], curves: list[dict]) -> None:
     axes[0].set_ylabel("mean return (min-max over runs)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "maml_point_nav_5seeds.png", dpi=90)
+    fig.savefig(out / CURVES_PNG, dpi=90)
     plt.close(fig)
 
 
