@@ -235,12 +235,17 @@ def test_hyper_pearl_log_std_head_bound_and_critic_calibration():
         assert cols[..., :3].abs().max() <= AUTHORS_OUTPUT_HEAD_BOUND
         assert cols[..., :3].abs().max() > 0.5 * AUTHORS_OUTPUT_HEAD_BOUND
         assert cols[..., 3:].abs().max() <= AUTHORS_LOG_STD_HEAD_BOUND
+    # the point starts at (20, 20): its states are far from the standard-normal inputs of the construction-time
+    # calibration (which leaves layer-1 weights ~8x nn.Linear's scale here), so only a calibration on the
+    # initial data gives nn.Linear's std 1 / sqrt(3 fan_in) (up to the random heads' spread: the states are
+    # nearly one point, so the std is over ~80 generated weights, ~8% noise; the mutant gives ~8.5x)
+    torch.manual_seed(0)
     algo = _pearl("pearl-hyper", **{"env.options": {"horizon": 10, "goal_low": 2.0, "goal_high": 4.0,
-                                                     "max_action": 1.0}})
+                                                     "max_action": 1.0, "start_low": 20.0, "start_high": 20.0}})
     algo.iterate(None)  # initial data, calibration, one gradient step
     states = torch.as_tensor(np.concatenate([algo.replay.obs[t, : algo.replay.size[t]] for t in range(3)]))
     for critic in (algo.vf_target, algo.qf):
         net = critic.net.net
         with torch.no_grad():
             w1 = net.dynamic_layers(states)[0].weight
-        assert abs(float(w1.std()) * math.sqrt(3 * net.layer_dims[0][0]) - 1.0) < 0.1
+        assert abs(float(w1.std()) * math.sqrt(3 * net.layer_dims[0][0]) - 1.0) < 0.25

@@ -43,6 +43,7 @@ from aclab.core.distributions_extra import Beta, make_extra_distribution
 from aclab.core.returns import gae
 from aclab.data.rollout import RolloutCollector, shuffled_minibatches
 from aclab.nets.agents import ActorCritic
+from aclab.runs import check_stop
 
 
 class TrustRegionViolation(RuntimeError):
@@ -325,6 +326,7 @@ class FixPO:
             clean = True
             order = torch.randperm(n, generator=self.generator, device=self.generator.device)
             for chunk in torch.split(order, p.fixup_minibatch_size):
+                check_stop()
                 kl = self.dist.kl(batch["old_params"][chunk], self.net.dist_params(batch["obs"][chunk]))
                 stat = kl_statistic(kl.detach(), p.kl_target)
                 if float(stat) <= p.eps_kl:  # one host sync per minibatch: the exit test needs it

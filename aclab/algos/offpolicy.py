@@ -33,6 +33,7 @@ from aclab.config import ConfigError, require
 from aclab.data.replay import ReplayBatch, ReplayBuffer
 from aclab.nets.critics import BASELINE_INITS, CRITIC_KINDS, HYPER_CRITIC_KINDS, make_critic, xavier_init_linear
 from aclab.nets.hyper import HYPER_INITS, PRIMARY_INITS
+from aclab.runs import check_stop
 
 CriticKind = Literal["mlp", "mlp_small", "mlp_large", "resnet_features", "res35", "d2rl", "sa_hyper", "as_hyper"]
 
@@ -384,6 +385,7 @@ class OffPolicyLoop:
         lengths: list[np.ndarray] = []
         updates = 0
         for _ in range(vec_steps):
+            check_stop()
             obs = envs.obs
             valid = ~envs.next_is_dummy
             if self.steps < learning_starts:
