@@ -303,12 +303,14 @@ def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: 
 
 
 def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions: int = 15, horizon: int = 0,
-                          independent_states: bool = False, num_envs: int | None = None, seed: int | None = None,
-                          device: str = "auto", threads: int | None = None) -> dict:
+                          independent_states: bool | None = None, num_envs: int | None = None,
+                          seed: int | None = None, device: str = "auto", threads: int | None = None) -> dict:
     """Hypernetwork paper Section 3.2 / Figure 3 on a TD3 or SAC checkpoint: cosine similarity between the
     critic's action-gradient and the least-squares "true" gradient from repeated-action rollouts
     (:func:`aclab.analysis.grad_accuracy.measure_gradient_accuracy`; MuJoCo envs, which save and restore
-    state). ``horizon = 0`` rolls out to the time limit (the authors' choice)."""
+    state; the env is built with the run's ``env.options``). ``horizon = 0`` rolls out to the time limit
+    (the authors' choice); ``independent_states`` (None: the run's
+    ``params.grad_accuracy_independent_states``) draws each state from its own reset."""
     from aclab.algos.offpolicy import make_analysis_env
     from aclab.analysis.grad_accuracy import measure_gradient_accuracy
 
@@ -318,6 +320,8 @@ def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions
         raise ValueError(f"gradient-accuracy needs an off-policy actor-critic run (td3, sac); this run is "
                          f"{loaded.config.algo!r}")
     seed = loaded.config.seed + ANALYSIS_SEED_OFFSET if seed is None else seed
+    if independent_states is None:
+        independent_states = bool(getattr(loaded.config.params, "grad_accuracy_independent_states", True))
     envs = make_analysis_envs(loaded, num_envs=1, seed=seed)  # carries the run's frozen obs normalisation
     env = make_analysis_env(loaded.config.env.id, loaded.config.env.options)
     try:
@@ -328,7 +332,7 @@ def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions
     finally:
         env.close()
         envs.close()
-    return {**_header(loaded, "gradient_accuracy"), **result.metrics(),
+    return {**_header(loaded, "gradient_accuracy"), "independent_states": independent_states, **result.metrics(),
             "cosines": [float(c) for c in result.cosine]}
 
 

@@ -118,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--updates", type=int, default=50, help="gradient-noise: independent meta-updates")
     p.add_argument("--horizon", type=int, default=0,
                    help="gradient-accuracy: rollout horizon (0: to the time limit, the authors' choice)")
+    p.add_argument("--independent-states", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient-accuracy: each state from its own reset (default: the run's "
+                        "params.grad_accuracy_independent_states, true unless set: the authors' procedure); "
+                        "--no-independent-states snapshots one policy run")
     p.add_argument("--num-transitions", type=int, default=4096, help="ood-actions: transitions")
     p.add_argument("--value", default="value", help="which critic (e.g. separate_value for sdcpg)")
     p.add_argument("--num-envs", type=int)
@@ -377,7 +381,8 @@ def _run_analysis(run_analysis, args, common) -> dict:
                                            truncation=args.truncation, **common)
     elif args.analysis == "gradient-accuracy":
         return run_analysis.run_gradient_accuracy(args.path, num_states=args.num_states or 15,
-                                                  horizon=args.horizon, **common)
+                                                  horizon=args.horizon, independent_states=args.independent_states,
+                                                  **common)
     elif args.analysis == "gradient-noise":
         return run_analysis.run_gradient_noise(args.path, updates=args.updates, episodes=args.episodes, **common)
     return run_analysis.run_ood_actions(args.path, num_transitions=args.num_transitions, **common)

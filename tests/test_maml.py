@@ -87,7 +87,7 @@ def test_task_advantages_are_returns_minus_a_per_task_linear_baseline():
                         actions=np.zeros((steps, n, 2), np.float32),
                         rewards=(rng.normal(size=(steps, n)) * valid).astype(np.float32),
                         next_obs=np.zeros((steps, n, 2), np.float32), terminated=terminated, valid=valid)
-    adv = task_advantages(traj, tasks, gamma, 1.0, 1e-5).numpy()
+    adv = task_advantages(traj, tasks, gamma, 1.0, 1e-5)[0].numpy()
     for k in range(tasks):
         feats, rets, masks = [], [], []
         for e in range(episodes):
@@ -192,17 +192,20 @@ def test_meta_loss_and_kl_are_trpos_surrogate_and_the_kl_from_the_sampling_polic
 
 
 def test_every_maml_preset_uses_the_exact_second_order_meta_gradient():
-    """MAML's meta-gradient differentiates through the inner step (MAML paper, Section 2.2); the
-    first-order approximation is an option, off in the defaults and in every preset."""
+    """MAML's meta-gradient differentiates through the inner step (MAML paper, Section 2.2; hypernetwork
+    paper, Eq. 15); the first-order approximation is an option, off in the defaults and in every preset
+    but the ``maml-hyperrl-*`` ones, which reproduce the hypernetwork authors' (first-order) code."""
     from aclab.algos.maml import MAMLConfig
     from aclab.config import load_preset
 
     assert MAMLConfig().first_order is False
     presets = sorted(path.stem for path in (Path(aclab.__file__).parent / "presets").glob("maml-*.toml"))
     assert len(presets) >= 6
+    paper = [name for name in presets if not name.startswith("maml-hyperrl-")]
+    assert len(paper) >= 6
     for name in presets:
         config = make_config(load_preset(name)[1].get("algo", "maml"), ENV, preset=name)
-        assert config.params.first_order is False, name
+        assert config.params.first_order is (name not in paper), name
 
 
 def test_fisher_vector_product_through_the_inner_step_matches_finite_differences():

@@ -144,7 +144,7 @@ def test_mujoco_smoke_and_hyper_variant():
     config = make_config("sac-hyper", "mujoco:Hopper-v4", overrides=[
         *FAST, *TINY, "total_steps=100", "env.backend=gymnasium",
         'params.critic_options={"primary_widths":[16,32],"dynamic_hidden":[8],"probe_size":64}'])
-    assert config.params.critic == "sa_hyper" and config.preset == "sac-mujoco"
+    assert config.params.critic == "sa_hyper" and config.preset == "sac-hyper-mujoco"
     algo, envs = build_algo(config)
     assert isinstance(algo, SAC) and algo.critic_optimizer.param_groups[0]["lr"] == 5e-5
     while algo.steps < 100:

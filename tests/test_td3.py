@@ -200,7 +200,8 @@ def test_hyper_critic_steps_follow_the_td3_losses(kind):
     envs.close()
     assert metrics["updates"] > 0 and checked["critic"] == metrics["updates"] and checked["actor"] >= 1
     variant = make_config("td3-hyper", "mujoco:Hopper-v4", overrides=FAST)
-    assert variant.params.critic == "sa_hyper" and variant.preset == "td3-mujoco"
+    assert variant.params.critic == "sa_hyper" and variant.preset == "td3-hyper-mujoco"  # the paper's TD3 settings
+    assert (variant.params.batch_size, variant.params.learning_starts) == (100, 1000)
 
 
 def test_gradient_accuracy_is_logged_on_mujoco():

@@ -10,15 +10,22 @@ One iteration (``iterate``), for a meta-batch of K tasks T_i drawn from the trai
        lambda = 1), normalised per task;
     3. inner step (Eq. 15): theta_i = theta - alpha grad_theta L_in(theta; D_i),
        L_in = -mean_t log pi_theta(a_t | s_t) A_t (vanilla policy gradient, ``inner_steps`` times on D_i);
-    4. D'_i = E episodes of pi_{theta_i} on T_i (post-adaptation), advantages A'_i as in 2;
+    4. D'_i = E episodes of pi_{theta_i} on T_i (post-adaptation), advantages A'_i as in 2 with the baseline
+       fitted to D'_i (``baseline_fit="post"``) or the one fitted to D_i in step 2 (``"pre"``, the authors'
+       code and pytorch-maml-rl);
     5. outer step: TRPO (:mod:`aclab.algos.trpo`) on
        L_out(theta) = mean_i -mean_t [pi_{theta_i(theta)}(a|s) / pi_{theta_i(theta_old)}(a|s)] A'_t
        subject to mean_i mean_t KL(pi_{theta_i(theta_old)} || pi_{theta_i(theta)}) <= max_kl; the Fisher
        matrix and the line search go through the inner step as well.
 
 ``first_order = false`` (default): the exact meta-gradient, differentiating through the inner
-gradient (``torch.func.grad`` inside ``vmap`` over tasks, second order); ``true``: first-order MAML
-(the inner gradient is treated as a constant).
+gradient (``torch.func.grad`` inside ``vmap`` over tasks, second order): Eq. 15 differentiates
+``log pi_{phi_i}`` with respect to ``phi`` through ``phi_i``, as MAML (Finn et al. 2017) does; ``true``:
+first-order MAML (the inner gradient is treated as a constant), what the authors' code computes for
+every policy (it copies the adapted values into the module without a graph).
+
+Hyper-MAML with ``hyper_init="kaiming"`` calibrates its heads on the training tasks' oracle contexts at
+construction (the contexts are the primary's real inputs; :meth:`aclab.nets.hyper.HyperNetwork.calibrate_heads`).
 
 Env handling: MAML owns its task sampling and per-task envs. The task family comes from the loop's
 env id (``gym:aclab/Meta...-v0``, :mod:`aclab.envs.meta`, with ``env.options`` as family options); the
@@ -54,6 +61,7 @@ from aclab.nets.hyper import HYPER_INITS, DynamicLayer, HyperPolicy
 from aclab.runs import check_stop
 
 MIN_LOG_STD = math.log(1e-6)
+CALIBRATION_TASKS = 256  # training tasks drawn to calibrate Hyper-MAML's heads when there is no fixed pool
 POLICY_KINDS = ("vanilla", "context", "hyper")
 
 
@@ -75,9 +83,10 @@ class MAMLConfig:
     max_kl: float = 0.01
     cg_iterations: int = 10
     cg_damping: float = 1e-5
-    line_search_steps: int = 15
+    line_search_steps: int = 15  # MAML's code (rllab); the authors' code: 20
     line_search_backtrack: float = 0.8
     baseline_reg: float = 1e-5
+    baseline_fit: Literal["post", "pre"] = "post"
     hidden_sizes: tuple[int, ...] = (100, 100)
     activation: Literal["relu", "tanh"] = "relu"
     log_std_init: float = 0.0
@@ -103,6 +112,7 @@ class MAMLConfig:
         require(0.0 < self.line_search_backtrack < 1.0, "params.line_search_backtrack", self.line_search_backtrack,
                 "a number in (0, 1)")
         require(self.baseline_reg > 0, "params.baseline_reg", self.baseline_reg, "a number > 0")
+        require(self.baseline_fit in ("post", "pre"), "params.baseline_fit", self.baseline_fit, "'post' or 'pre'")
         require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes), "params.hidden_sizes",
                 self.hidden_sizes, "a non-empty list of positive integers")
         require(len(self.hyper_primary_widths) >= 1, "params.hyper_primary_widths", self.hyper_primary_widths,
@@ -277,6 +287,7 @@ class TaskBatch:
     contexts: Tensor
     episode_returns: np.ndarray
     old_params: Tensor | None = None
+    baseline_weights: Tensor | None = None  # [K, F] the linear baseline used for the advantages
 
 
 def per_task(x: np.ndarray, num_tasks: int) -> Tensor:
@@ -287,21 +298,26 @@ def per_task(x: np.ndarray, num_tasks: int) -> Tensor:
     return t.movedim(0, 2).reshape(num_tasks, e * steps, *x.shape[2:])
 
 
-def task_advantages(traj: Trajectories, num_tasks: int, gamma: float, gae_lambda: float, reg: float) -> Tensor:
-    """Normalised GAE advantages ``[K, S]`` with a linear feature baseline fitted per task to the
-    discounted returns of that task's episodes (no bootstrap at the horizon, as MAML)."""
+def task_advantages(traj: Trajectories, num_tasks: int, gamma: float, gae_lambda: float, reg: float,
+                    baseline_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Normalised GAE advantages ``[K, S]`` with a linear feature baseline per task (no bootstrap at the
+    horizon, as MAML), and the baseline's weights ``[K, F]``. The baseline is fitted to the discounted
+    returns of that task's episodes, or given (``baseline_weights``, e.g. fitted to other episodes)."""
     valid = torch.as_tensor(traj.valid, dtype=torch.float64)
     rewards = torch.as_tensor(traj.rewards, dtype=torch.float64) * valid
     discounts = gamma * (1.0 - torch.as_tensor(traj.terminated, dtype=torch.float64)) * valid
-    returns = discounted_returns(rewards, discounts, torch.zeros(rewards.shape[1], dtype=torch.float64))
     features = linear_baseline_features(torch.as_tensor(traj.obs, dtype=torch.float64), valid)
     k = num_tasks
-    weights = fit_linear_baseline(per_task(features.numpy(), k), per_task(returns.numpy(), k), reg)  # [K, F]
+    if baseline_weights is None:
+        returns = discounted_returns(rewards, discounts, torch.zeros(rewards.shape[1], dtype=torch.float64))
+        weights = fit_linear_baseline(per_task(features.numpy(), k), per_task(returns.numpy(), k), reg)  # [K, F]
+    else:
+        weights = baseline_weights.detach().to(torch.float64).cpu()
     steps, n = valid.shape
     values = (features.reshape(steps, k, n // k, -1) * weights.view(1, k, 1, -1)).sum(-1).reshape(steps, n)
     values = torch.cat([values * valid, torch.zeros(1, n, dtype=values.dtype)])
     adv = gae(rewards, values, discounts, gae_lambda) * valid
-    return masked_normalize(per_task(adv.numpy(), k), per_task(traj.valid.astype(np.float64), k)).float()
+    return masked_normalize(per_task(adv.numpy(), k), per_task(traj.valid.astype(np.float64), k)).float(), weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +343,11 @@ class MAML:
         pool_rng = np.random.default_rng([config.seed, 2])
         self.train_tasks = f.sample_tasks(p.num_train_tasks, pool_rng, "train") if p.num_train_tasks else None
         self.test_tasks = f.sample_tasks(p.num_test_tasks, pool_rng, "test")
+        if isinstance(self.policy, HyperMetaPolicy) and p.hyper_init == "kaiming":
+            # the paper's init on the primary's real inputs: the training tasks' contexts
+            tasks = self.train_tasks if self.train_tasks is not None else f.sample_tasks(
+                CALIBRATION_TASKS, np.random.default_rng([config.seed, 3]), "train")
+            self.policy.hyper.net.calibrate_heads(self.contexts_of(tasks))
         self._batch_envs: dict[int, BatchTaskEnv] = {}
         self.steps = 0
         self.iteration = 0
@@ -398,11 +419,12 @@ class MAML:
             dist_t = torch.cat([dist_t, pad])
         return traj, dist_t
 
-    def task_batch(self, traj: Trajectories, tasks: np.ndarray, dist: Tensor | None = None) -> TaskBatch:
+    def task_batch(self, traj: Trajectories, tasks: np.ndarray, dist: Tensor | None = None,
+                   baseline_weights: Tensor | None = None) -> TaskBatch:
         k = len(tasks)
         p = self.params
         dev = self.device
-        adv = task_advantages(traj, k, p.gamma, p.gae_lambda, p.baseline_reg)
+        adv, weights = task_advantages(traj, k, p.gamma, p.gae_lambda, p.baseline_reg, baseline_weights)
         return TaskBatch(
             obs=per_task(traj.obs, k).to(dev),
             actions=per_task(traj.actions, k).to(dev),
@@ -411,6 +433,7 @@ class MAML:
             contexts=self.contexts_of(tasks),
             episode_returns=traj.returns.reshape(k, -1),
             old_params=None if dist is None else per_task(dist.cpu().numpy(), k).to(dev),
+            baseline_weights=weights,
         )
 
     # ------------------------------------------------------------------ the inner step
@@ -463,7 +486,8 @@ class MAML:
         with torch.no_grad():
             adapted = self.adapt(params, pre, first_order=True)
         post_traj, dist = self.sample_episodes(tasks, episodes, adapted, True, rng, generator)
-        post = self.task_batch(post_traj, tasks, dist)
+        post = self.task_batch(post_traj, tasks, dist,
+                               pre.baseline_weights if self.params.baseline_fit == "pre" else None)
         return pre, post, pre_traj.num_steps + post_traj.num_steps
 
     def meta_update(self, pre: TaskBatch, post: TaskBatch) -> TRPOStats:

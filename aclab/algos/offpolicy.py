@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from aclab.analysis.grad_accuracy import GradientAccuracyResult, GradientProbe, measure_gradient_accuracy
 from aclab.config import ConfigError, require
 from aclab.data.replay import ReplayBatch, ReplayBuffer
-from aclab.nets.critics import CRITIC_KINDS, HYPER_CRITIC_KINDS, make_critic
+from aclab.nets.critics import BASELINE_INITS, CRITIC_KINDS, HYPER_CRITIC_KINDS, make_critic, xavier_init_linear
+from aclab.nets.hyper import HYPER_INITS, PRIMARY_INITS
 from aclab.runs import check_stop
 
 CriticKind = Literal["mlp", "mlp_small", "mlp_large", "resnet_features", "res35", "d2rl", "sa_hyper", "as_hyper"]
@@ -46,8 +47,26 @@ class OffPolicyConfig:
     critics train with ``hyper_critic_lr`` (hypernetwork paper: 5e-5), the others with ``critic_lr``.
     ``grad_accuracy_every > 0`` runs the gradient-accuracy estimator
     (:mod:`aclab.analysis.grad_accuracy`) every that many env steps on a separate Gymnasium env
-    (MuJoCo only) and logs ``grad_cs/*``; ``grad_accuracy_horizon = 0`` rolls out to the episode's
-    time limit (authors), ``> 0`` stops there and bootstraps.
+    (MuJoCo only; built with the run's ``env.options``) and logs ``grad_cs/*``;
+    ``grad_accuracy_horizon = 0`` rolls out to the episode's time limit (authors), ``> 0`` stops there
+    and bootstraps; ``grad_accuracy_independent_states`` (default, the authors' ``bias_test.py``) draws
+    each state from its own reset, ``false`` snapshots one run of the policy.
+
+    Initialisation (hypernetwork paper, Section 5.2; the authors' code as options):
+
+    * ``hyper_init`` (``sa_hyper`` / ``as_hyper``): ``"kaiming"`` (the paper: generated weights with
+      ``nn.Linear``'s variance) or ``"authors"`` (fixed head bounds 0.05 / 0.008);
+    * ``hyper_calibration``: with ``"kaiming"``, ``"data"`` (default) re-calibrates the heads on the
+      replay buffer's states (SA) or actions (AS) just before the first gradient step (the critic and its
+      target alike); ``"probe"`` keeps the construction-time calibration on standard-normal inputs;
+    * ``primary_init``: the hypernetwork primary's (and the ResNet baselines') weight bound, ``"td3"``
+      ``1/(2 sqrt(fan_in))`` or ``"sac"`` ``1/sqrt(2 fan_in)`` (the authors' SAC code);
+    * ``baseline_init``: the other critics' linear layers, ``"torch"`` (``nn.Linear``'s default) or
+      ``"xavier"`` (Xavier-uniform, zero biases: the authors' SAC code); ``resnet_feature_dim``: the ResNet
+      Features bottleneck (0: none, the paper; 10: the authors' SAC code);
+    * ``actor_init``: the actor's layers, ``"torch"`` or ``"xavier"`` (the authors' SAC policy).
+
+    ``critic_options`` entries override the keys these settings pass to the critic's constructor.
     """
 
     buffer_size: int = 1_000_000
@@ -72,6 +91,13 @@ class OffPolicyConfig:
     grad_accuracy_repeat: int = 3
     grad_accuracy_horizon: int = 0
     grad_accuracy_start_steps: int = 1000
+    grad_accuracy_independent_states: bool = True
+    hyper_init: Literal["kaiming", "authors"] = "kaiming"
+    hyper_calibration: Literal["data", "probe"] = "data"
+    primary_init: Literal["td3", "sac"] = "td3"
+    baseline_init: Literal["torch", "xavier"] = "torch"
+    resnet_feature_dim: int = 0
+    actor_init: Literal["torch", "xavier"] = "torch"
 
     def validate(self) -> None:
         require(self.buffer_size >= 1, "params.buffer_size", self.buffer_size, "an integer >= 1")
@@ -100,6 +126,13 @@ class OffPolicyConfig:
                 "an integer >= 0 (0: to the episode's time limit)")
         require(self.grad_accuracy_start_steps >= 1, "params.grad_accuracy_start_steps",
                 self.grad_accuracy_start_steps, "an integer >= 1")
+        for name, allowed in (("hyper_init", HYPER_INITS), ("hyper_calibration", ("data", "probe")),
+                              ("primary_init", PRIMARY_INITS), ("baseline_init", BASELINE_INITS),
+                              ("actor_init", BASELINE_INITS)):
+            value = getattr(self, name)
+            require(value in allowed, f"params.{name}", value, "one of " + ", ".join(allowed))
+        require(self.resnet_feature_dim >= 0, "params.resnet_feature_dim", self.resnet_feature_dim,
+                "an integer >= 0 (0: the 1024 features, no bottleneck)")
 
     @property
     def critic_learning_rate(self) -> float:
@@ -118,6 +151,18 @@ def _relu_mlp(layers: nn.ModuleList, x: Tensor) -> Tensor:
     for layer in layers[:-1]:
         x = torch.relu(layer(x))
     return layers[-1](x)
+
+
+def init_actor_(actor: nn.Module, init: str) -> nn.Module:
+    """``init="torch"``: leave ``nn.Linear``'s default; ``"xavier"``: Xavier-uniform weights and zero biases
+    on every ``nn.Linear`` (the authors' SAC policy network). Returns ``actor``."""
+    if init == "xavier":
+        for layer in actor.modules():
+            if isinstance(layer, nn.Linear):
+                xavier_init_linear(layer)
+    elif init != "torch":
+        raise ValueError(f"unknown actor init {init!r}; expected one of {BASELINE_INITS}")
+    return actor
 
 
 class DeterministicActor(nn.Module):
@@ -174,14 +219,52 @@ class NumpyMLP:
         return x @ weight + bias
 
 
+def critic_init_options(params: OffPolicyConfig) -> dict:
+    """The constructor options the initialisation settings give critic ``params.critic`` (class
+    docstring of :class:`OffPolicyConfig`), overridden by ``params.critic_options``."""
+    kind = params.critic
+    if kind in HYPER_CRITIC_KINDS:
+        options = {"init": params.hyper_init, "primary_init": params.primary_init}
+    elif kind == "resnet_features":
+        options = {"init": params.baseline_init, "primary_init": params.primary_init,
+                   "feature_dim": params.resnet_feature_dim}
+    elif kind == "res35":
+        options = {"init": params.baseline_init, "primary_init": params.primary_init}
+    else:
+        options = {"init": params.baseline_init}
+    return {**options, **dict(params.critic_options)}
+
+
 def build_critic(params: OffPolicyConfig, obs_dim: int, action_dim: int, device: torch.device) -> nn.Module:
     """Twin critics of kind ``params.critic``; a bad ``params.critic_options`` key is a ConfigError."""
     try:
-        critic = make_critic(params.critic, obs_dim, action_dim, 2, **dict(params.critic_options))
-    except TypeError as exc:
+        critic = make_critic(params.critic, obs_dim, action_dim, 2, **critic_init_options(params))
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid params.critic_options={params.critic_options!r} for critic "
                           f"{params.critic!r}: {exc}") from exc
     return critic.to(device)
+
+
+CALIBRATION_STATES = 4096
+
+
+@torch.no_grad()
+def calibrate_critic_on_replay(params: OffPolicyConfig, critic: nn.Module, critic_target: nn.Module,
+                               buffer: ReplayBuffer, device: torch.device) -> bool:
+    """The paper's head initialisation on real data (hypernetwork paper, Section 5.2): re-calibrate a
+    ``kaiming`` hyper critic's heads on up to :data:`CALIBRATION_STATES` stored transitions (evenly
+    spaced over the filled rows; no random draw) and copy the result into the target critic. Called
+    before the first gradient step, when the buffer holds the warm-up data. Returns whether it did
+    anything (False for other critics, ``hyper_calibration = "probe"``, ``init="authors"``)."""
+    if params.hyper_calibration != "data" or not hasattr(critic, "calibrate") or len(buffer) == 0:
+        return False
+    count = min(len(buffer), CALIBRATION_STATES)
+    rows = np.unique(np.linspace(0, len(buffer) - 1, count).round().astype(np.int64))
+    batch = buffer.gather(rows, device)
+    if critic.calibrate(batch.obs, batch.actions) is None:
+        return False
+    critic_target.load_state_dict(critic.state_dict())
+    return True
 
 
 def polyak_update(targets: list[Tensor], sources: list[Tensor], tau: float) -> None:
@@ -226,17 +309,26 @@ def freeze(module: nn.Module) -> nn.Module:
 # The loop
 # ----------------------------------------------------------------------------------------------
 def make_analysis_env(env_id: str, options: dict | None = None) -> gymnasium.Env:
-    """A single Gymnasium env for the gradient-accuracy estimator (needs save/restore: MuJoCo)."""
+    """A single Gymnasium env for the gradient-accuracy estimator (needs save/restore: MuJoCo), built with
+    the run's env ``options`` as Gymnasium keyword arguments, so that its reward and observations are the
+    training env's (e.g. Ant's ``ctrl_cost_weight`` and ``use_contact_forces``). Options Gymnasium does
+    not take (EnvPool's config keys) raise a ValueError naming them: train with ``env.backend =
+    "gymnasium"`` and Gymnasium's keywords then."""
     from aclab.envs.registry import parse_env_id
 
     family, name = parse_env_id(env_id)
     if family not in ("mujoco", "gym"):
         raise ValueError(f"gradient accuracy needs a Gymnasium MuJoCo env (state save/restore); {env_id!r} is "
                          f"{family}")
-    kwargs = {}
-    if options and "max_episode_steps" in options:
-        kwargs["max_episode_steps"] = int(options["max_episode_steps"])
-    return gymnasium.make(name, **kwargs)
+    kwargs = dict(options or {})
+    if "max_episode_steps" in kwargs:
+        kwargs["max_episode_steps"] = int(kwargs["max_episode_steps"])
+    try:
+        return gymnasium.make(name, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"gradient accuracy rebuilds {name} with env.options={options!r} through Gymnasium, "
+                         f"which does not take them ({exc}); use env.backend='gymnasium' with Gymnasium's "
+                         "keyword arguments") from exc
 
 
 class OffPolicyLoop:
@@ -332,7 +424,7 @@ class OffPolicyLoop:
             self._analysis_env, probe, num_states=p.grad_accuracy_states, num_actions=p.grad_accuracy_actions,
             noise_std=p.grad_accuracy_noise, repeat=p.grad_accuracy_repeat, gamma=p.gamma,
             horizon=p.grad_accuracy_horizon or None, max_start_steps=p.grad_accuracy_start_steps,
-            rng=self.analysis_rng)
+            independent_states=p.grad_accuracy_independent_states, rng=self.analysis_rng)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -21,13 +21,19 @@ z is detached everywhere except in L_Q (the encoder learns from the critic and t
 Models (``params.model``): ``"mlp"``: the inputs concatenated (PEARL); ``"hyper"`` (Hyper-PEARL, the
 spec's wiring): policy ``f_{w(z)}(s)`` (z -> primary, state -> dynamic), ``Q = f_{w(s)}([a, z])``,
 ``V = f_{w(s)}(z)`` (the context as a base variable, hypernetwork paper, Section 3 end), with the learning rates of
-the paper (Q/V 5e-5, policy 1e-4).
+the paper (Q/V 5e-5, policy 1e-4; the authors' code too). With ``hyper_init="kaiming"`` the Q and V heads
+are calibrated on the initial data's states before the first gradient step (the policy's meta-input is
+z, whose prior N(0, I) is what the construction-time calibration already uses); ``"authors"``: the
+authors' fixed head bounds, with their separate log-std head's 0.001 (:class:`aclab.nets.hyper.HyperPolicy`).
 
 Data (PEARL Algorithm 1): per-task replay buffers for the RL batch and separate per-task encoder buffers
-for the context. Each iteration, for ``num_tasks_sample`` training tasks: the task's encoder buffer is
-cleared; episodes with z from the prior (``num_steps_prior``, into both buffers), episodes with z
-from the posterior of that fresh context (``num_steps_posterior``, both buffers;
-``num_extra_rl_steps_posterior``, RL buffer only); then ``num_train_steps_per_itr`` gradient steps.
+for the context. Each iteration, for ``num_tasks_sample`` training tasks drawn with replacement: the
+task's encoder buffer is cleared; episodes with z from the prior (``num_steps_prior``, into both
+buffers), episodes with z from the posterior of that fresh context (``num_steps_posterior``, both
+buffers; ``num_extra_rl_steps_posterior``, RL buffer only); then ``num_train_steps_per_itr`` gradient
+steps. Distinct tasks are collected side by side; a task drawn twice is collected again after its first
+collection, clearing its encoder buffer again (:func:`collection_rounds`), as the PEARL code's
+sequential loop does: its encoder buffer then holds the last collection only.
 Step counts are rounded up to whole episodes. Meta-test (PEARL Algorithm 2, posterior sampling):
 per task, z from the prior for the first ``num_exp_traj_eval`` episodes, then z sampled from the
 posterior of all transitions seen so far in the task, deterministic actions; logged as
@@ -302,6 +308,21 @@ class TaskReplay:
                 getattr(self, name)[t, : len(data)] = data.numpy()
 
 
+def collection_rounds(task_ids: Sequence[int]) -> list[np.ndarray]:
+    """Split a draw of task ids (with repeats) into rounds of distinct tasks, in order: round ``r`` holds
+    every task's ``r``-th occurrence, e.g. ``[3, 5, 3, 7, 3] -> [[3, 5, 7], [3], [3]]``. Collecting the
+    rounds one after the other, each task's occurrences come in draw order, as in PEARL's sequential loop."""
+    rounds: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for task in (int(t) for t in task_ids):
+        r = seen.get(task, 0)
+        seen[task] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(task)
+    return [np.array(r, dtype=np.int64) for r in rounds]
+
+
 def context_tensor(batch: dict[str, np.ndarray], use_next_obs: bool) -> np.ndarray:
     """Context transitions ``[K, N, D + A + 1 (+ D)]``: ``(s, a, r[, s'])``."""
     parts = [batch["obs"], batch["actions"], batch["rewards"][..., None]]
@@ -450,6 +471,23 @@ class PEARL:
         self._collected_returns.append(np.concatenate(returns))
         return total
 
+    @torch.no_grad()
+    def calibrate_hyper_critics(self, max_states: int = 4096) -> bool:
+        """Hyper-PEARL with ``hyper_init="kaiming"``: calibrate the Q and V heads on states of the initial
+        data (evenly spaced rows of every task's buffer, up to ``max_states``) and copy V into its target.
+        Returns whether it did anything."""
+        if self.params.model != "hyper" or self.params.hyper_init != "kaiming":
+            return False
+        states = np.concatenate([self.replay.obs[t, : self.replay.size[t]] for t in range(self.replay.num_tasks)])
+        if not len(states):
+            return False
+        rows = np.unique(np.linspace(0, len(states) - 1, min(len(states), max_states)).round().astype(np.int64))
+        obs = torch.as_tensor(states[rows], device=self.device)
+        for critic in (self.qf, self.vf):
+            critic.net.net.calibrate_heads(obs)
+        self.vf_target.load_state_dict(self.vf.state_dict())
+        return True
+
     # ------------------------------------------------------------------ one gradient step
     def update(self, task_ids: np.ndarray) -> Tensor:
         """One PEARL/SAC step on a meta-batch; returns the losses as a tensor (no host sync)."""
@@ -559,14 +597,16 @@ class PEARL:
         if not self.initialized:
             all_tasks = np.arange(p.num_train_tasks)
             steps += self.collect(all_tasks, p.num_initial_steps, None, True)
+            self.calibrate_hyper_critics()
             self.initialized = True
         sampled = self.rng.integers(0, p.num_train_tasks, size=p.num_tasks_sample)  # with replacement (PEARL)
-        if p.num_steps_prior + p.num_steps_posterior > 0:
-            for task in np.unique(sampled):
-                self.enc_replay.clear(int(task))
-        steps += self.collect(sampled, p.num_steps_prior, None, True)
-        steps += self.collect(sampled, p.num_steps_posterior, p.update_post_train, True)
-        steps += self.collect(sampled, p.num_extra_rl_steps_posterior, p.update_post_train, False)
+        for tasks in collection_rounds(sampled):
+            if p.num_steps_prior + p.num_steps_posterior > 0:
+                for task in tasks:
+                    self.enc_replay.clear(int(task))
+            steps += self.collect(tasks, p.num_steps_prior, None, True)
+            steps += self.collect(tasks, p.num_steps_posterior, p.update_post_train, True)
+            steps += self.collect(tasks, p.num_extra_rl_steps_posterior, p.update_post_train, False)
         stats = []
         for _ in range(p.num_train_steps_per_itr):
             check_stop()

@@ -14,8 +14,14 @@ One gradient step per env step (``utd_ratio``), after ``learning_starts`` unifor
 The policy's log standard deviation is bounded by ``clamp(-20, 2)`` (paper code) or, with
 ``log_std_squash="tanh"``, ``-5 + 3.5 (tanh(x) + 1)`` (CleanRL). ``log pi`` includes the tanh
 correction ``- sum log(1 - tanh(u)^2)`` (exact, :mod:`aclab.core.distributions`). Evaluation with
-``act(deterministic=True)`` uses the mean action ``tanh(mu(s))``. Actions are normalised to
-``[-1, 1]`` (see :mod:`aclab.algos.offpolicy`).
+``act(deterministic=True)`` uses the mean action ``tanh(mu(s))`` (``eval_action = "raw_mean"``: the raw
+pre-tanh mean, as the authors' SAC code evaluates). Actions are normalised to ``[-1, 1]`` (see
+:mod:`aclab.algos.offpolicy`).
+
+Names: ``sac`` (presets ``sac-<family>``) and ``sac-hyper`` (SA-Hyper critic; presets ``sac-hyper-<family>``:
+the hypernetwork paper's SAC, i.e. the SAC paper it cites (Haarnoja et al. 2018, arXiv:1801.01290):
+lr 3e-4, batch 256, a fixed temperature 0.2 (that paper's reward scale 5 with temperature 1), 1,000 random
+steps as the authors' code, for the hyper critic and the baselines alike).
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ from aclab.algos.offpolicy import (
     TanhGaussianActor,
     actor_only_step,
     build_critic,
+    calibrate_critic_on_replay,
     episode_metrics,
     freeze,
+    init_actor_,
     polyak_update,
     probe_obs_transform,
     twin_critic_step,
@@ -63,9 +71,13 @@ class SACConfig(OffPolicyConfig):
     log_std_min: float = -20.0
     log_std_max: float = 2.0
     log_std_squash: Literal["clamp", "tanh"] = "clamp"
+    eval_action: Literal["tanh_mean", "raw_mean"] = "tanh_mean"
+    grad_accuracy_soft: bool = False
 
     def validate(self) -> None:
         super().validate()
+        require(self.eval_action in ("tanh_mean", "raw_mean"), "params.eval_action", self.eval_action,
+                "'tanh_mean' or 'raw_mean'")
         require(self.alpha >= 0, "params.alpha", self.alpha, "a number >= 0")
         require(self.alpha_lr > 0, "params.alpha_lr", self.alpha_lr, "a number > 0")
         require(self.policy_frequency >= 1, "params.policy_frequency", self.policy_frequency, "an integer >= 1")
@@ -91,8 +103,8 @@ class SAC:
         p = self.params
         self.loop = OffPolicyLoop(config, env_spec, device)
         obs_dim, action_dim = self.loop.obs_dim, self.loop.action_dim
-        self.actor = TanhGaussianActor(obs_dim, action_dim, p.actor_hidden, p.log_std_min, p.log_std_max,
-                                       p.log_std_squash).to(device)
+        self.actor = init_actor_(TanhGaussianActor(obs_dim, action_dim, p.actor_hidden, p.log_std_min, p.log_std_max,
+                                                   p.log_std_squash), p.actor_init).to(device)
         self.critic = build_critic(p, obs_dim, action_dim, device)
         self.critic_target = freeze(copy.deepcopy(self.critic))
         self.actor_optimizer = make_adam(self.actor.parameters(), lr=p.actor_lr, eps=p.adam_eps)
@@ -137,12 +149,14 @@ class SAC:
             log_std = low + 0.5 * (high - low) * (np.tanh(raw) + 1.0)
         return mean, log_std
 
-    def _mean_action(self, obs: np.ndarray) -> np.ndarray:
+    def _mean_action(self, obs: np.ndarray, squash: bool = True) -> np.ndarray:
+        """``tanh(mu(s))`` ``[N, A]`` (``squash=False``: the raw pre-tanh mean ``mu(s)``)."""
         if self.numpy_actor is not None:
-            return np.tanh(self._numpy_params(obs)[0])
+            mean = self._numpy_params(obs)[0]
+            return np.tanh(mean) if squash else mean
         with torch.no_grad():
-            params = self.actor(torch.as_tensor(obs, dtype=torch.float32, device=self.device))
-            return torch.tanh(params[:, : self.actor.action_dim]).cpu().numpy()
+            mean = self.actor(torch.as_tensor(obs, dtype=torch.float32, device=self.device))[:, : self.actor.action_dim]
+            return (torch.tanh(mean) if squash else mean).cpu().numpy()
 
     def _explore(self, obs: np.ndarray) -> np.ndarray:
         if self.numpy_actor is not None:
@@ -155,13 +169,20 @@ class SAC:
             return actions.cpu().numpy()
 
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
-        """Env-scaled actions: ``tanh(mu(s))`` when deterministic, else a sample."""
-        actions = self._mean_action(obs) if deterministic else self._explore(obs)
+        """Env-scaled actions: when deterministic ``tanh(mu(s))`` (``eval_action = "tanh_mean"``) or the raw
+        pre-tanh mean ``mu(s)`` (``"raw_mean"``, the authors' SAC evaluation; the env clips it to the
+        action bounds), else a sample."""
+        if deterministic:
+            actions = self._mean_action(obs, squash=self.params.eval_action == "tanh_mean")
+        else:
+            actions = self._explore(obs)
         return self.loop.to_env(actions)
 
     # ------------------------------------------------------------------ learning
     def update(self, batch: ReplayBatch) -> None:
         p = self.params
+        if self.critic_updates == 0:  # a kaiming hyper critic: calibrate its heads on the warm-up data
+            calibrate_critic_on_replay(p, self.critic, self.critic_target, self.loop.buffer, self.device)
         alpha = self.alpha
         with torch.no_grad():
             next_actions, next_log_prob = tanh_normal_sample_and_log_prob(self.actor(batch.next_obs), self.generator)
@@ -215,9 +236,21 @@ class SAC:
 
     # ------------------------------------------------------------------ analysis
     def gradient_probe(self, envs=None) -> GradientProbe:
-        """The mean policy, ``grad_a min_k Q_k(s, a)`` (what the SAC actor follows) and the target
-        critics' ``min_k Q'_k(s, tanh(mu(s)))`` as the bootstrap value."""
+        """The mean policy, ``grad_a min_k Q_k(s, a)`` (what the SAC actor follows) and a bootstrap value.
+
+        SAC's critic is a *soft* Q: the expected return of the stochastic policy plus its future entropy
+        bonuses ``-alpha log pi``. ``grad_accuracy_soft = false`` (default) measures it against the
+        estimator as the paper defines it for TD3 (mean-policy rollouts, rewards only; bootstrap
+        ``min_k Q'_k(s, tanh(mu(s)))``, which still holds the entropy of the steps after the horizon);
+        ``true`` makes the rollouts soft: after the repeated action the policy's sampled actions, each
+        step's reward plus ``-alpha log pi(a|s)``, and the soft value ``min_k Q'_k(s, a') - alpha log
+        pi(a'|s)`` (``a' ~ pi``) as the bootstrap, so that the "true" gradient is that of the quantity the
+        critic models (noisier: the continuations are random)."""
         device = self.device
+        soft = self.params.grad_accuracy_soft
+        generator = torch.Generator(device=device)
+        if soft:  # its own stream, drawn from the (checkpointed) analysis generator
+            generator.manual_seed(int(self.loop.analysis_rng.integers(2**62)))
 
         def critic_gradient(obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
             o = torch.as_tensor(obs, dtype=torch.float32, device=device)
@@ -226,14 +259,29 @@ class SAC:
             return grad.cpu().numpy()
 
         @torch.no_grad()
+        def soft_sample(obs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            o = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            actions, log_prob = tanh_normal_sample_and_log_prob(self.actor(o), generator)
+            return o, actions, log_prob
+
+        @torch.no_grad()
         def bootstrap(obs: np.ndarray) -> np.ndarray:
+            if soft:
+                o, actions, log_prob = soft_sample(obs)
+                value = self.critic_target(o, actions).min(dim=0).values - self.alpha * log_prob
+                return value.cpu().numpy()
             o = torch.as_tensor(obs, dtype=torch.float32, device=device)
             mean_actions = torch.tanh(self.actor(o)[:, : self.actor.action_dim])
             return self.critic_target(o, mean_actions).min(dim=0).values.cpu().numpy()
 
+        def soft_rollout_policy(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            _, actions, log_prob = soft_sample(obs)
+            return actions.cpu().numpy(), (-self.alpha * log_prob).cpu().numpy()
+
         return GradientProbe(policy=self._mean_action, critic_gradient=critic_gradient,
                              to_env_action=self.loop.to_env, bootstrap_value=bootstrap,
-                             obs_transform=probe_obs_transform(envs))
+                             obs_transform=probe_obs_transform(envs),
+                             rollout_policy=soft_rollout_policy if soft else None)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -268,6 +316,7 @@ class SAC:
 ALGORITHMS = {
     "sac": Entry(SAC, "SAC (twin critics, tanh-Gaussian actor, fixed or auto-tuned temperature); params.critic "
                       "picks the critic model"),
-    "sac-hyper": Entry(SAC, "SAC with the SA-Hyper hypernetwork critic (Sarafian et al. 2021), critic lr 5e-5",
-                       defaults={"critic": "sa_hyper"}, preset_prefix="sac"),
+    "sac-hyper": Entry(SAC, "SAC with the SA-Hyper hypernetwork critic (Sarafian et al. 2021), critic lr 5e-5, "
+                            "fixed temperature 0.2, 1k random steps", defaults={"critic": "sa_hyper"},
+                       preset_prefix="sac-hyper"),
 }

@@ -13,7 +13,12 @@ Exploration: ``clip(pi(s) + N(0, 0.1^2), -1, 1)`` in the normalised action space
 :mod:`aclab.algos.offpolicy`). Evaluation (``act(deterministic=True)``) uses ``pi(s)``. With a
 truncation (time limit) the target bootstraps from the true final observation; only ``terminated``
 cuts it. ``critic="sa_hyper"`` etc. selects the critic (:mod:`aclab.nets.critics`); hyper critics
-train at ``hyper_critic_lr`` (5e-5).
+train at ``hyper_critic_lr`` (5e-5) and, with the paper's ``hyper_init="kaiming"``, have their heads
+calibrated on the warm-up data just before the first update (:class:`aclab.algos.offpolicy.OffPolicyConfig`).
+
+Names: ``td3`` (presets ``td3-<family>``: Fujimoto's current settings) and ``td3-hyper`` (SA-Hyper critic;
+presets ``td3-hyper-<family>``: the hypernetwork paper's TD3 settings, batch 100 and 1,000 random steps,
+for the hyper critic and the baselines alike, e.g. ``aclab train td3-hyper --set params.critic=mlp``).
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from aclab.algos.offpolicy import (
     OffPolicyLoop,
     actor_only_step,
     build_critic,
+    calibrate_critic_on_replay,
     episode_metrics,
     freeze,
+    init_actor_,
     polyak_update,
     probe_obs_transform,
     twin_critic_step,
@@ -76,7 +83,7 @@ class TD3:
         p = self.params
         self.loop = OffPolicyLoop(config, env_spec, device)
         obs_dim, action_dim = self.loop.obs_dim, self.loop.action_dim
-        self.actor = DeterministicActor(obs_dim, action_dim, p.actor_hidden).to(device)
+        self.actor = init_actor_(DeterministicActor(obs_dim, action_dim, p.actor_hidden), p.actor_init).to(device)
         self.critic = build_critic(p, obs_dim, action_dim, device)
         self.actor_target = freeze(copy.deepcopy(self.actor))
         self.critic_target = freeze(copy.deepcopy(self.critic))
@@ -123,8 +130,12 @@ class TD3:
 
     # ------------------------------------------------------------------ learning
     def update(self, batch: ReplayBatch) -> None:
-        """One critic step and, every ``policy_delay`` critic steps, one actor step and target update."""
+        """One critic step and, every ``policy_delay`` critic steps, one actor step and target update.
+        Before the first one, a ``kaiming`` hyper critic is calibrated on the warm-up data
+        (:func:`aclab.algos.offpolicy.calibrate_critic_on_replay`)."""
         p = self.params
+        if self.critic_updates == 0:
+            calibrate_critic_on_replay(p, self.critic, self.critic_target, self.loop.buffer, self.device)
         with torch.no_grad():
             noise = torch.randn(batch.actions.shape, generator=self.generator, device=self.device)
             noise = (noise * p.policy_noise).clamp_(-p.noise_clip, p.noise_clip)
@@ -210,6 +221,7 @@ class TD3:
 
 ALGORITHMS = {
     "td3": Entry(TD3, "TD3 (twin critics, target smoothing, delayed actor); params.critic picks the critic model"),
-    "td3-hyper": Entry(TD3, "TD3 with the SA-Hyper hypernetwork critic (Sarafian et al. 2021), critic lr 5e-5",
-                       defaults={"critic": "sa_hyper"}, preset_prefix="td3"),
+    "td3-hyper": Entry(TD3, "TD3 with the SA-Hyper hypernetwork critic (Sarafian et al. 2021), critic lr 5e-5, "
+                            "the paper's batch 100 and 1k random steps", defaults={"critic": "sa_hyper"},
+                       preset_prefix="td3-hyper"),
 }

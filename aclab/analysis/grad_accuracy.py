@@ -4,8 +4,10 @@ analysis", Figure 3; the authors' ``bias_test.py``).
 Off-policy actors follow ``grad_a Q_theta(s, a)`` (hypernetwork paper, Eq. 5). How well does it point along the true
 ``grad_a Q^pi(s, a)``? The "true" gradient is estimated without the critic, from the simulator:
 
-1. draw ``N_s`` states from the current policy's state distribution (run the mean policy from a reset
-   and save the simulator state at random times);
+1. draw ``N_s`` states from the current policy's state distribution: per state a fresh reset and
+   ``U[0, max_start_steps)`` mean-policy steps (``independent_states=True``, the default: the authors'
+   ``bias_test.py``, whose appendix description our copy of the paper lacks), or snapshots of one run
+   at ``N_s`` random times (``False``: cheaper, but the states are correlated);
 2. at each state take the policy's mean action ``a_mu`` and ``N_r - 1`` perturbed actions
    ``clip(a_mu + N(0, sigma^2), low, high)`` (sigma = 0.3);
 3. for each action, restore the simulator, apply the action for ``repeat`` (3) steps, then follow the
@@ -37,7 +39,8 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-DEFAULT_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(10))  # 0.0, 0.1, ..., 0.9
+# 0.0, 0.1, ..., 0.9 and the paper's Figure 3b-c thresholds 0.25 and 0.75
+DEFAULT_THRESHOLDS = tuple(sorted({round(0.1 * k, 1) for k in range(10)} | {0.25, 0.75}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,6 +152,9 @@ class GradientProbe:
     bootstrap_value: ``obs [N, D]`` -> value estimate ``[N]`` added at a truncation (None: no bootstrap).
     obs_transform: raw env observations ``[N, D]`` -> what the networks see (e.g. frozen normalisation).
     action_low, action_high: bounds of the critic's action space for clipping perturbations.
+    rollout_policy: optional ``obs [N, D]`` -> ``(actions [N, A], bonus [N])`` used after the repeated
+        action instead of the mean policy, its ``bonus`` added to each step's reward (SAC's soft returns:
+        sampled actions and ``-alpha log pi(a|s)``); None: the mean policy, no bonus.
     """
 
     policy: Callable[[np.ndarray], np.ndarray]
@@ -158,6 +164,7 @@ class GradientProbe:
     obs_transform: Callable[[np.ndarray], np.ndarray] = _identity
     action_low: float = -1.0
     action_high: float = 1.0
+    rollout_policy: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 @dataclass
@@ -232,15 +239,23 @@ def rollout_return(
     gamma: float = 0.99,
     horizon: int | None = None,
 ) -> float:
-    """Discounted return from ``state``: ``action`` for ``repeat`` steps, then the mean policy, until
-    termination, truncation or ``horizon`` steps; truncation adds ``gamma^T * bootstrap_value(s_T)``."""
+    """Discounted return from ``state``: ``action`` for ``repeat`` steps, then the mean policy (or
+    ``probe.rollout_policy``, whose bonus is added to the reward), until termination, truncation or
+    ``horizon`` steps; truncation adds ``gamma^T * bootstrap_value(s_T)``."""
     obs = restore_env_state(env, state)
     total, discount = 0.0, 1.0
     limit = horizon if horizon is not None else 1_000_000
     for t in range(limit):
-        a = action if t < repeat else probe.policy(probe.obs_transform(obs[None]))[0]
+        bonus = 0.0
+        if t < repeat:
+            a = action
+        elif probe.rollout_policy is None:
+            a = probe.policy(probe.obs_transform(obs[None]))[0]
+        else:
+            actions, bonuses = probe.rollout_policy(probe.obs_transform(obs[None]))
+            a, bonus = actions[0], float(bonuses[0])
         obs, reward, terminated, truncated, _ = env.step(probe.to_env_action(a))
-        total += discount * float(reward)
+        total += discount * (float(reward) + bonus)
         discount *= gamma
         if terminated:
             return total
@@ -262,7 +277,7 @@ def measure_gradient_accuracy(
     gamma: float = 0.99,
     horizon: int | None = None,
     max_start_steps: int = 1000,
-    independent_states: bool = False,
+    independent_states: bool = True,
     rng: np.random.Generator | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
 ) -> GradientAccuracyResult:

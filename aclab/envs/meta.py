@@ -17,19 +17,35 @@ the action bounds):
 
 | name | reward | train tasks | test tasks | oracle context |
 | --- | --- | --- | --- | --- |
-| ``halfcheetah-fwd-back`` | ``d v - 0.05 ||a||^2`` | d in {-1, +1} | same | ``(d + 1) / 2`` in {0, 1} |
-| ``halfcheetah-vel`` | ``-|v - v*| - 0.05 ||a||^2`` | v* ~ U[0, 3] | same | ``v* / 3`` |
+| ``halfcheetah-fwd-back`` | ``d v - 0.05 ||a||^2`` | d in {-1, +1} | same | ``d`` in {-1, +1} |
+| ``halfcheetah-vel`` | ``-|v - v*| - 0.05 ||a||^2`` | v* ~ U[0, 3] | same | ``(v* - 0) / (3 - 0)`` |
 | ``halfcheetah-vel-medium`` | as -vel | v* ~ U[0, 2.5] | v* ~ U[2.5, 3] (OOD) | ``v* / 2.5`` (> 1 at test) |
-| ``ant-fwd-back`` | ``d v_x - 0.005 ||a||^2 - c + s`` | d in {-1, +1} | same | ``(d + 1) / 2`` |
+| ``ant-fwd-back`` | ``d v_x - 0.005 ||a||^2 - c + s`` | d in {-1, +1} | same | ``d`` |
 | ``ant-vel`` | ``-|v_x - v*| - 0.005 ||a||^2 - c + s`` | v* ~ U[0, 3] | same | ``v* / 3`` |
 | ``point-nav`` | ``-||p - g||`` | g ~ U[-0.5, 0.5]^2 | same | ``2 (g - low) / (high - low) - 1`` |
 
-Ant: ``c = 5e-4 sum clip(cfrc_ext, -1, 1)^2`` (contact cost) and ``s = 1`` while healthy (survive
-bonus), both from Gymnasium's Ant-v5; the episode terminates when the torso leaves z in [0.2, 1]
-(Gymnasium's default, as PEARL). The Ant observation is ``qpos[2:], qvel`` (27 numbers, PEARL's;
-``include_cfrc_ext_in_observation=True`` adds the contact forces). The control costs are the
-reduced ones of PEARL (hypernetwork paper, footnote 3). Direction tasks use ``d * v_x`` (the spec; the authors'
-Ant code treats d as an angle).
+HalfCheetah observation: ``qpos[1:], qvel`` and the torso's centre of mass (20 numbers; the observation
+of the PEARL code, whose tasks the hypernetwork paper follows, Section 5.1, of the MAML code and of the
+authors' code; ``torso_com_in_observation=False``: Gymnasium's 17).
+
+Ant: ``c = 5e-4 sum clip(cfrc_ext, -1, 1)^2`` (contact cost, Gymnasium's Ant-v5) and ``s`` a survive
+bonus paid while the torso height is in [0.2, 1]: ``survive_bonus`` 1.0 on ``ant-fwd-back`` (PEARL's
+Ant-Dir) and 1.05 on ``ant-vel`` (MAML's Ant-Vel: ``+1`` on the velocity term and 0.05); the episode
+terminates outside that range (Gymnasium's default, as PEARL). The Ant observation is ``qpos[2:], qvel``
+(27 numbers, PEARL's; ``include_cfrc_ext_in_observation=True`` adds the contact forces). The control
+costs are the reduced ones of PEARL (hypernetwork paper, footnote 3).
+
+Direction tasks (``direction_reward``): ``"forward"`` (default) ``d * v_x`` (PEARL's forward/backward Ant
+uses the angles 0 and pi, i.e. exactly this); ``"angle"`` (Ant only, the authors' code): ``d`` is an
+angle in radians and the reward is ``(v_x, v_y) . (cos d, sin d)``, so d = +-1 asks for diagonals at
++-57 degrees from the x axis. The authors' survive bonus is 0.05 on both Ant families (``survive_bonus``).
+
+Oracle context (hypernetwork paper, Section 5.1: "a binary indicator" for direction tasks, "a continuous
+context ... that maps to the velocities in the training distribution" for velocity tasks): direction
+``d`` itself, {-1, +1} (``direction_context="sign"``, the authors' code; ``"binary"``: ``(d + 1) / 2``
+in {0, 1}, which feeds a hypernetwork primary an all-zero input for d = -1, so that task's weights are the
+primary's biases alone); velocity ``(v* - low) / (high - low)`` over the training range (the authors
+normalise by the sampled training tasks' min and max: the same up to sampling).
 
 ``point-nav`` (MAML's 2-D navigation, Finn et al. 2017 Section 5.3; PEARL's point robot uses the same
 dynamics): the state is the position ``p`` (starts at the origin, or uniform in
@@ -218,14 +234,20 @@ class PointNavBatch:
 # MuJoCo locomotion
 # ----------------------------------------------------------------------------------------------
 def locomotion_reward(kind: str, task: float, x_velocity: float, action: np.ndarray, ctrl_cost_weight: float,
-                      extra: float = 0.0) -> float:
+                      extra: float = 0.0, y_velocity: float = 0.0, direction_reward: str = "forward") -> float:
     """The meta-RL locomotion reward for one step.
 
-    ``kind="direction"``: ``task * v``; ``kind="velocity"``: ``-|v - task|``; minus
+    ``kind="direction"``: ``task * v_x`` (``direction_reward="forward"``) or ``(v_x, v_y) . (cos task,
+    sin task)`` (``"angle"``, the authors' Ant); ``kind="velocity"``: ``-|v_x - task|``; minus
     ``ctrl_cost_weight * ||action||^2``, plus ``extra`` (Ant: survive bonus minus contact cost).
     """
     if kind == "direction":
-        forward = task * x_velocity
+        if direction_reward == "forward":
+            forward = task * x_velocity
+        elif direction_reward == "angle":
+            forward = x_velocity * np.cos(task) + y_velocity * np.sin(task)
+        else:
+            raise ValueError(f"unknown direction_reward {direction_reward!r}; expected 'forward' or 'angle'")
     elif kind == "velocity":
         forward = -abs(x_velocity - task)
     else:
@@ -238,8 +260,10 @@ class LocomotionFamily:
     """A Gymnasium MuJoCo robot with direction or target-velocity tasks; see the module docstring.
 
     Task parameters ``[1]``: the direction ``d`` or the target velocity ``v*``. ``train_range`` /
-    ``test_range`` are the uniform ranges of ``v*`` (direction tasks draw ``d`` from {-1, +1}).
-    ``context_scale``: ``v*`` is divided by it for the oracle context (the training maximum).
+    ``test_range`` are the uniform ranges of ``v*`` (direction tasks draw ``d`` from {-1, +1}); the
+    velocity context maps the training range to [0, 1]. Ant only: ``survive_bonus`` (per healthy step),
+    ``direction_reward``, ``include_cfrc_ext_in_observation``; HalfCheetah only:
+    ``torso_com_in_observation``. See the module docstring.
     """
 
     name: str
@@ -249,8 +273,12 @@ class LocomotionFamily:
     train_range: tuple[float, float] = (0.0, 3.0)
     test_range: tuple[float, float] = (0.0, 3.0)
     horizon: int = 200
-    ant_terms: bool = False  # add Gymnasium's Ant contact cost and survive bonus
+    ant_terms: bool = False  # add Gymnasium's Ant contact cost and the survive bonus
     include_cfrc_ext_in_observation: bool = False  # Ant only
+    survive_bonus: float = 1.0  # Ant only
+    direction_reward: str = "forward"  # "forward" or "angle" (Ant direction tasks)
+    direction_context: str = "sign"  # "sign" (d) or "binary" ((d + 1) / 2)
+    torso_com_in_observation: bool = False  # HalfCheetah only
 
     context_dim = 1
     task_dim = 1
@@ -263,8 +291,18 @@ class LocomotionFamily:
         for label, (low, high) in (("train_range", self.train_range), ("test_range", self.test_range)):
             if not low <= high:
                 raise ValueError(f"{self.name}: {label} must be (low, high) with low <= high, got {(low, high)}")
+        if self.direction_reward not in ("forward", "angle"):
+            raise ValueError(f"{self.name}: direction_reward must be 'forward' or 'angle', "
+                             f"got {self.direction_reward!r}")
+        if self.direction_reward == "angle" and not self.gym_id.startswith("Ant"):
+            raise ValueError(f"{self.name}: direction_reward='angle' is the authors' Ant reward; "
+                             "only Ant families take it")
+        if self.direction_context not in ("sign", "binary"):
+            raise ValueError(f"{self.name}: direction_context must be 'sign' or 'binary', "
+                             f"got {self.direction_context!r}")
         probe = self._make_env()
-        object.__setattr__(self, "obs_dim", int(np.prod(probe.observation_space.shape)))
+        com = 3 if self.torso_com_in_observation else 0
+        object.__setattr__(self, "obs_dim", int(np.prod(probe.observation_space.shape)) + com)
         object.__setattr__(self, "action_dim", int(np.prod(probe.action_space.shape)))
         object.__setattr__(self, "action_low", np.asarray(probe.action_space.low, dtype=np.float32))
         object.__setattr__(self, "action_high", np.asarray(probe.action_space.high, dtype=np.float32))
@@ -278,9 +316,12 @@ class LocomotionFamily:
         # the raw MuJoCo env: the horizon is enforced by rollout(), actions are clipped here
         return gymnasium.make(self.gym_id, disable_env_checker=True, **kwargs).unwrapped
 
-    @property
-    def context_scale(self) -> float:
-        return max(abs(self.train_range[1]), 1e-8)
+    def observe(self, env: gymnasium.Env, obs: np.ndarray) -> np.ndarray:
+        """The family's observation from the raw env's: with ``torso_com_in_observation``, the torso's
+        centre of mass ``[x, y, z]`` appended (``get_body_com("torso")``, the PEARL / MAML code's)."""
+        if not self.torso_com_in_observation:
+            return obs
+        return np.concatenate([obs, env.get_body_com("torso")])
 
     def sample_tasks(self, n: int, rng: np.random.Generator, split: str = "train") -> np.ndarray:
         _check_split(split)
@@ -290,18 +331,25 @@ class LocomotionFamily:
         return rng.uniform(low, high, size=(n, 1))
 
     def context(self, tasks: np.ndarray) -> np.ndarray:
+        """Oracle context ``[n, 1]``: direction ``d`` (or ``(d + 1) / 2``), velocity ``(v* - low) / (high -
+        low)`` over ``train_range`` (module docstring)."""
         tasks = np.asarray(tasks, dtype=np.float64).reshape(-1, 1)
         if self.kind == "direction":
-            return ((tasks + 1.0) / 2.0).astype(np.float32)
-        return (tasks / self.context_scale).astype(np.float32)
+            return (tasks if self.direction_context == "sign" else (tasks + 1.0) / 2.0).astype(np.float32)
+        low, high = self.train_range
+        return ((tasks - low) / max(high - low, 1e-8)).astype(np.float32)
 
     def make_batch_env(self, num_envs: int) -> LocomotionBatch:
         return LocomotionBatch(self, num_envs)
 
     def step_reward(self, task: float, info: dict, action: np.ndarray) -> float:
-        """The family's reward from one Gymnasium step's ``info`` and the (clipped) action."""
-        extra = float(info["reward_survive"]) + float(info["reward_contact"]) if self.ant_terms else 0.0
-        return locomotion_reward(self.kind, task, float(info["x_velocity"]), action, self.ctrl_cost_weight, extra)
+        """The family's reward from one Gymnasium step's ``info`` and the (clipped) action. Ant: Gymnasium
+        pays ``reward_survive`` = 1 on healthy steps (its healthy reward), scaled to ``survive_bonus``."""
+        extra = 0.0
+        if self.ant_terms:
+            extra = self.survive_bonus * float(info["reward_survive"]) + float(info["reward_contact"])
+        return locomotion_reward(self.kind, task, float(info["x_velocity"]), action, self.ctrl_cost_weight, extra,
+                                 float(info.get("y_velocity", 0.0)), self.direction_reward)
 
 
 class LocomotionBatch:
@@ -317,7 +365,7 @@ class LocomotionBatch:
     def reset(self, tasks: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
         self.tasks = np.asarray(tasks, dtype=np.float64).reshape(self.num_envs)
         for i, (env, seed) in enumerate(zip(self.envs, seeds)):
-            self.obs[i] = env.reset(seed=int(seed))[0]
+            self.obs[i] = self.family.observe(env, env.reset(seed=int(seed))[0])
         return self.obs.copy()
 
     def step(self, actions: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -327,7 +375,7 @@ class LocomotionBatch:
         terminated = np.zeros(self.num_envs, dtype=bool)
         for i in np.flatnonzero(active):
             obs, _, term, _, info = self.envs[i].step(actions[i])
-            self.obs[i] = obs
+            self.obs[i] = f.observe(self.envs[i], obs)
             rewards[i] = f.step_reward(self.tasks[i], info, actions[i])
             terminated[i] = term
         return self.obs.copy(), rewards, terminated
@@ -341,10 +389,14 @@ class LocomotionBatch:
 # Registry
 # ----------------------------------------------------------------------------------------------
 def _halfcheetah(name: str, kind: str, train=(0.0, 3.0), test=(0.0, 3.0), **options) -> LocomotionFamily:
-    return LocomotionFamily(name, "HalfCheetah-v5", kind, 0.05, train, test, **options)
+    options.setdefault("torso_com_in_observation", True)
+    options.setdefault("train_range", train)
+    options.setdefault("test_range", test)
+    return LocomotionFamily(name, "HalfCheetah-v5", kind, 0.05, **options)
 
 
 def _ant(name: str, kind: str, **options) -> LocomotionFamily:
+    options.setdefault("survive_bonus", 1.05 if kind == "velocity" else 1.0)
     return LocomotionFamily(name, "Ant-v5", kind, 0.005, ant_terms=True, **options)
 
 
@@ -370,11 +422,12 @@ GYM_IDS = {
 _OPTION_KEYS = {
     "point-nav": ("goal_low", "goal_high", "test_low", "test_high", "horizon", "max_action", "start_low",
                   "start_high"),
-    "halfcheetah-fwd-back": ("horizon",),
-    "halfcheetah-vel": ("horizon", "train_range", "test_range"),
-    "halfcheetah-vel-medium": ("horizon", "train_range", "test_range"),
-    "ant-fwd-back": ("horizon", "include_cfrc_ext_in_observation"),
-    "ant-vel": ("horizon", "train_range", "test_range", "include_cfrc_ext_in_observation"),
+    "halfcheetah-fwd-back": ("horizon", "torso_com_in_observation", "direction_context"),
+    "halfcheetah-vel": ("horizon", "train_range", "test_range", "torso_com_in_observation"),
+    "halfcheetah-vel-medium": ("horizon", "train_range", "test_range", "torso_com_in_observation"),
+    "ant-fwd-back": ("horizon", "include_cfrc_ext_in_observation", "survive_bonus", "direction_reward",
+                     "direction_context"),
+    "ant-vel": ("horizon", "train_range", "test_range", "include_cfrc_ext_in_observation", "survive_bonus"),
 }
 
 

@@ -23,13 +23,20 @@ calls). Shapes are ``[E, N, ...]``; an input shared by all members may be given 
 **Initialisation.** ``init="kaiming"`` (default, the paper's intent, hypernetwork paper, Section 5.2): the heads are
 scaled so that the generated weights and biases of each dynamic layer have the variance of PyTorch's
 ``nn.Linear`` default (Kaiming-uniform with ``a = sqrt(5)``: ``U(+-1/sqrt(fan_in))``, variance
-``1 / (3 fan_in)``), measured by passing a probe batch of standard-normal meta-inputs through the
-primary: with head weights ``U(+-c)`` and zero head biases, ``Var(W_ij) = E||e||^2 c^2 / 3``, so
-``c = sqrt(3 target_var / E||e||^2)``. Gains start at exactly 1 (zero gain-head weights).
-:meth:`HyperNetwork.calibrate_heads` re-does this with real meta-inputs. ``init="authors"``: the
-authors' code constants: head weights ``U(+-0.05)`` for the hidden dynamic layers and ``U(+-0.008)``
-for the output layer (weights, biases and gains alike), head biases 0. The primary network uses the
-authors' ``U(+-1/(2 sqrt(fan_in)))`` weights (torch's default biases) in both cases.
+``1 / (3 fan_in)``), measured by passing a batch of meta-inputs through the primary: with head weights
+``U(+-c)`` and zero head biases, ``Var(W_ij) = E||e||^2 c^2 / 3``, so ``c = sqrt(3 target_var / E||e||^2)``.
+Gains start at exactly 1 (zero gain-head weights). At construction the batch is standard normal (a
+placeholder); :meth:`HyperNetwork.calibrate_heads` re-does it with the real meta-inputs, which the
+training code calls when learning starts (TD3 / SAC: the replay buffer's states; MAML: the training
+tasks' contexts; PEARL: the initial data's states), because real states are not standard normal
+(HalfCheetah's velocities reach ~10: the probe-calibrated layer-1 weights come out ~2x too large).
+``init="authors"``: the authors' code constants: head weights ``U(+-0.05)`` for the hidden dynamic
+layers and ``U(+-0.008)`` for the output layer (weights, biases and gains alike; a policy's separate
+log-std head ``U(+-0.001)``, ``authors_output_bounds``), head biases 0, never re-calibrated.
+
+The primary network's weights are ``U(+-1/(2 sqrt(fan_in)))`` (``primary_init="td3"``: the authors' TD3,
+MAML and PEARL code) or ``U(+-1/sqrt(2 fan_in))`` (``"sac"``: the authors' SAC code, 1.41x larger),
+torch's default biases.
 """
 
 from __future__ import annotations
@@ -44,8 +51,21 @@ from torch import Tensor, nn
 
 HyperInit = Literal["kaiming", "authors"]
 HYPER_INITS = ("kaiming", "authors")
+PrimaryInit = Literal["td3", "sac"]
+PRIMARY_INITS = ("td3", "sac")
 AUTHORS_HIDDEN_HEAD_BOUND = 0.05
 AUTHORS_OUTPUT_HEAD_BOUND = 0.008
+AUTHORS_LOG_STD_HEAD_BOUND = 0.001  # the authors' Hyper-PEARL policy: a separate log-std head
+
+
+def primary_weight_bound(fan_in: int, primary_init: str = "td3") -> float:
+    """Bound ``b`` of the primary network's ``U(+-b)`` weights: ``1 / (2 sqrt(fan_in))`` (``"td3"``, the
+    authors' TD3 / MAML / PEARL ``Meta_Embadding``) or ``1 / sqrt(2 fan_in)`` (``"sac"``, their SAC one)."""
+    if primary_init == "td3":
+        return 1.0 / (2.0 * math.sqrt(fan_in))
+    if primary_init == "sac":
+        return 1.0 / math.sqrt(2.0 * fan_in)
+    raise ValueError(f"unknown primary_init {primary_init!r}; expected one of {PRIMARY_INITS}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +124,8 @@ class EnsembleResidualBlock(nn.Module):
 class PrimaryResNet(nn.Module):
     """The hypernetwork's primary trunk (hypernetwork paper, Figure 1): per width ``w`` in ``widths``, a Linear to ``w``
     then ``blocks_per_stage`` residual blocks. Input ``[N, in]`` or ``[E, N, in]``; output the latent
-    ``[E, N, widths[-1]]`` (no final activation). Weights ``U(+-1/(2 sqrt(fan_in)))`` (authors' code)."""
+    ``[E, N, widths[-1]]`` (no final activation). Weights ``U(+-b)`` with ``b`` from
+    :func:`primary_weight_bound` (``primary_init``), torch's default biases."""
 
     def __init__(
         self,
@@ -112,6 +133,7 @@ class PrimaryResNet(nn.Module):
         widths: Sequence[int] = (256, 512, 1024),
         blocks_per_stage: int = 2,
         ensemble_size: int = 1,
+        primary_init: PrimaryInit = "td3",
     ) -> None:
         super().__init__()
         if not widths:
@@ -127,7 +149,7 @@ class PrimaryResNet(nn.Module):
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, EnsembleLinear):
-                    bound = 1.0 / (2.0 * math.sqrt(module.in_features))
+                    bound = primary_weight_bound(module.in_features, primary_init)
                     module.weight.uniform_(-bound, bound)
 
     def forward(self, x: Tensor, member: int | None = None) -> Tensor:
@@ -169,7 +191,10 @@ class HyperNetwork(nn.Module):
         ensemble_size: ``None`` for one network with ``[N, ...]`` inputs/outputs; an integer ``E`` for
             ``E`` independent networks with ``[E, N, ...]`` outputs (inputs ``[N, ...]`` or ``[E, N, ...]``).
         init: ``"kaiming"`` or ``"authors"`` (module docstring).
-        probe_size: standard-normal meta-inputs used to calibrate ``init="kaiming"``.
+        primary_init: ``"td3"`` or ``"sac"``: the primary's weight bound (:func:`primary_weight_bound`).
+        authors_output_bounds: with ``init="authors"``, a head bound per output unit of the last dynamic
+            layer (its weight, bias and gain columns; default 0.008 for all).
+        probe_size: standard-normal meta-inputs used to calibrate ``init="kaiming"`` at construction.
     """
 
     def __init__(
@@ -183,16 +208,22 @@ class HyperNetwork(nn.Module):
         blocks_per_stage: int = 2,
         ensemble_size: int | None = None,
         init: HyperInit = "kaiming",
+        primary_init: PrimaryInit = "td3",
+        authors_output_bounds: Sequence[float] | None = None,
         probe_size: int = 2048,
     ) -> None:
         super().__init__()
         if init not in HYPER_INITS:
             raise ValueError(f"unknown hypernetwork init {init!r}; expected one of {HYPER_INITS}")
+        if authors_output_bounds is not None and len(authors_output_bounds) != int(out_dim):
+            raise ValueError(f"authors_output_bounds needs one bound per output ({out_dim}), "
+                             f"got {len(authors_output_bounds)}")
         self.meta_dim, self.base_dim, self.out_dim = int(meta_dim), int(base_dim), int(out_dim)
         self.squeeze = ensemble_size is None
         self.ensemble_size = 1 if ensemble_size is None else int(ensemble_size)
         self.init = init
-        self.primary = PrimaryResNet(meta_dim, primary_widths, blocks_per_stage, self.ensemble_size)
+        self.primary = PrimaryResNet(meta_dim, primary_widths, blocks_per_stage, self.ensemble_size, primary_init)
+        self.authors_output_bounds = None if authors_output_bounds is None else tuple(map(float, authors_output_bounds))
         dims = [self.base_dim, *[int(h) for h in dynamic_hidden], self.out_dim]
         self.layer_dims: list[tuple[int, int]] = list(zip(dims[:-1], dims[1:]))
         # head columns per layer: [W (in*out) | b (out) | g (out)]
@@ -225,6 +256,14 @@ class HyperNetwork(nn.Module):
             bound = AUTHORS_OUTPUT_HEAD_BOUND if index == last else AUTHORS_HIDDEN_HEAD_BOUND
             for cols in (w, b, g):
                 weight[:, :, cols].uniform_(-bound, bound)
+            if index == last and self.authors_output_bounds is not None:
+                fan_in, fan_out = self.layer_dims[index]
+                bounds = torch.tensor(self.authors_output_bounds, dtype=weight.dtype, device=weight.device)
+                # W is stored flat as [fan_in, fan_out] (column j = output unit j): rescale per unit
+                w_block = weight[:, :, w].view(weight.shape[0], weight.shape[1], fan_in, fan_out)
+                w_block.uniform_(-1.0, 1.0).mul_(bounds)
+                for cols in (b, g):
+                    weight[:, :, cols] = torch.empty_like(weight[:, :, cols]).uniform_(-1.0, 1.0) * bounds
         self.heads.bias.zero_()
 
     @torch.no_grad()
@@ -232,7 +271,10 @@ class HyperNetwork(nn.Module):
         """Re-initialise the heads so that, over ``meta_samples`` ``[M, meta_dim]``, each dynamic layer's
         generated weights and biases have variance ``1 / (3 fan_in)`` (``nn.Linear``'s default) and
         its gains are exactly 1. Returns ``E||e||^2`` per member ``[E]`` (the latent's mean square norm).
+        Only for ``init="kaiming"`` (the authors' fixed bounds are not data-dependent: ValueError).
         """
+        if self.init != "kaiming":
+            raise ValueError(f"calibrate_heads is for init='kaiming'; this network uses init={self.init!r}")
         latent = self.primary(meta_samples.to(self.heads.weight))  # [E, M, latent]
         mean_sq_norm = latent.pow(2).sum(-1).mean(-1)  # [E]
         weight = self.heads.weight
@@ -308,6 +350,11 @@ class HyperPolicy(nn.Module):
     ``"tanh_gaussian"`` (log std state-dependent from the dynamic network, or a free parameter), or the
     action ``[N, A]`` (tanh-squashed) for ``"deterministic"``. With ``split`` set, :meth:`forward_flat`
     takes one flat input and splits it. Other keyword arguments go to :class:`HyperNetwork`.
+
+    A state-dependent log std is the second half of the dynamic network's output layer: the same
+    function as a separate log-std head on the hidden layer (the authors' Hyper-PEARL ``last_layer_log``)
+    since every output unit has its own generated weights, bias and gain; with ``init="authors"`` its
+    head columns get that head's bound ``U(+-0.001)`` (the mean's: ``U(+-0.008)``).
     """
 
     def __init__(
@@ -329,6 +376,9 @@ class HyperPolicy(nn.Module):
         self.action_dim = int(action_dim)
         self.state_dependent_std = state_dependent_std and output != "deterministic"
         out_dim = 2 * self.action_dim if self.state_dependent_std else self.action_dim
+        if self.state_dependent_std:
+            hyper_kwargs.setdefault("authors_output_bounds", (AUTHORS_OUTPUT_HEAD_BOUND,) * self.action_dim
+                                    + (AUTHORS_LOG_STD_HEAD_BOUND,) * self.action_dim)
         self.net = HyperNetwork(meta_dim, base_dim, out_dim, ensemble_size=None, **hyper_kwargs)
         self.split = split
         if output != "deterministic" and not self.state_dependent_std:
