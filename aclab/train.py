@@ -40,6 +40,7 @@ from aclab.config import (
     parse_override,
     set_key,
 )
+from aclab.data.actors import ActorFailureLimit
 from aclab.envs import build_envs, make_env, parse_env_id
 from aclab.envs.registry import import_env_modules, register_env_factory
 from aclab.evaluate.policy import evaluate
@@ -322,6 +323,9 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                         status = "interrupted"
                     break
     except NonFiniteLossError as exc:
+        status, error = "failed", str(exc)
+    except ActorFailureLimit as exc:  # the actors failed, the learner's state is intact: keep it
+        save(algo.steps)
         status, error = "failed", str(exc)
     except KeyboardInterrupt:
         status, error = "interrupted", "stopped by a second interrupt before a clean checkpoint"

@@ -202,7 +202,7 @@ def test_local_actor_chunks_equal_in_process_chunks(backend):
     config = _impala_config("params.overlap=3")
     params = _parameter_versions(config, 2)
     (spec,) = make_actor_specs(config, make_acting_policy, 1, 4, 8, 3)
-    pool = LocalActorPool([spec], params[0].size, backend=backend, queue_size=1)
+    pool = LocalActorPool([spec], params[0].size, backend=backend, inflight=1)
     try:
         pool.publish(params[0], 0)
         received = [pool.get(timeout=60)]
@@ -239,6 +239,7 @@ def test_ray_actor_chunks_equal_in_process_chunks(ray_runtime):
     assert not pool._owns_runtime
     received: list[Chunk] = []
     try:
+        pool.wait_ready(timeout=120)  # both start with version 0
         pool.publish(params[0], 0)
         received += [pool.get(timeout=120) for _ in range(2)]
         pool.publish(params[1], 1)
