@@ -12,6 +12,7 @@ import pytest
 import torch
 from run_rows import metric_rows
 
+from aclab import distributed
 from aclab.algos import dna as dna_module
 from aclab.algos import ppo as ppo_module
 from aclab.algos.common import resolve_device
@@ -175,8 +176,7 @@ def test_without_distillation_and_with_equal_lambdas_dna_is_ppo_with_separate_ne
     """Separate networks make PPO's joint loss split into DNA's policy and value phases: Adam is per
     element, so one optimiser over both networks equals one per network; with the same minibatch order
     and no gradient clipping the updated networks agree to float rounding."""
-    monkeypatch.setattr(ppo_module, "shuffled_minibatches", _fixed_order_minibatches)
-    monkeypatch.setattr(dna_module, "shuffled_minibatches", _fixed_order_minibatches)
+    monkeypatch.setattr(distributed, "shuffled_minibatches", _fixed_order_minibatches)  # PPO's and DNA's
     common = ["env.num_envs=4", "params.num_steps=64", "params.gamma=0.99", "params.lr=1e-3"]
     ppo_config = make_config("ppo", "CartPole-v1", overrides=[
         *FAST, *common, "params.gae_lambda=0.9", "params.num_epochs=3", "params.num_minibatches=4",

@@ -93,7 +93,7 @@ class Chunk:
     versions [T, B] int64 (the parameter version that chose each action); episode_returns /
     episode_lengths [E] (episodes finished during this chunk's *new* steps); env_steps: env steps taken
     for this chunk, summed over envs (``T * B`` for a first chunk, ``(T - overlap) * B`` after);
-    actor_id.
+    actor_id; incarnation (0, then 1, 2... for an actor restarted after failures).
     """
 
     obs: np.ndarray
@@ -110,6 +110,7 @@ class Chunk:
     episode_lengths: np.ndarray
     env_steps: int
     actor_id: int = 0
+    incarnation: int = 0  # which of the actor's successive processes collected it (0: the first)
 
     @property
     def num_envs(self) -> int:
@@ -368,7 +369,9 @@ class ActorWorker:
         if flat_params is not None and version != self.version:
             self.policy.load_flat_params(flat_params)
             self.version = version
-        return self.collector.collect(self.envs, self.policy, self.version)
+        chunk = self.collector.collect(self.envs, self.policy, self.version)
+        chunk.incarnation = self.spec.incarnation
+        return chunk
 
     def close(self) -> None:
         self.envs.close()
@@ -468,7 +471,7 @@ def _local_actor_main(spec: ActorSpec, shared: _SharedParameters, conn, is_proce
 
             torch.set_num_threads(1)
         worker = ActorWorker(spec)
-        conn.send(("ready", os.getpid()))
+        conn.send(("ready", os.getpid() if is_process else None))
         version, flat = -1, None
         while conn.recv() is not None:
             got = shared.read_if_newer(version)
@@ -723,6 +726,7 @@ class RayActorPool(_PoolStats):
         self.budget = budget or FailureBudget()
         self.restarts, self.restart_durations = 0, []
         self.pending: dict[Any, tuple[int, str, int]] = {}  # ref -> (slot, "start" | "collect", incarnation)
+        self._retries: dict[int, float] = {}  # slot -> when to ask a restarting actor to start again
         self.params_ref = None
         self.version = -1
         self.slots = [_Slot(spec, remote_cls.remote(spec)) for spec in specs]
@@ -764,8 +768,18 @@ class RayActorPool(_PoolStats):
         self._start(index)  # Ray runs it once the actor process is back
 
     def _receive(self, timeout: float) -> Chunk | None:
+        now = time.monotonic()
+        for index, due in list(self._retries.items()):
+            if due <= now:
+                del self._retries[index]
+                self._start(index)
+        if self._retries:
+            timeout = min(timeout, max(min(self._retries.values()) - now, 0.01))
         if not self.pending:
-            raise RuntimeError("publish parameters before asking for trajectories")
+            if not self._retries:
+                raise RuntimeError("publish parameters before asking for trajectories")
+            time.sleep(timeout)
+            return None
         ready, _ = self._ray.wait(list(self.pending), num_returns=1, timeout=timeout)
         if not ready:
             return None
@@ -776,6 +790,9 @@ class RayActorPool(_PoolStats):
         try:
             value = self._ray.get(ready[0])
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError) as exc:
+            if kind == "start" and isinstance(exc, self._ray.exceptions.ActorUnavailableError):
+                self._retries[index] = time.monotonic() + 0.5  # Ray is still restarting it: ask again soon
+                return None
             self._fail(index, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}")
             return None
         if kind == "start":
