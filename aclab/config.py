@@ -117,6 +117,8 @@ class Config:
 
     ``torch_threads = 0`` is automatic: one thread for vector observations on CPU, torch's default
     otherwise. ``checkpoint_every_iterations = 0`` checkpoints only at the end of the run.
+    ``world_size``: the number of data-parallel ranks the run trains with (recorded from the ``torchrun``
+    launch; a run keeps it when resumed).
     """
 
     algo: str = "ppo"
@@ -130,6 +132,7 @@ class Config:
     checkpoint_every_iterations: int = 10
     keep_checkpoints: int = 2
     progress: bool = True
+    world_size: int = 1  # data-parallel ranks (set by a torchrun launch, see aclab.distributed)
     env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -143,6 +146,7 @@ class Config:
         require(self.checkpoint_every_iterations >= 0, "checkpoint_every_iterations",
                 self.checkpoint_every_iterations, "an integer >= 0 (0: only at the end)")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        require(self.world_size >= 1, "world_size", self.world_size, "an integer >= 1 (set by torchrun)")
         self.env.validate()
         self.eval.validate()
         self.logging.validate()

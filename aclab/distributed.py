@@ -147,9 +147,78 @@ class DataParallel:
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
 
+    def scatter_objects(self, objs: list | None):
+        """Rank 0's ``objs[k]`` on rank ``k`` (``objs`` is only read on rank 0)."""
+        if not self.enabled:
+            return objs[0]
+        box = [None]
+        dist.scatter_object_list(box, objs if self.is_main else None, src=0, group=self.cpu_group)
+        return box[0]
+
+    # ------------------------------------------------------------------ checkpoints and episodes
+    def gather_checkpoint(self, state: dict) -> dict | None:
+        """On rank 0: rank 0's ``state`` plus ``"ranks"``, the other ranks' states (their envs, acting RNGs,
+        recurrent and normaliser states) in rank order; None on the other ranks. One process: ``state``."""
+        if not self.enabled:
+            return state
+        states = self.gather_objects(state)
+        return None if states is None else {**states[0], "ranks": states[1:], "world_size": self.world_size}
+
+    def scatter_checkpoint(self, checkpoint: dict | None) -> dict | None:
+        """This rank's part of a checkpoint written by :meth:`gather_checkpoint` (read on rank 0 only)."""
+        if not self.enabled:
+            return checkpoint
+        parts = None
+        if self.is_main:
+            if checkpoint is None:
+                parts = [None] * self.world_size
+            else:
+                saved = checkpoint.get("world_size", 1)
+                if saved != self.world_size:
+                    raise ValueError(f"the checkpoint was written by {saved} ranks, this run has {self.world_size}")
+                own = {k: v for k, v in checkpoint.items() if k not in ("ranks", "world_size")}
+                parts = [own] + [dict(part, step=checkpoint["step"]) for part in checkpoint["ranks"]]
+        return self.scatter_objects(parts)
+
+    def gather_episodes(self, returns, metrics: dict, rows: list[dict], env_offset: int):
+        """Rank 0: the episodes every rank finished in this iteration: (returns, metrics with the
+        episode statistics of all ranks, episodes.csv rows with global env indices). Others: (None, ...)."""
+        if not self.enabled:
+            return returns, metrics, rows
+        part = ([float(r) for r in returns], metrics.get("episode_length"),
+                [dict(row, env=row["env"] + env_offset if isinstance(row.get("env"), int) else row.get("env"))
+                 for row in rows])
+        parts = self.gather_objects(part)
+        if parts is None:
+            return None, metrics, []
+        all_returns = [r for part in parts for r in part[0]]
+        metrics = {k: v for k, v in metrics.items() if k not in ("episode_return", "episode_length", "episodes")}
+        if all_returns:
+            lengths = [(len(rets), length) for rets, length, _ in parts if rets and length is not None]
+            metrics["episode_return"] = float(np.mean(all_returns))
+            if lengths:
+                metrics["episode_length"] = sum(n * m for n, m in lengths) / sum(n for n, _ in lengths)
+            metrics["episodes"] = float(len(all_returns))
+        return np.asarray(all_returns), metrics, [row for part in parts for row in part[2]]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self.cpu_group)
+
+    def check_replicas(self, algo) -> None:
+        """Raise unless every rank's copy of the algorithm's networks (its ``nn.Module`` attributes) holds
+        the same parameters: the learner is replicated, only the data differ."""
+        if not self.enabled:
+            return
+        tensors = [t for value in vars(algo).values() if isinstance(value, torch.nn.Module)
+                   for t in value.state_dict().values() if t.is_floating_point()]
+        flat = torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors]) if tensors else torch.zeros(1)
+        position = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+        fingerprint = (float(flat.sum()), float((flat * position).sum()), int(flat.numel()))
+        prints = self.all_gather_objects(fingerprint)
+        if any(p != prints[0] for p in prints):
+            raise RuntimeError(f"the ranks built different networks ({prints}): a data-parallel learner needs "
+                               "identical initial parameters on every rank")
 
     # ------------------------------------------------------------------ statistics over every rank
     def mean(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,11 +444,14 @@ def init_from_environment(seed: int, device_type: str = "cpu", timeout_s: float 
     if world_size <= 1:
         return SINGLE_PROCESS
     backend = "nccl" if device_type == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     rank = dist.get_rank()
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if device_type == "cuda" else "cpu"
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else "cpu"
     return DataParallel(dist.get_world_size(), rank, seed, group=dist.group.WORLD, cpu_group=cpu_group, device=device)
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import signal
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aclab import registry
+from aclab import distributed, registry
 from aclab.algos.common import (
     NonFiniteLossError,
     global_rng_state,
@@ -225,6 +226,9 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         run_dir = Path("runs") / f"{config.algo}-{env_name}-s{config.seed}-{stamp}"
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
+    dp = _join_ranks(config, device, resume)
+    if dp.enabled:
+        device = dp.device
     if config.deterministic_torch:
         torch.use_deterministic_algorithms(True)
 
@@ -235,16 +239,24 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
             raise ConfigError("logging.wandb=true needs the wandb package: pip install 'aclab[wandb]' "
                               "(scripts/setup.sh installs it)") from exc
     checkpoint = None
-    if resume:
+    if not dp.is_main:  # ranks other than 0 train and never touch the run directory
+        run = _OtherRank()
+    elif resume:
         run, checkpoint = Run.resume(run_dir)
     else:
         run = Run.create(run_dir, config.to_dict(), overwrite=overwrite)
+    checkpoint = dp.scatter_checkpoint(checkpoint)
 
+    # every rank: the same networks (the run's seed), its own envs and acting streams (its rank's seed)
     seed_everything(config.seed)
-    envs = build_envs(config)
-    envs.reset(seed=config.seed)
+    rank_config = dataclasses.replace(config, seed=dp.rank_seed(config.seed)) if dp.enabled else config
+    envs = build_envs(rank_config, num_envs=dp.local_envs(config.env.num_envs))
+    if dp.enabled:
+        envs.set_statistics_reducer(dp.merge_moments)  # normalisers see the batches of every rank
+    envs.reset(seed=rank_config.seed)
     _set_torch_threads(config, device, envs.spec)
-    algo = registry.build(config, envs.spec, device)
+    algo = registry.build(rank_config, envs.spec, device)
+    dp.check_replicas(algo)
     recent = collections.deque(maxlen=RECENT_EPISODES)
     wall_before = 0.0
     envs_exact = True
@@ -254,10 +266,12 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         set_global_rng_state(checkpoint["rng"])
         recent.extend(checkpoint.get("recent_returns", []))
         wall_before = float(checkpoint.get("wall_time_s", 0.0))
+        if dp.enabled:
+            dp.generator.set_state(checkpoint["minibatch_rng"])
 
-    hooks = CallbackList(callbacks)
+    hooks = CallbackList(callbacks if dp.is_main else ())
     recorder = EpisodeRecorder(envs) if config.logging.episodes else None
-    if config.logging.wandb:
+    if config.logging.wandb and dp.is_main:
         run.sinks.append(_wandb_sink(config, run))
 
     def state() -> dict:
@@ -267,13 +281,18 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
             "rng": global_rng_state(),
             "recent_returns": list(recent),
             "wall_time_s": wall_before + (time.time() - start),
+            **({"minibatch_rng": dp.generator.get_state()} if dp.enabled else {}),
         }
 
     def save(step: int) -> None:
-        path = run.save_checkpoint(step, state(), keep=config.keep_checkpoints)
-        hooks.on_checkpoint(int(step), path)
+        merged = dp.gather_checkpoint(state())  # several ranks: rank 0 writes every rank's state
+        if dp.is_main:
+            path = run.save_checkpoint(step, merged, keep=config.keep_checkpoints)
+            hooks.on_checkpoint(int(step), path)
 
     def evaluate_now(final: bool = False) -> None:
+        if not dp.is_main:  # rank 0 evaluates (every rank holds the same parameters)
+            return
         best_split = "test" if config.eval.split == "both" else config.eval.split
         for split, returns in _run_evals(algo, config, run, envs, hooks, final=final):
             if split == best_split and returns:
@@ -284,7 +303,8 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     start_steps = algo.steps
     status = "finished"
     error = stop_reason = None
-    progress = _make_progress(config, algo.steps, console)
+    progress = _make_progress(config if dp.is_main else dataclasses.replace(config, progress=False), algo.steps,
+                              console)
     iterations_here = 0
     last_eval_step = algo.steps
     try:
@@ -295,16 +315,19 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                 metrics = algo.iterate(envs)
                 iterations_here += 1
                 iteration = getattr(algo, "iteration", iterations_here)
-                recent.extend(float(r) for r in algo.last_episode_returns)
+                rows = recorder.rows(algo) if recorder is not None else []
+                finished, metrics, rows = dp.gather_episodes(algo.last_episode_returns, metrics, rows,
+                                                             dp.rank * envs.num_envs)
+                recent.extend(float(r) for r in (finished if finished is not None else ()))
                 elapsed = time.time() - start
                 metrics["steps_per_s"] = (algo.steps - start_steps) / max(elapsed, 1e-9)
                 if iteration % config.log_every_iterations == 0:
                     run.log(algo.steps, metrics)
                 if recorder is not None:
-                    run.log_episodes(recorder.rows(algo))
+                    run.log_episodes(rows)
                 progress.update(algo.steps, metrics, recent)
                 hooks.on_iteration(IterationInfo(int(algo.steps), iterations_here, metrics,
-                                                 np.asarray(algo.last_episode_returns, dtype=np.float64).reshape(-1),
+                                                 np.asarray(finished, dtype=np.float64).reshape(-1),
                                                  run.path, config, algo))
                 if config.eval.every_steps and algo.steps - last_eval_step >= config.eval.every_steps:
                     evaluate_now()
@@ -313,11 +336,12 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                 if (config.checkpoint_every_iterations and iteration % config.checkpoint_every_iterations == 0
                         and not done):
                     save(algo.steps)
-                if hooks.stop is not None and not done:
+                if dp.any(hooks.stop is not None) and not done:  # (rank 0's callbacks decide for every rank)
                     save(algo.steps)
-                    status, stop_reason = "stopped", hooks.stop.reason
+                    status, stop_reason = "stopped", hooks.stop.reason if hooks.stop is not None else None
                     break
-                if stop.requested or (stop_after_iterations is not None and iterations_here >= stop_after_iterations):
+                if dp.any(stop.requested) or (stop_after_iterations is not None
+                                              and iterations_here >= stop_after_iterations):
                     if not done:
                         save(algo.steps)
                         status = "interrupted"
@@ -333,7 +357,8 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     wall = wall_before + (time.time() - start)
     if status == "finished":
         save(algo.steps)
-    if (status == "finished" or (status == "stopped" and hooks.stop.final_eval)) and config.eval.episodes > 0:
+    final_eval = status == "finished" or (status == "stopped" and hooks.stop is not None and hooks.stop.final_eval)
+    if final_eval and config.eval.episodes > 0:
         evaluate_now(final=True)
     if recorder is not None:
         recorder.close()
@@ -359,6 +384,12 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         summary["error"] = error
     if stop_reason:
         summary["stop_reason"] = stop_reason
+    if dp.enabled:
+        summary["world_size"] = dp.world_size
+        distributed.shutdown()
+        distributed.use(distributed.SINGLE_PROCESS)
+        if not dp.is_main:
+            return summary
     evals_path = run.path / "evals.csv"
     if evals_path.exists():
         import csv
@@ -376,6 +407,39 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose a finished run
         summary["plot_error"] = str(exc)
     return summary
+
+
+class _OtherRank:
+    """What a rank other than 0 of a data-parallel run holds instead of the run directory: its logging
+    calls do nothing (rank 0 logs, evaluates and writes the checkpoints)."""
+
+    path = None
+
+    def __init__(self):
+        self.sinks: list = []
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def _join_ranks(config: Config, device: torch.device, resume: bool) -> distributed.DataParallel:
+    """The data-parallel context of this process: several ranks under ``torchrun`` (``WORLD_SIZE`` > 1),
+    recorded in ``config.world_size``; else the single process. A run keeps its world size."""
+    world_size = distributed.launched_world_size()
+    if world_size == 1 and config.world_size == 1:
+        return distributed.current()
+    if world_size == 1 or (resume and config.world_size != world_size):
+        launch = "without torchrun" if config.world_size == 1 else (
+            f"with 'torchrun --nproc-per-node {config.world_size} -m aclab train ...'")
+        raise ConfigError(f"invalid value world_size={config.world_size}: this process has {world_size} rank(s); "
+                          f"a run keeps the world size it started with: start it {launch}")
+    if config.env.num_envs % world_size:
+        raise ConfigError(f"invalid value env.num_envs={config.env.num_envs}: expected a multiple of the world size "
+                          f"{world_size} (each rank steps env.num_envs / world_size envs)")
+    config.world_size = world_size
+    dp = distributed.init_from_environment(config.seed, device.type)
+    distributed.use(dp)
+    return dp
 
 
 def _run_evals(algo, config: Config, run: Run, envs, hooks: CallbackList | None = None,

@@ -122,3 +122,87 @@ def test_single_process_context_is_the_plain_operation():
         assert all(torch.equal(a[k], b[k]) for k in batch)
     with pytest.raises(ValueError, match="not a multiple of the world size 2"):
         distributed.DataParallel(2, 0).local_envs(5)
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+RUN = ["ppo", "--env", "CartPole-v1", "--quiet", "--set", "env.num_envs=4", "--set", "params.num_steps=32",
+       "--set", "env.backend=gymnasium", "--set", "env.normalize_obs=true", "--set", "env.normalize_reward=true",
+       "--set", "checkpoint_every_iterations=2", "--set", "eval.episodes=2", "--set", "torch_threads=1"]
+
+
+def _checkpoint(run_dir: Path) -> dict:
+    from aclab.runs import load_latest_checkpoint
+
+    return load_latest_checkpoint(run_dir / "checkpoints")
+
+
+def test_torchrun_trains_with_two_ranks_rank_0_writes_and_the_run_resumes(tmp_path):
+    """``torchrun --nproc-per-node 2 -m aclab train``: the config records world_size 2, rank 0 alone writes
+    the logs (one row per iteration, episodes of all 4 envs) and evaluates, the checkpoint holds both ranks'
+    states with identical networks and merged normaliser statistics but their own envs; resuming needs
+    the same world size and continues the run."""
+    import json
+
+    from run_rows import metric_rows
+
+    run_dir = tmp_path / "run"
+    torchrun(2, "-m", "aclab", "train", *RUN, "--run-dir", str(run_dir), "--set", "total_steps=640")
+    assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 640 and summary["world_size"] == 2
+    assert [int(r["step"]) for r in metric_rows(run_dir)] == [128, 256, 384, 512, 640]
+    envs_seen = {row.split(",")[1] for row in (run_dir / "episodes.csv").read_text().splitlines()[1:]}
+    assert envs_seen == {"0", "1", "2", "3"}
+    assert len((run_dir / "evals.csv").read_text().splitlines()) == 2  # header + rank 0's final evaluation
+
+    checkpoint = _checkpoint(run_dir)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 1
+    other = checkpoint["ranks"][0]
+    for name, value in checkpoint["algo"]["net"].items():
+        assert torch.equal(value, other["algo"]["net"][name]), name
+    for norm in ("obs_normalizer", "reward_scaler"):
+        mine, theirs = checkpoint["envs"][norm]["rms"], other["envs"][norm]["rms"]
+        assert mine["count"] == theirs["count"] > 0
+        np.testing.assert_array_equal(mine["mean"], theirs["mean"])
+        np.testing.assert_array_equal(mine["var"], theirs["var"])
+    assert not np.array_equal(checkpoint["envs"]["obs"], other["envs"]["obs"])  # each rank its own envs
+    assert checkpoint["envs"]["obs_normalizer"]["rms"]["count"] == 4 + 640  # reset + every step of 4 envs
+
+    alone = subprocess.run([sys.executable, "-m", "aclab", "train", "--resume", str(run_dir)], capture_output=True,
+                           text=True)
+    assert alone.returncode == 2 and "world_size=2" in alone.stderr and "torchrun --nproc-per-node 2" in alone.stderr
+    torchrun(2, "-m", "aclab", "train", "--resume", str(run_dir), "--set", "total_steps=1280")
+    assert [int(r["step"]) for r in metric_rows(run_dir)] == [128 * k for k in range(1, 11)]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1280
+
+
+@pytest.mark.slow
+def test_torchrun_run_stopped_by_sigterm_resumes_exactly(tmp_path):
+    """SIGTERM to torchrun reaches every rank: they stop together after a checkpoint (status interrupted).
+    Every rank's envs (Gymnasium simulators), RNGs and the shared minibatch generator are in that
+    checkpoint: stopped-and-resumed equals uninterrupted, row for row."""
+    import json
+    import signal
+    import time
+
+    from run_rows import metric_rows
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    settings = [*RUN, "--set", "eval.episodes=0", "--set", "total_steps=2560"]
+    torchrun(2, "-m", "aclab", "train", *settings, "--run-dir", str(whole))
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                              "--nproc-per-node", "2", "-m", "aclab", "train", *settings, "--run-dir", str(parts)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((parts / "metrics.csv").exists()
+                                               and len(metric_rows(parts)) >= 3):
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGTERM)
+    agent.wait(timeout=120)
+    summary = json.loads((parts / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 3 <= len(metric_rows(parts)) < 20, summary
+    torchrun(2, "-m", "aclab", "train", "--resume", str(parts))
+    assert metric_rows(parts) == metric_rows(whole)
+    a, b = _checkpoint(whole), _checkpoint(parts)
+    for name, value in a["algo"]["net"].items():
+        assert torch.equal(value, b["algo"]["net"][name]), name
