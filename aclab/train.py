@@ -29,7 +29,7 @@ from aclab.algos.common import (
     seed_everything,
     set_global_rng_state,
 )
-from aclab.callbacks import CallbackList, EvaluationInfo, IterationInfo
+from aclab.callbacks import CallbackList, EvaluationInfo, IterationInfo, StopTraining
 from aclab.config import (
     Config,
     ConfigError,
@@ -329,6 +329,10 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                 hooks.on_iteration(IterationInfo(int(algo.steps), iterations_here, metrics,
                                                  np.asarray(finished, dtype=np.float64).reshape(-1),
                                                  run.path, config, algo))
+                if dp.enabled:  # rank 0's callbacks decide for every rank
+                    request = dp.broadcast_object(None if hooks.stop is None else (hooks.stop.reason,
+                                                                                   hooks.stop.final_eval))
+                    hooks.stop = None if request is None else StopTraining(*request)
                 if config.eval.every_steps and algo.steps - last_eval_step >= config.eval.every_steps:
                     evaluate_now()
                     last_eval_step = algo.steps
@@ -336,9 +340,9 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                 if (config.checkpoint_every_iterations and iteration % config.checkpoint_every_iterations == 0
                         and not done):
                     save(algo.steps)
-                if dp.any(hooks.stop is not None) and not done:  # (rank 0's callbacks decide for every rank)
+                if hooks.stop is not None and not done:
                     save(algo.steps)
-                    status, stop_reason = "stopped", hooks.stop.reason if hooks.stop is not None else None
+                    status, stop_reason = "stopped", hooks.stop.reason
                     break
                 if dp.any(stop.requested) or (stop_after_iterations is not None
                                               and iterations_here >= stop_after_iterations):
@@ -357,8 +361,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     wall = wall_before + (time.time() - start)
     if status == "finished":
         save(algo.steps)
-    final_eval = status == "finished" or (status == "stopped" and hooks.stop is not None and hooks.stop.final_eval)
-    if final_eval and config.eval.episodes > 0:
+    if (status == "finished" or (status == "stopped" and hooks.stop.final_eval)) and config.eval.episodes > 0:
         evaluate_now(final=True)
     if recorder is not None:
         recorder.close()
@@ -433,6 +436,10 @@ def _join_ranks(config: Config, device: torch.device, resume: bool) -> distribut
             f"with 'torchrun --nproc-per-node {config.world_size} -m aclab train ...'")
         raise ConfigError(f"invalid value world_size={config.world_size}: this process has {world_size} rank(s); "
                           f"a run keeps the world size it started with: start it {launch}")
+    if not getattr(registry.get_algorithm(config.algo), "DATA_PARALLEL", False):
+        able = [name for name, entry in registry.all_algorithms().items() if getattr(entry.cls, "DATA_PARALLEL", False)]
+        raise ConfigError(f"{config.algo} has no data-parallel learner: train it in one process (without torchrun); "
+                          f"data-parallel algorithms: {', '.join(able)}")
     if config.env.num_envs % world_size:
         raise ConfigError(f"invalid value env.num_envs={config.env.num_envs}: expected a multiple of the world size "
                           f"{world_size} (each rank steps env.num_envs / world_size envs)")

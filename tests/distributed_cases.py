@@ -15,6 +15,7 @@ holds none of a minibatch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -63,11 +64,13 @@ def config_for(name: str):
 
 
 def build(name: str):
-    """The case's algorithm, seeded as the training loop seeds it (the same on every rank)."""
+    """The case's algorithm, built as the training loop builds it: the run's seed for the networks (the same
+    on every rank), the rank's seed for its own generators."""
     config = config_for(name)
     seed_everything(config.seed)
     envs = build_envs(config, num_envs=1)
-    algo = registry.build(config, envs.spec, torch.device("cpu"))
+    dp = distributed.current()
+    algo = registry.build(dataclasses.replace(config, seed=dp.rank_seed(config.seed)), envs.spec, torch.device("cpu"))
     envs.close()
     return algo
 

@@ -77,6 +77,7 @@ class DCPGConfig(PhasicConfig):
 
 class DCPG:
     Config = DCPGConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config

@@ -248,6 +248,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # ----------------------------------------------------------------------------------------------
 class DNA:
     Config = DNAConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config

@@ -163,6 +163,7 @@ def build_distribution(kind: str, action_space):
 
 class FixPO:
     Config = FixPOConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config

@@ -723,6 +723,7 @@ class Impala:
     """
 
     Config = ImpalaConfig
+    DATA_PARALLEL = True  # torchrun: several learner ranks, see aclab.distributed
 
     def __init__(self, config, env_spec, device: torch.device):
         p: ImpalaConfig = config.params

@@ -79,6 +79,7 @@ class PPGConfig(PhasicConfig):
 
 class PPG:
     Config = PPGConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config

@@ -97,6 +97,7 @@ def minibatch_indices(valid: torch.Tensor, num_minibatches: int, generator: torc
 
 class PPO:
     Config = PPOConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config

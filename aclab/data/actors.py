@@ -622,7 +622,9 @@ class LocalActorPool(_PoolStats):
         order = self.slots[self._turn :] + self.slots[: self._turn]  # round robin between actors
         self._turn = (self._turn + 1) % len(self.slots)
         for conn in wait([s.conn for s in order], timeout=timeout):
-            index = next(i for i, s in enumerate(self.slots) if s.conn is conn)
+            index = next((i for i, s in enumerate(self.slots) if s.conn is conn), None)
+            if index is None:  # the channel of an actor replaced a moment ago
+                continue
             slot = self.slots[index]
             try:
                 kind, payload = conn.recv()
