@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.aclab-installed
 
-.PHONY: setup demo test test-slow lint bench docs clean
+.PHONY: setup demo test test-slow lint bench docs clean mutation mutation-generic
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -21,6 +21,17 @@ test: $(STAMP)
 ## Long learning tests (minutes)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+## The semantic mutation suite (docs/testing.md): every hand-written mutant in mutation/mutants/*.toml
+## must make its tests fail. Filters: ONLY=<id>[,<id>] FAMILY=<family>[,<family>]; JOBS=<workers>.
+JOBS ?= 2
+mutation: $(STAMP)
+	$(PY) mutation/semantic.py --jobs $(JOBS) $(if $(ONLY),--only $(ONLY)) $(if $(FAMILY),--family $(FAMILY))
+
+## The generic mutation tool (mutmut) over aclab/core and VecEnv.reset/step; equivalents in
+## mutation/equivalent.toml; fails below a 90% score (docs/testing.md). JOBS: mutmut's --max-children.
+mutation-generic: $(STAMP)
+	$(PY) mutation/generic.py --max-children $(JOBS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aclab tests benchmarks docs

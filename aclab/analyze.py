@@ -35,11 +35,12 @@ from torch import nn
 
 from aclab import registry
 from aclab.algos.common import resolve_device
-from aclab.algos.phasic import ValueFunction, ood_action_counts, value_parameter_names
+from aclab.algos.phasic import ValueFunction, canonical_action_map, ood_action_counts, value_parameter_names
 from aclab.analysis.stiffness import value_stiffness
 from aclab.analysis.value_bias import EpisodeStartTracker, value_bias_from_starts
 from aclab.config import Config
 from aclab.core.returns import gae
+from aclab.core.threads import set_threads
 from aclab.data.rollout import RolloutCollector
 from aclab.envs import build_envs
 from aclab.runs import CHECKPOINT_RE, list_checkpoints
@@ -76,8 +77,11 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, checkpoints[-1]
 
 
-def load_algorithm(path: str | Path, device: str = "auto") -> LoadedRun:
-    """Rebuild the algorithm of a run directory or checkpoint file and load the checkpoint's weights."""
+def load_algorithm(path: str | Path, device: str = "auto", threads: int | None = None) -> LoadedRun:
+    """Rebuild the algorithm of a run directory or checkpoint file and load the checkpoint's weights.
+
+    Sets torch's threads (:func:`aclab.core.threads.set_threads`): ``threads`` when > 0, else the run's
+    ``torch_threads``, else the automatic default for its observations."""
     run_dir, checkpoint_path = resolve_checkpoint(path)
     config = load_run_config(run_dir)
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -86,7 +90,9 @@ def load_algorithm(path: str | Path, device: str = "auto") -> LoadedRun:
         spec = envs.spec
     finally:
         envs.close()
-    algo = registry.build(config, spec, resolve_device(device))
+    torch_device = resolve_device(device)
+    set_threads(threads or config.torch_threads, obs_shape=spec.obs_shape, device=torch_device)
+    algo = registry.build(config, spec, torch_device)
     algo.load_state_dict(checkpoint["algo"])
     return LoadedRun(algo, config, run_dir, checkpoint_path, int(checkpoint.get("step", getattr(algo, "steps", 0))),
                      checkpoint.get("envs"))
@@ -153,15 +159,17 @@ def _header(loaded: LoadedRun, analysis: str) -> dict:
 
 def run_stiffness(path: str | Path, *, num_states: int = 2 ** 14, value: str = "value", num_envs: int | None = None,
                   sign: str = "subset", sign_subset_size: int = 2048, chunk_size: int = 256,
-                  seed: int | None = None, device: str = "auto") -> dict:
+                  seed: int | None = None, device: str = "auto",
+                  threads: int | None = None) -> dict:
     """Stiffness of critic ``value`` over ``num_states`` valid states of fresh training rollouts.
 
     Rollouts of ``ceil(num_states / num_envs)`` steps from ``num_envs`` envs (default: the run's); targets
     ``R_hat = GAE(gamma, lambda) + V`` with the run's gamma and lambda; the first ``num_states`` valid
-    states (time-major order) are used. Returns cosine and sign stiffness (see
-    :func:`aclab.analysis.value_stiffness`; ``sign`` = ``"exact"``, ``"subset"`` or ``"off"``).
+    states (time-major order) are used. Returns cosine and sign stiffness of the value-loss gradients (the
+    paper's quantity) and of ``grad V`` (``cosine_grad_v``, ``sign_grad_v``: without the residuals' signs;
+    see :func:`aclab.analysis.value_stiffness`; ``sign`` = ``"exact"``, ``"subset"`` or ``"off"``).
     """
-    loaded = load_algorithm(path, device)
+    loaded = load_algorithm(path, device, threads)
     num_envs = num_envs or loaded.config.env.num_envs
     module = _pick_value(loaded.algo, value)
     gamma, lam = _discounting(loaded.config)
@@ -185,18 +193,21 @@ def run_stiffness(path: str | Path, *, num_states: int = 2 ** 14, value: str = "
     result = value_stiffness(value_fn, states_t, targets_t, params=value_parameter_names(value_fn), sign=sign,
                              sign_subset_size=sign_subset_size, chunk_size=chunk_size, generator=generator)
     return {**_header(loaded, "stiffness"), "value": value, "num_states": result.num_states,
-            "cosine": result.cosine, "sign": result.sign, "sign_method": result.sign_method,
+            "cosine": result.cosine, "sign": result.sign, "cosine_grad_v": result.cosine_grad_v,
+            "sign_grad_v": result.sign_grad_v, "sign_method": result.sign_method,
             "num_sign_pairs": result.num_sign_pairs, "num_zero_gradients": result.num_zero_gradients}
 
 
 def run_value_bias(path: str | Path, *, episodes: int = 100, value: str = "value", num_envs: int | None = None,
-                   include_truncated: bool = False, seed: int | None = None, device: str = "auto",
-                   max_steps: int = 1_000_000) -> dict:
+                   truncation: str = "bootstrap", seed: int | None = None, device: str = "auto",
+                   threads: int | None = None, max_steps: int = 1_000_000) -> dict:
     """``V(s_0)`` against the discounted return ``G_0`` (the run's gamma, trained-on rewards) over
     ``episodes`` fresh training episodes. ``num_envs`` defaults to ``episodes`` (capped at 128); each env
-    contributes its first ``ceil(episodes / num_envs)`` episodes. Truncated episodes are excluded from the
-    bias unless ``include_truncated`` (they still use up their env's quota)."""
-    loaded = load_algorithm(path, device)
+    contributes its first ``ceil(episodes / num_envs)`` episodes. Truncated episodes (time-outs) count with
+    the bootstrapped value at the cut ``gamma^L V(s_L)`` (``truncation = "bootstrap"``), their partial
+    return (``"partial"``, the DCPG authors' logging) or not at all (``"exclude"``; they still use up their
+    env's quota); see :mod:`aclab.analysis.value_bias`."""
+    loaded = load_algorithm(path, device, threads)
     num_envs = num_envs or min(episodes, 128)
     per_env = math.ceil(episodes / num_envs)
     module = ValueFunction(_pick_value(loaded.algo, value))
@@ -205,39 +216,48 @@ def run_value_bias(path: str | Path, *, episodes: int = 100, value: str = "value
     envs = make_analysis_envs(loaded, num_envs, seed)
     tracker = EpisodeStartTracker(num_envs, gamma, fresh_envs=True)
     per_env_starts: list[list] = [[] for _ in range(num_envs)]
+
+    @torch.no_grad()
+    def values_of(obs) -> np.ndarray:
+        return module(torch.as_tensor(obs, device=torch_device)).float().cpu().numpy()
+
     try:
+        values = values_of(envs.obs)
         for _ in range(max_steps):
             valid = ~envs.next_is_dummy
-            obs = envs.obs
-            with torch.no_grad():
-                values = module(torch.as_tensor(obs, device=torch_device)).float().cpu().numpy()
-            result = envs.step(loaded.algo.act(obs, False))
+            result = envs.step(loaded.algo.act(envs.obs, False))
+            next_values = values_of(result.obs)  # a truncation's final observation: its bootstrap
             ends = result.terminated | result.truncated
-            for start in tracker.step(values, result.reward, ends, valid, result.terminated):
+            for start in tracker.step(values, result.reward, ends, valid, result.terminated, next_values):
                 if len(per_env_starts[start.env_index]) < per_env:
                     per_env_starts[start.env_index].append(start)
+            values = next_values
             if sum(len(s) for s in per_env_starts) >= num_envs * per_env:
                 break
     finally:
         envs.close()
     starts = [s for k in range(per_env) for env_starts in per_env_starts for s in env_starts[k:k + 1]][:episodes]
-    bias = value_bias_from_starts(starts, include_truncated=include_truncated)
-    return {**_header(loaded, "value_bias"), "value": value, "gamma": gamma, "bias": bias.bias,
-            "predicted": bias.mean_value, "true": bias.mean_return, "num_episodes": bias.num_episodes,
+    bias = value_bias_from_starts(starts, truncation=truncation)
+    return {**_header(loaded, "value_bias"), "value": value, "gamma": gamma, "truncation": truncation,
+            "bias": bias.bias, "predicted": bias.mean_value, "true": bias.mean_return,
+            "num_episodes": bias.num_episodes, "num_truncated": bias.num_truncated,
             "num_truncated_excluded": bias.num_truncated_excluded, "values": bias.values.tolist(),
             "returns": bias.returns.tolist()}
 
 
 def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: int | None = None,
-                    seed: int | None = None, device: str = "auto", chunk_size: int = 1024) -> dict:
+                    seed: int | None = None, device: str = "auto", chunk_size: int = 1024,
+                    threads: int | None = None) -> dict:
     """DCPG paper, Table 8: per transition ``(s, a, s')`` of fresh training rollouts, the number of actions
     ``a_hat != a`` that the trained (forward) discriminator accepts, ``f(s, a_hat, s') > 0.5``.
 
     Needs an algorithm with a dynamics model (ddcpg, dcpg-f, dcpg-i, dcpg-fi, dppg). Transitions that cross
-    an episode reset (autoreset dummies) are left out. Returns the mean and std over transitions and the
-    histogram of counts ``[0, A - 1]``.
+    an episode reset (autoreset dummies) are left out. Counted two ways: over the raw actions (``mean``,
+    ``std``, ``histogram`` over ``[0, A - 1]``) and over the distinct actions of the game (``*_distinct``:
+    one canonical action per action-equivalence class, the true action's class left out; Procgen classes
+    from :func:`aclab.analysis.action_classes.procgen_action_classes`, BigFish has 9, the paper's count).
     """
-    loaded = load_algorithm(path, device)
+    loaded = load_algorithm(path, device, threads)
     algo = loaded.algo
     dynamics = getattr(algo, "dynamics", None)
     if dynamics is None:
@@ -246,7 +266,9 @@ def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: 
     num_envs = num_envs or loaded.config.env.num_envs
     torch_device = resolve_device(device)
     envs = make_analysis_envs(loaded, num_envs, seed)
+    canonical = canonical_action_map(loaded.config.env.id, loaded.config.env.options, dynamics.num_actions)
     counts: list[torch.Tensor] = []
+    distinct: list[torch.Tensor] = []
     have = 0
     try:
         num_steps = math.ceil(num_transitions / num_envs) + 1
@@ -261,22 +283,28 @@ def run_ood_actions(path: str | Path, *, num_transitions: int = 4096, num_envs: 
             features = features.view(frames.shape[0], num_envs, -1)
             idx = torch.nonzero(rollout.valid.reshape(-1)).squeeze(1).to(torch_device)
             dim = features.shape[-1]
-            counts.append(ood_action_counts(dynamics.discriminator, features[:-1].reshape(-1, dim)[idx],
-                                            rollout.actions.reshape(-1).to(torch_device)[idx],
-                                            features[1:].reshape(-1, dim)[idx]).cpu())
+            args = (dynamics.discriminator, features[:-1].reshape(-1, dim)[idx],
+                    rollout.actions.reshape(-1).to(torch_device)[idx], features[1:].reshape(-1, dim)[idx])
+            counts.append(ood_action_counts(*args).cpu())
+            distinct.append(ood_action_counts(*args, canonical=canonical).cpu())
             have += idx.numel()
     finally:
         envs.close()
     all_counts = torch.cat(counts)[:num_transitions].double()
+    distinct_counts = torch.cat(distinct)[:num_transitions].double()
     num_actions = dynamics.num_actions
+    num_distinct = int((canonical == torch.arange(num_actions)).sum())
     return {**_header(loaded, "ood_actions"), "num_transitions": int(all_counts.numel()),
             "num_actions": num_actions, "mean": float(all_counts.mean()), "std": float(all_counts.std()),
-            "histogram": torch.bincount(all_counts.long(), minlength=num_actions).tolist()}
+            "histogram": torch.bincount(all_counts.long(), minlength=num_actions).tolist(),
+            "num_distinct_actions": num_distinct, "canonical_actions": canonical.tolist(),
+            "mean_distinct": float(distinct_counts.mean()), "std_distinct": float(distinct_counts.std()),
+            "histogram_distinct": torch.bincount(distinct_counts.long(), minlength=num_distinct).tolist()}
 
 
 def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions: int = 15, horizon: int = 0,
                           independent_states: bool = False, num_envs: int | None = None, seed: int | None = None,
-                          device: str = "auto") -> dict:
+                          device: str = "auto", threads: int | None = None) -> dict:
     """Hypernetwork paper Section 3.2 / Figure 3 on a TD3 or SAC checkpoint: cosine similarity between the
     critic's action-gradient and the least-squares "true" gradient from repeated-action rollouts
     (:func:`aclab.analysis.grad_accuracy.measure_gradient_accuracy`; MuJoCo envs, which save and restore
@@ -285,7 +313,7 @@ def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions
     from aclab.analysis.grad_accuracy import measure_gradient_accuracy
 
     del num_envs  # one Gymnasium env with saved simulator state
-    loaded = load_algorithm(path, device)
+    loaded = load_algorithm(path, device, threads)
     if not hasattr(loaded.algo, "gradient_probe"):
         raise ValueError(f"gradient-accuracy needs an off-policy actor-critic run (td3, sac); this run is "
                          f"{loaded.config.algo!r}")
@@ -305,14 +333,15 @@ def run_gradient_accuracy(path: str | Path, *, num_states: int = 15, num_actions
 
 
 def run_gradient_noise(path: str | Path, *, updates: int = 50, episodes: int | None = None,
-                       num_envs: int | None = None, seed: int | None = None, device: str = "auto") -> dict:
+                       num_envs: int | None = None, seed: int | None = None, device: str = "auto",
+                       threads: int | None = None) -> dict:
     """Hypernetwork paper Section 4.2 / Figure 5 on a MAML checkpoint: ``updates`` independent meta-updates
     from the checkpoint, each from fresh episodes, and the returns of every updated policy on the same
     held-out tasks before and after adaptation (:func:`aclab.algos.maml.gradient_noise`)."""
     from aclab.algos.maml import MAML, gradient_noise
 
     del num_envs  # MAML samples its own episodes
-    loaded = load_algorithm(path, device)
+    loaded = load_algorithm(path, device, threads)
     if not isinstance(loaded.algo, MAML):
         raise ValueError(f"gradient-noise needs a MAML run (maml, maml-context, maml-hyper); this run is "
                          f"{loaded.config.algo!r}")

@@ -6,10 +6,12 @@ A run's configuration has three parts:
 * ``env``: which environment and how it is wrapped (:class:`EnvConfig`);
 * ``eval``: periodic and final evaluation (:class:`EvalConfig`); ``logging``: episodes.csv, progress
   lines, Weights & Biases (:class:`LoggingConfig`);
+* ``divergence``: warnings for a blown-up run (:class:`DivergenceConfig`);
 * ``params``: the algorithm's own dataclass (e.g. :class:`aclab.algos.ppo.PPOConfig`).
 
 Presets are TOML files in ``aclab/presets/`` holding the papers' hyperparameter tables. Overrides use
-dotted keys (``env.num_envs=8``, ``params.lr=3e-4``); a bare key (``lr=3e-4``) is looked up at the top
+dotted keys (``env.num_envs=8``, ``params.lr=3e-4``, ``env.options.levels=test`` for an entry of a
+nested table); a bare key (``lr=3e-4``) is looked up at the top
 level, then in ``params``, then in ``env``. Every unknown key, unknown preset or invalid value raises
 :class:`ConfigError` with one line naming the key and the allowed values.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -32,6 +35,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 PRESET_DIR = Path(__file__).parent / "presets"
+SECTIONS = ("env", "eval", "logging", "divergence", "params")
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
@@ -73,18 +77,49 @@ class EnvConfig:
 
 @dataclass
 class EvalConfig:
-    """Periodic and final evaluation on separate env instances (Procgen: held-out levels)."""
+    """Periodic and final evaluation on separate env instances (see :mod:`aclab.evaluate.policy`).
+
+    ``every_steps`` / ``every_iterations``: evaluate when that many env steps have passed since the last
+    evaluation / at every that many-th iteration (0: off; either can trigger; the DCPG authors evaluate
+    every 10 updates); there is always a final evaluation. ``split``: ``train`` (Procgen: the training
+    levels), ``test`` (held-out) or ``both``. ``levels``: the held-out Procgen levels of the test split,
+    ``"test"`` = the full distribution (Cobbe et al. 2020; the DCPG authors' code) or ``"unseen"`` =
+    levels outside the training range only. ``seeding``: ``"fixed"`` (the same env seeds, so the same
+    Procgen levels, at every evaluation) or ``"fresh"`` (new ones each time, the DCPG authors' curves).
+    """
 
     every_steps: int = 0
+    every_iterations: int = 0
     episodes: int = 10
     num_envs: int = 8
     split: Literal["test", "train", "both"] = "test"
+    levels: Literal["test", "unseen"] = "test"
+    seeding: Literal["fixed", "fresh"] = "fixed"
     deterministic: bool = False
 
     def validate(self) -> None:
         require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "an integer >= 0 (0: only at the end)")
+        require(self.every_iterations >= 0, "eval.every_iterations", self.every_iterations,
+                "an integer >= 0 (0: off)")
         require(self.episodes >= 0, "eval.episodes", self.episodes, "an integer >= 0 (0: no evaluation)")
         require(self.num_envs >= 1, "eval.num_envs", self.num_envs, "an integer >= 1")
+
+
+@dataclass
+class DivergenceConfig:
+    """Warnings for a run whose training has blown up (checked on every logged row; 0 turns a check off):
+    a value/critic loss above ``value_loss_max``, a policy KL (``approx_kl`` / ``kl``) above ``kl_max``,
+    or, with discrete actions, a policy entropy below ``entropy_min`` (a collapsed policy). ``stop``
+    ends the run as ``failed`` instead of only warning."""
+
+    value_loss_max: float = 1e10
+    kl_max: float = 100.0
+    entropy_min: float = 1e-4
+    stop: bool = False
+
+    def validate(self) -> None:
+        for name in ("value_loss_max", "kl_max", "entropy_min"):
+            require(getattr(self, name) >= 0, f"divergence.{name}", getattr(self, name), "a number >= 0 (0: off)")
 
 
 @dataclass
@@ -115,8 +150,10 @@ class LoggingConfig:
 class Config:
     """The full, resolved configuration of one run (saved as ``config.json`` in the run directory).
 
-    ``torch_threads = 0`` is automatic: one thread for vector observations on CPU, torch's default
-    otherwise. ``checkpoint_every_iterations = 0`` checkpoints only at the end of the run.
+    ``torch_threads = 0`` is automatic (:func:`aclab.core.threads.default_threads`): one thread, all
+    cores for image observations on CPU. A checkpoint is written every ``checkpoint_every_iterations``
+    iterations and, for long iterations, at the first iteration boundary ``checkpoint_every_minutes``
+    after the last one (0 turns either off; the end of the run is always checkpointed).
     ``world_size``: the number of data-parallel ranks the run trains with (recorded from the ``torchrun``
     launch; a run keeps it when resumed).
     """
@@ -130,28 +167,42 @@ class Config:
     deterministic_torch: bool = False
     log_every_iterations: int = 1
     checkpoint_every_iterations: int = 10
+    checkpoint_every_minutes: float = 10.0
     keep_checkpoints: int = 2
     progress: bool = True
     world_size: int = 1  # data-parallel ranks (set by a torchrun launch, see aclab.distributed)
     env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     params: Any = None
 
     def validate(self) -> None:
         require(self.total_steps >= 1, "total_steps", self.total_steps, "an integer >= 1")
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        require(self.torch_threads >= 0, "torch_threads", self.torch_threads, "an integer >= 0 (0: torch's default)")
+        require(self.torch_threads >= 0, "torch_threads", self.torch_threads, "an integer >= 0 (0: automatic)")
         require(self.log_every_iterations >= 1, "log_every_iterations", self.log_every_iterations, "an integer >= 1")
         require(self.checkpoint_every_iterations >= 0, "checkpoint_every_iterations",
                 self.checkpoint_every_iterations, "an integer >= 0 (0: only at the end)")
+        require(self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", self.checkpoint_every_minutes,
+                "a number >= 0 (0: off)")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         require(self.world_size >= 1, "world_size", self.world_size, "an integer >= 1 (set by torchrun)")
         self.env.validate()
         self.eval.validate()
+        self.divergence.validate()
         self.logging.validate()
         if self.params is not None and hasattr(self.params, "validate"):
             self.params.validate()
+        if self.params is not None and hasattr(self.params, "validate_with"):  # checks across sections
+            self.params.validate_with(self)
+        num_minibatches = getattr(self.params, "num_minibatches", None)
+        num_steps = getattr(self.params, "num_steps", None)
+        if isinstance(num_minibatches, int) and isinstance(num_steps, int):
+            batch = num_steps * self.env.num_envs
+            require(num_minibatches <= batch, "params.num_minibatches", num_minibatches,
+                    f"at most the batch of params.num_steps x env.num_envs = {num_steps} x {self.env.num_envs} = "
+                    f"{batch} transitions")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -228,14 +279,17 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
                 return int(as_float)
         raise ConfigError(f"invalid value {key}={value!r}: expected an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"invalid value {key}={value!r}: expected a number")
+        if number is not None and math.isfinite(number):
+            return number
+        raise ConfigError(f"invalid value {key}={value!r}: expected a finite number")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -306,7 +360,7 @@ def set_key(config: Config, key: str, raw_value: Any) -> None:
     parts = key.split(".")
     if len(parts) == 1:
         for target, section in ((config, ""), (config.params, "params"), (config.env, "env"), (config.eval, "eval"),
-                                (config.logging, "logging")):
+                                (config.logging, "logging"), (config.divergence, "divergence")):
             if target is not None and key in _fields(target) and not dataclasses.is_dataclass(getattr(target, key)):
                 apply_table(target, {key: raw_value}, section)
                 return
@@ -315,16 +369,51 @@ def set_key(config: Config, key: str, raw_value: Any) -> None:
         valid += [f"params.{k}" for k in _fields(config.params)] if config.params is not None else []
         valid += [f"env.{k}" for k in _fields(config.env)] + [f"eval.{k}" for k in _fields(config.eval)]
         valid += [f"logging.{k}" for k in _fields(config.logging)]
+        valid += [f"divergence.{k}" for k in _fields(config.divergence)]
         raise _unknown_key(key, "", valid)
-    head, rest = parts[0], ".".join(parts[1:])
-    if head not in ("env", "eval", "logging", "params"):
-        raise ConfigError(f"unknown config section {head!r} in {key!r}; valid sections: env, eval, logging, params")
+    head = parts[0]
+    if head not in SECTIONS:
+        raise ConfigError(f"unknown config section {head!r} in {key!r}; valid sections: {', '.join(SECTIONS)}")
     target = getattr(config, head)
     if target is None:
         raise ConfigError(f"{key!r}: this algorithm has no parameters")
-    if "." in rest:
-        raise ConfigError(f"unknown config key {key!r}: sections are one level deep (e.g. params.lr)")
-    apply_table(target, {rest: raw_value}, head)
+    section = head
+    for depth, name in enumerate(parts[1:-1], start=1):  # walk down to the parent of the last part
+        if isinstance(target, dict):
+            child = target.get(name)
+            if child is None:
+                child = target[name] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{key!r}: {'.'.join(parts[:depth + 1])} is {child!r}, not a table")
+            target = child
+        else:
+            fields = _fields(target)
+            if name not in fields:
+                raise _unknown_key(".".join(parts[:depth + 1]), section, list(fields))
+            child = getattr(target, name)
+            if not (isinstance(child, dict) or (dataclasses.is_dataclass(child) and not isinstance(child, type))):
+                raise ConfigError(f"{key!r}: {'.'.join(parts[:depth + 1])} is a value, not a table")
+            target = child
+        section = ".".join(parts[:depth + 1])
+    if isinstance(target, dict):  # a free-form table (env.options): scalars from the command line are parsed
+        target[parts[-1]] = parse_scalar(raw_value)
+        return
+    apply_table(target, {parts[-1]: raw_value}, section)
+
+
+def parse_scalar(value: Any) -> Any:
+    """A command-line string for a free-form table entry as TOML would read it: ``200`` -> int,
+    ``0.5`` -> float, ``true`` -> bool, ``[1, 2]`` / ``{...}`` -> JSON; anything else stays a string
+    (``test``). Non-strings (from a preset or a dict of overrides) are returned unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return value
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -390,3 +479,36 @@ def config_from_table(table: dict, params_cls: type) -> Config:
 def config_from_dict(data: dict, params_cls: type) -> Config:
     """Rebuild a Config saved with :meth:`Config.to_dict` (e.g. a run directory's config.json)."""
     return config_from_table(data, params_cls)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming
+# ----------------------------------------------------------------------------------------------
+# Keys a resume may change: they do not alter what the checkpoint's state means (a section name covers
+# all of its keys). Everything else (algo, seed, env, params, device) is fixed by the checkpoint.
+RESUMABLE_KEYS = ("total_steps", "torch_threads", "progress", "log_every_iterations", "checkpoint_every_iterations",
+                  "checkpoint_every_minutes", "keep_checkpoints", "env.num_threads", "eval", "divergence", "logging")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name.split(".")[0] in SECTIONS and name != "env.options":
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_resume_changes(saved: Config, new: Config) -> list[str]:
+    """The keys that differ between the saved and the resumed config; ConfigError if one of them cannot
+    change on resume (names it and the keys that can)."""
+    before, after = _flatten(json.loads(saved.to_json())), _flatten(json.loads(new.to_json()))
+    changed = [k for k in after if before.get(k) != after[k]]
+    fixed = [k for k in changed if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_KEYS]
+    if fixed:
+        raise ConfigError(
+            f"cannot change {', '.join(fixed)} on resume: the checkpoint holds state trained with the saved "
+            f"value; keys that may change: {', '.join(k + ('.*' if k in SECTIONS else '') for k in RESUMABLE_KEYS)}")
+    return changed

@@ -33,6 +33,16 @@ Each run's stdout and stderr go to ``out_dir/.logs/<run_name>.log`` (hidden, so 
 out_dir/*`` sees only run directories). Children get ``OMP_NUM_THREADS`` = cores / max_parallel unless
 it is already set, so parallel runs do not oversubscribe the CPU.
 
+Validation: with the default trainer (``aclab train``) every (algo, env) cell is resolved with
+:func:`aclab.train.make_config` before anything runs (also with ``--dry-run``), so an unknown algorithm,
+env id, preset or override key is a :class:`SweepError` naming the cell.
+
+Stopping: children share the sweep's process group and ask the kernel to send them SIGTERM if the sweep
+dies (``ACLAB_DIE_WITH_PARENT``, Linux), so a sweep killed even with SIGKILL leaves no run behind; SIGTERM
+or SIGINT to the sweep forwards SIGTERM to its children (which checkpoint and stop within seconds),
+starts no new run, and a second signal kills them. Each run directory is locked by its writer, so a
+re-run sweep can never resume a directory that a live child still writes.
+
 Ray: with ``backend = "ray"`` each run is a Ray task (``ray_num_cpus`` CPUs, default 1) that executes
 the same subprocess on whichever node Ray picks, at most ``max_parallel`` at a time. ``ray_address``
 joins an existing cluster (``"auto"``, or the head's ``host:port`` as ``ray start --head`` prints it);
@@ -312,6 +322,20 @@ def load_sweep_spec(path: str | Path) -> SweepSpec:
 # ----------------------------------------------------------------------------------------------
 # Planning
 # ----------------------------------------------------------------------------------------------
+def validate_cells(spec: SweepSpec) -> None:
+    """Resolve every (algo, env) cell's config as ``aclab train`` would; SweepError naming the first bad cell
+    (unknown algorithm, env id, preset, override key or value)."""
+    from aclab.train import make_config
+
+    for algo in spec.algos:
+        for env in spec.envs:
+            overrides = spec.overrides + spec.env_overrides.get(env, []) + spec.algo_overrides.get(algo, [])
+            try:
+                make_config(algo, env, spec.presets.get(algo), overrides + [f"seed={spec.seeds[0]}"])
+            except ValueError as exc:  # ConfigError, EnvIdError
+                raise SweepError(f"sweep cell algo={algo!r}, env={env!r}: {exc}") from exc
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
 
@@ -343,8 +367,10 @@ def plan_action(run_dir: Path) -> tuple[str, str]:
     return "blocked", f"{run_dir} is not empty but has no config.json: remove it or choose another out_dir"
 
 
-def plan_sweep(spec: SweepSpec, command_prefix: Sequence[str] | None = None) -> list[SweepJob]:
-    """The grid in (algo, env, seed) order with each job's action and command."""
+def plan_sweep(spec: SweepSpec, command_prefix: Sequence[str] | None = None,
+               threads: int | None = None) -> list[SweepJob]:
+    """The grid in (algo, env, seed) order with each job's action and command (``--threads N`` on every
+    training command when ``threads`` is given)."""
     prefix = list(command_prefix or spec.command_prefix or default_command_prefix())
     jobs = []
     for algo in spec.algos:
@@ -369,6 +395,8 @@ def plan_sweep(spec: SweepSpec, command_prefix: Sequence[str] | None = None) -> 
                         command += ["--preset", spec.presets[algo]]
                     for item in spec.overrides + spec.env_overrides.get(env, []) + spec.algo_overrides.get(algo, []):
                         command += ["--set", item]
+                if threads:
+                    command += ["--threads", str(threads)]
                 jobs.append(SweepJob(algo, env, seed, run_dir, action, command if action != "skip" else [], reason))
     return jobs
 
@@ -383,6 +411,32 @@ def _child_env(max_parallel: int) -> dict[str, str]:
     return env
 
 
+class _Children:
+    """The live child processes of this sweep, so a signal to the sweep can stop them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.add(proc)
+            if self.stopping:
+                proc.terminate()
+
+    def remove(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def signal_all(self, sig: int) -> None:
+        with self._lock:
+            for proc in self._procs:
+                if proc.poll() is None:
+                    proc.send_signal(sig)
+
+
+CHILDREN = _Children()
 STOP_GRACE_S = 60.0  # after SIGTERM, a run gets this long to checkpoint and exit before SIGKILL
 
 
@@ -401,14 +455,16 @@ def execute_command(command: list[str], log_path: str, timeout_s: float | None, 
                     extra_env: dict | None = None) -> tuple[int, float]:
     """Run ``command`` with stdout+stderr appended to ``log_path``; return (exit code, seconds).
 
-    A plain function of plain values so that a Ray task can run it as is; exit code 124 on timeout.
-    ``env`` None: this process's environment (on a Ray node: that node's), updated with ``extra_env``.
-    Interrupted (KeyboardInterrupt: Ctrl-C, or a Ray task cancelled because its sweep stopped), it stops
-    the child with SIGTERM (then SIGKILL after ``STOP_GRACE_S``) before re-raising.
+    A plain function of plain values so that a Ray task can run it as is; exit code 124 on timeout (the
+    child gets SIGTERM, then SIGKILL after ``STOP_GRACE_S``). ``env`` None: this process's environment (on
+    a Ray node: that node's), updated with ``extra_env``. The child is told to die with this process
+    (``ACLAB_DIE_WITH_PARENT``). Interrupted (KeyboardInterrupt: Ctrl-C, or a Ray task cancelled because
+    its sweep stopped), it stops the child with SIGTERM (then SIGKILL after ``STOP_GRACE_S``) before
+    re-raising.
     """
     start = time.monotonic()
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    env = {**(os.environ if env is None else env), **(extra_env or {})}
+    env = {**(os.environ if env is None else env), **(extra_env or {}), "ACLAB_DIE_WITH_PARENT": str(os.getpid())}
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -417,6 +473,7 @@ def execute_command(command: list[str], log_path: str, timeout_s: float | None, 
         except OSError as exc:
             log.write(f"\n[aclab sweep] could not start: {exc}\n")
             return 127, time.monotonic() - start
+        CHILDREN.add(proc)
         try:
             code = _wait(proc, timeout_s)
         except subprocess.TimeoutExpired:
@@ -428,6 +485,8 @@ def execute_command(command: list[str], log_path: str, timeout_s: float | None, 
             log.flush()
             _stop_child(proc)
             raise
+        finally:
+            CHILDREN.remove(proc)
     return code, time.monotonic() - start
 
 
@@ -440,6 +499,53 @@ def _wait(proc: subprocess.Popen, timeout_s: float | None) -> int:
         except subprocess.TimeoutExpired:
             if deadline is not None and time.monotonic() > deadline:
                 raise
+
+
+
+def die_with_parent() -> None:
+    """In a child started by a sweep (``ACLAB_DIE_WITH_PARENT`` = the sweep's pid): ask Linux to send this
+    process SIGTERM when the sweep dies (``prctl(PR_SET_PDEATHSIG)``), and stop at once if it already has.
+    A no-op elsewhere."""
+    parent = os.environ.get("ACLAB_DIE_WITH_PARENT")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    try:
+        os.kill(int(parent), 0)
+    except ProcessLookupError:  # the sweep died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    except (ValueError, PermissionError):
+        pass
+
+
+class _SweepSignals:
+    """SIGINT/SIGTERM to the sweep: forward SIGTERM to the children and start nothing new; a second
+    signal kills them (SIGKILL)."""
+
+    def __enter__(self):
+        self._previous = {}
+        CHILDREN.stopping = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if CHILDREN.stopping:
+            CHILDREN.signal_all(signal.SIGKILL)
+            return
+        CHILDREN.stopping = True
+        CHILDREN.signal_all(signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -465,14 +571,19 @@ def _run_local(
     def run_one(index: int) -> tuple[int, JobResult]:
         job = jobs[index]
         log_path = log_dir / f"{job.run_dir.name}.log"
+        if CHILDREN.stopping:
+            return index, JobResult(job, "failed", message="not started: the sweep was stopped")
         log(f"[sweep] start  {job.run_dir.name} ({job.action})")
         code, seconds = execute_command(job.command, str(log_path), spec.timeout_s, env)
         result = _result(job, code, seconds, log_path)
         log(f"[sweep] {result.status:<8} {job.run_dir.name} ({seconds:.1f} s)")
         return index, result
 
-    with ThreadPoolExecutor(max_workers=max_parallel) as pool:
-        return dict(pool.map(run_one, range(len(jobs))))
+    with _SweepSignals(), ThreadPoolExecutor(max_workers=max_parallel) as pool:
+        futures = [pool.submit(run_one, i) for i in range(len(jobs))]
+        while not all(f.done() for f in futures):  # the main thread stays free to take signals
+            time.sleep(0.1)
+        return dict(f.result() for f in futures)
 
 
 class _StopFlag:
@@ -566,19 +677,25 @@ def run_sweep(
     command_prefix: Sequence[str] | None = None,
     max_parallel: int | None = None,
     log: Callable[[str], None] | None = print,
+    threads: int | None = None,
+    validate: bool | None = None,
 ) -> list[JobResult]:
     """Run (or with ``dry_run`` only plan) the sweep; return one :class:`JobResult` per grid cell.
 
     ``command_prefix`` replaces ``[sys.executable, "-m", "aclab"]`` (and the spec's own
-    ``command_prefix``); ``max_parallel`` overrides the spec's. Results are in grid order (algo, env,
-    seed). A failed run does not stop the others; check ``result.status``.
+    ``command_prefix``); ``max_parallel`` overrides the spec's; ``threads`` goes to every run as
+    ``--threads`` (default: each run's automatic setting, :mod:`aclab.core.threads`). Results are in
+    grid order (algo, env, seed). A failed run does not stop the others; check ``result.status``. With
+    the default trainer every cell's config is validated first (``validate``: force it on or off).
     """
     spec = spec_path if isinstance(spec_path, SweepSpec) else load_sweep_spec(spec_path)
+    if validate if validate is not None else not (command_prefix or spec.command_prefix):
+        validate_cells(spec)
     log = log or (lambda _msg: None)
     parallel = max_parallel if max_parallel is not None else spec.max_parallel
     if parallel < 1:
         raise SweepError(f"max_parallel must be >= 1, got {parallel}")
-    jobs = plan_sweep(spec, command_prefix)
+    jobs = plan_sweep(spec, command_prefix, threads)
     results: dict[int, JobResult] = {}
     runnable = []
     for index, job in enumerate(jobs):

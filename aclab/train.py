@@ -1,12 +1,16 @@
 """The one training loop shared by every algorithm, plus config resolution and evaluation.
 
-    run = Run.create(...) or Run.resume(...)
-    algo = registry.build(config, env_spec, device)
-    algo.load_state_dict(checkpoint["algo"])          # when resuming
+    algo = registry.build(config, env_spec, device)   # every input checked before the run dir exists
+    run = Run.create(...) or Run.resume(...)          # the run directory's lock is held from here on
+    algo.load_state_dict(checkpoint["algo"])          # when resuming (and envs, RNGs, the loop's state)
     while algo.steps < config.total_steps:
         metrics = algo.iterate(envs)                   # collect what it needs, then update
-        run.log(algo.steps, metrics)
-        checkpoint every N iterations (atomic)
+        run.log(algo.steps, metrics)                   # + divergence checks, periodic evaluation
+        checkpoint every N iterations / M minutes (atomic)
+    final checkpoint, then the final evaluation
+
+Any exception leaves ``status: failed`` and the error in summary.json; SIGINT/SIGTERM stop within seconds
+(see :class:`_StopRequest`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import collections
 import dataclasses
 import json
 import signal
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +41,32 @@ from aclab.config import (
     ConfigError,
     EnvConfig,
     apply_table,
+    check_resume_changes,
     config_from_dict,
     config_from_table,
     load_preset,
     parse_override,
     set_key,
 )
+from aclab.core.threads import set_threads
 from aclab.data.actors import ActorFailureLimit
-from aclab.envs import build_envs, make_env, parse_env_id
+from aclab.envs import EnvIdError, build_envs, make_env, parse_env_id
+from aclab.envs.make import check_level_control
 from aclab.envs.registry import import_env_modules, register_env_factory
-from aclab.evaluate.policy import evaluate
+from aclab.evaluate.policy import eval_levels, evaluate_splits
 from aclab.run_logging import EpisodeRecorder, PlainProgress, WandbSink
-from aclab.runs import Run
+from aclab.runs import (
+    EVALS_FILE,
+    DivergenceMonitor,
+    LoopState,
+    ResumePoint,
+    Run,
+    StopRequested,
+    clear_stop,
+    read_run_config,
+    request_stop,
+    stop_requested,
+)
 
 RECENT_EPISODES = 100
 
@@ -102,7 +122,26 @@ def make_config(
         set_key(config, key, value)
     parse_env_id(config.env.id)
     config.validate()
+    check_eval_levels(config)
+    if getattr(entry.cls, "LEVEL_CONTROL", False):  # e.g. PLR: the env must offer a finite set of levels
+        check_level_control(config.env.id, config.env.options, config.env.backend, config.env.num_envs)
     return config
+
+
+def check_eval_levels(config: Config) -> None:
+    """The evaluation level sets must exist for the training options (e.g. ``eval.levels = "unseen"``
+    needs a finite training range): ConfigError naming the keys otherwise."""
+    try:
+        for split in eval_splits(config):
+            eval_levels(config, split)
+    except EnvIdError as exc:
+        raise ConfigError(f"invalid value eval.levels={config.eval.levels!r} with env.options="
+                          f"{config.env.options!r}: {exc}") from None
+
+
+def eval_splits(config: Config) -> list[str]:
+    """The splits each evaluation runs (``eval.split``: train, test or both)."""
+    return ["train", "test"] if config.eval.split == "both" else [config.eval.split]
 
 
 def _import_early(items: list, preset_table: dict) -> None:
@@ -128,11 +167,12 @@ def _is_discrete(env_id: str) -> bool:
 
 
 def load_run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    data = json.loads(path.read_text())
-    config = config_from_dict(data, registry.get_algorithm(data["algo"]).Config)
+    """The saved config of a run directory; RunError/ConfigError for a missing, unreadable or invalid one."""
+    data = read_run_config(Path(run_dir))
+    try:
+        config = config_from_dict(data, registry.get_algorithm(data["algo"]).Config)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(run_dir) / 'config.json'}: {exc}") from exc
     import_env_modules(config.env.imports)  # the modules that register the run's own env ids
     return config
 
@@ -140,13 +180,16 @@ def load_run_config(run_dir: Path) -> Config:
 def load_run_checkpoint(run_dir: Path, which: str = "final") -> tuple[dict, str]:
     """``(checkpoint, description)`` of a run: ``"final"`` (or ``"latest"``) = its newest checkpoint,
     ``"best"`` = ``checkpoints/best.pt`` (the best evaluation so far), else a checkpoint file's path."""
-    from aclab.runs import BEST_CHECKPOINT, load_latest_checkpoint
+    from aclab.runs import BEST_CHECKPOINT, find_readable_checkpoint
 
     run_dir = Path(run_dir)
     if which in ("final", "latest"):
-        checkpoint = load_latest_checkpoint(run_dir / "checkpoints")
+        checkpoint, path, unreadable = find_readable_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint to evaluate")
+            raise FileNotFoundError(f"{run_dir} has no readable checkpoint to evaluate")
+        if unreadable:
+            print(f"aclab: warning: {', '.join(p.name for p in unreadable)} cannot be read; using {path.name}",
+                  file=sys.stderr)
         status = json.loads((run_dir / "summary.json").read_text()).get("status") if (
             run_dir / "summary.json").exists() else None
         return checkpoint, "final" if status == "finished" else f"latest ({status or 'unfinished'} run)"
@@ -162,34 +205,20 @@ def load_run_checkpoint(run_dir: Path, which: str = "final") -> tuple[dict, str]
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-_DEFAULT_TORCH_THREADS = torch.get_num_threads()  # before any run changes it
-
-
-def _set_torch_threads(config: Config, device: torch.device, spec) -> None:
-    """``torch_threads = 0`` (auto): one intra-op thread for vector observations on CPU, where small
-    networks are bound by per-call overhead and a second thread only adds contention (measured ~3x
-    slower PPO on CartPole on a 2-core machine under load); torch's default (all cores) for images and
-    for algorithms whose class sets ``ARITHMETIC_BOUND_UPDATES = True`` (TD3 and SAC: 256-wide networks
-    on batches of 256, one update per env step; measured 1.5-1.65x faster with two threads than one on
-    HalfCheetah on an otherwise idle 2-core machine)."""
-    arithmetic_bound = getattr(registry.get_algorithm(config.algo), "ARITHMETIC_BOUND_UPDATES", False)
-    if config.torch_threads > 0:
-        threads = config.torch_threads
-    elif device.type == "cpu" and len(spec.obs_shape) == 1 and not arithmetic_bound:
-        threads = 1
-    else:  # the process's default, also after an earlier run in this process set another count
-        threads = _DEFAULT_TORCH_THREADS
-    torch.set_num_threads(threads)
-
-
 class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next iteration boundary and stops."""
+    """SIGINT/SIGTERM request a stop (:func:`aclab.runs.request_stop`): the loop checkpoints at an iteration
+    boundary, or abandons the iteration in progress at its next env step or minibatch (its state is not
+    consistent; the run resumes from its latest checkpoint). A second signal stops at once."""
 
     def __init__(self):
-        self.requested = False
         self._previous = {}
 
+    @property
+    def requested(self) -> bool:
+        return stop_requested()
+
     def __enter__(self):
+        clear_stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -198,118 +227,221 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # second signal: stop now
+        if stop_requested():  # second signal: stop now
             raise KeyboardInterrupt
-        self.requested = True
+        request_stop()
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        clear_stop()
+
+
+class _Notices:
+    """One-line notes and warnings for the console (stderr, or the progress bar's console while it runs),
+    also kept for summary.json."""
+
+    def __init__(self, progress: _Progress):
+        self.progress = progress
+        self.lines: list[str] = []
+
+    def __call__(self, message: str, kind: str = "note") -> None:
+        self.lines.append(message)
+        live = getattr(self.progress, "_progress", None)
+        if live is not None:
+            live.console.print(f"aclab: {kind}: {message}", markup=False, highlight=False)
+        else:
+            print(f"aclab: {kind}: {message}", file=sys.stderr, flush=True)
+
+
+class DivergedError(RuntimeError):
+    """A divergence check fired with ``divergence.stop = true``."""
+
+
+def default_run_dir(config: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    env_name = config.env.id.replace(":", "-").replace("/", "-")
+    return Path("runs") / f"{config.algo}-{env_name}-s{config.seed}-{stamp}"
+
+
+def build_algorithm(config: Config, spec, device: torch.device):
+    """``registry.build`` with an algorithm/env mismatch (e.g. SAC on a discrete env) as a ConfigError."""
+    try:
+        return registry.build(config, spec, device)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"cannot train {config.algo} on {config.env.id}: {exc}") from exc
 
 
 def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
-          stop_after_iterations: int | None = None, console=None, callbacks=(), env_factory=None) -> dict:
+          start_over: bool = False, stop_after_iterations: int | None = None, console=None, callbacks=(),
+          env_factory=None) -> dict:
     """Train ``config.algo`` until ``config.total_steps``; return the summary dict.
 
-    ``resume=True`` reopens ``run_dir`` and continues from its latest checkpoint.
-    ``stop_after_iterations`` stops early (as a kill would, but after a clean checkpoint); for tests.
-    ``callbacks``: objects with any of ``on_iteration`` / ``on_evaluation`` / ``on_checkpoint`` (see
+    ``resume=True`` reopens ``run_dir`` and continues from its latest readable checkpoint (``start_over``:
+    restart from step 0 when no checkpoint can be read, the old logs moved aside); ``config`` (e.g.
+    from :func:`resume_config`) is saved as the run's config. Everything that can be checked (device,
+    algorithm/env compatibility, the run directory) is checked before the run directory is created or
+    touched. ``stop_after_iterations`` stops early (as a kill would, but after a clean checkpoint); for
+    tests. ``callbacks``: objects with any of ``on_iteration`` / ``on_evaluation`` / ``on_checkpoint`` (see
     :mod:`aclab.callbacks`); ``on_iteration`` returning False stops the run (status ``"stopped"``).
     ``env_factory``: a zero-argument callable returning a ``gymnasium.Env``; it replaces ``config.env.id``
     (give the same factory again to resume a run whose factory cannot be imported by path).
     """
     if env_factory is not None:
         config.env.id = register_env_factory(env_factory)
-    if run_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        env_name = config.env.id.replace(":", "-").replace("/", "-")
-        run_dir = Path("runs") / f"{config.algo}-{env_name}-s{config.seed}-{stamp}"
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     device = resolve_device(config.device)
     dp = _join_ranks(config, device, resume)
     if dp.enabled:
         device = dp.device
-    if config.deterministic_torch:
-        torch.use_deterministic_algorithms(True)
-
     if config.logging.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError as exc:
             raise ConfigError("logging.wandb=true needs the wandb package: pip install 'aclab[wandb]' "
                               "(scripts/setup.sh installs it)") from exc
-    checkpoint = None
-    if not dp.is_main:  # ranks other than 0 train and never touch the run directory
-        run = _OtherRank()
-    elif resume:
-        run, checkpoint = Run.resume(run_dir)
-    else:
-        run = Run.create(run_dir, config.to_dict(), overwrite=overwrite)
-    checkpoint = dp.scatter_checkpoint(checkpoint)
-
+    if not resume and dp.is_main:
+        Run.check_new(run_dir, overwrite)
+    if config.deterministic_torch:
+        torch.use_deterministic_algorithms(True)
     # every rank: the same networks (the run's seed), its own envs and acting streams (its rank's seed)
     seed_everything(config.seed)
     rank_config = dataclasses.replace(config, seed=dp.rank_seed(config.seed)) if dp.enabled else config
-    envs = build_envs(rank_config, num_envs=dp.local_envs(config.env.num_envs))
-    if dp.enabled:
-        envs.set_statistics_reducer(dp.merge_moments)  # normalisers see the batches of every rank
-    envs.reset(seed=rank_config.seed)
-    _set_torch_threads(config, device, envs.spec)
-    algo = registry.build(rank_config, envs.spec, device)
-    dp.check_replicas(algo)
-    recent = collections.deque(maxlen=RECENT_EPISODES)
-    wall_before = 0.0
+    # an algorithm that chooses each episode's level (PLR) gets envs that let it
+    envs = build_envs(rank_config, num_envs=dp.local_envs(config.env.num_envs),
+                      level_control=getattr(registry.get_algorithm(config.algo), "LEVEL_CONTROL", False))
+    algo = None
+    try:
+        if dp.enabled:
+            envs.set_statistics_reducer(dp.merge_moments)  # normalisers see the batches of every rank
+        envs.reset(seed=rank_config.seed)
+        set_threads(config.torch_threads, obs_shape=envs.spec.obs_shape, device=device)
+        algo = build_algorithm(rank_config, envs.spec, device)
+        dp.check_replicas(algo)
+        if not dp.is_main:  # ranks other than 0 train and never touch the run directory
+            run, point = _OtherRank(), ResumePoint(None, [])
+        elif resume:
+            run, point = Run.resume(run_dir, start_over=start_over)
+        else:
+            run, point = Run.create(run_dir, config.to_dict(), overwrite=overwrite), ResumePoint(None, [])
+        if dp.enabled:  # rank 0 read the checkpoint: each rank gets its part
+            point = dataclasses.replace(point, checkpoint=dp.scatter_checkpoint(point.checkpoint),
+                                        final_eval_done=dp.broadcast_object(point.final_eval_done))
+    except BaseException:
+        _close(envs, algo)
+        raise
+    try:
+        if resume:
+            run.write_config(config.to_dict())
+        return _train_run(run, point, config, envs, algo, device, resume, stop_after_iterations, console,
+                          CallbackList(callbacks if dp.is_main else ()), dp)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):
+            run.write_summary({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                               "traceback": traceback.format_exc()})
+        raise
+    finally:
+        _close(envs, algo)
+        run.close()
+        if dp.enabled:
+            distributed.shutdown()
+            distributed.use(distributed.SINGLE_PROCESS)
+
+
+def _close(envs, algo) -> None:
+    envs.close()
+    if algo is not None and hasattr(algo, "close"):  # actor pools (IMPALA/STAC) stop their workers now
+        algo.close()
+
+
+def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device, resume: bool,
+               stop_after_iterations: int | None, console, hooks: CallbackList,
+               dp: distributed.DataParallel = distributed.SINGLE_PROCESS) -> dict:
+    progress = _make_progress(config if dp.is_main else dataclasses.replace(config, progress=False), algo.steps,
+                              console)
+    notice = _Notices(progress)
+    for note in point.notes:
+        notice(note, "warning")
+    checkpoint = point.checkpoint
+    loop = LoopState.from_checkpoint(checkpoint)
     envs_exact = True
     if checkpoint is not None:
         algo.load_state_dict(checkpoint["algo"])
         envs_exact = envs.load_state_dict(checkpoint["envs"])
         set_global_rng_state(checkpoint["rng"])
-        recent.extend(checkpoint.get("recent_returns", []))
-        wall_before = float(checkpoint.get("wall_time_s", 0.0))
         if dp.enabled:
             dp.generator.set_state(checkpoint["minibatch_rng"])
-
-    hooks = CallbackList(callbacks if dp.is_main else ())
+        if not envs_exact:
+            notice(f"the {envs.backend_name} backend cannot save its simulators: this run continues from the "
+                   f"checkpoint at step {checkpoint['step']} with freshly reset envs (networks, optimisers and "
+                   "statistics restored), so it will not match an uninterrupted run bit for bit", "warning")
+    final_eval_step = algo.steps if point.final_eval_done else None  # a completed final evaluation
+    already_finished = (checkpoint is not None and algo.steps >= config.total_steps
+                        and (final_eval_step == algo.steps or config.eval.episodes == 0)
+                        and run.read_summary().get("status") == "finished")
+    if dp.broadcast_object(already_finished):  # rank 0 read the summary: every rank takes its answer
+        notice(f"{run.path} already finished at step {algo.steps:,} (total_steps {config.total_steps:,}); "
+               "nothing to do (raise --total-steps to train on)")
+        return run.read_summary()
+    recent = collections.deque(loop.recent_returns, maxlen=RECENT_EPISODES)
+    divergence = DivergenceMonitor(config.divergence.value_loss_max, config.divergence.kl_max,
+                                   config.divergence.entropy_min, envs.spec.discrete)
+    divergence.load_state_dict(loop.divergence or {})
+    saved_step = int(checkpoint["step"]) if checkpoint is not None else None
     recorder = EpisodeRecorder(envs) if config.logging.episodes else None
     if config.logging.wandb and dp.is_main:
         run.sinks.append(_wandb_sink(config, run))
 
     def state() -> dict:
+        loop.recent_returns, loop.wall_time_s, loop.divergence = list(recent), run.elapsed(), divergence.state_dict()
         return {
             "algo": algo.state_dict(),
             "envs": envs.state_dict(),
             "rng": global_rng_state(),
-            "recent_returns": list(recent),
-            "wall_time_s": wall_before + (time.time() - start),
+            "loop": loop.state_dict(),
+            "logs": {"eval_rows": run.eval_rows()},
             **({"minibatch_rng": dp.generator.get_state()} if dp.enabled else {}),
         }
 
-    def save(step: int) -> None:
+    def save() -> None:
+        nonlocal saved_step, last_save
         merged = dp.gather_checkpoint(state())  # several ranks: rank 0 writes every rank's state
+        saved_step, last_save = algo.steps, time.monotonic()
         if dp.is_main:
-            path = run.save_checkpoint(step, merged, keep=config.keep_checkpoints)
-            hooks.on_checkpoint(int(step), path)
+            path = run.save_checkpoint(algo.steps, merged, keep=config.keep_checkpoints)
+            hooks.on_checkpoint(int(algo.steps), path)
 
-    def evaluate_now(final: bool = False) -> None:
+    def evaluate_now(final: bool = False) -> dict[str, float]:
         if not dp.is_main:  # rank 0 evaluates (every rank holds the same parameters)
-            return
+            return {}
         best_split = "test" if config.eval.split == "both" else config.eval.split
-        for split, returns in _run_evals(algo, config, run, envs, hooks, final=final):
+        done, eval_metrics = _run_evals(algo, config, run, envs, hooks, final=final)
+        for split, returns in done:
             if split == best_split and returns:
                 run.save_best_checkpoint(algo.steps, state(), float(np.mean(returns)), split)
+        return eval_metrics
 
     run.tensorboard()  # import and open the writer before the clock starts
-    start = time.time()
+    run.start_clock(loop.wall_time_s)
+    start, last_save = time.time(), time.monotonic()
     start_steps = algo.steps
-    status = "finished"
-    error = stop_reason = None
-    progress = _make_progress(config if dp.is_main else dataclasses.replace(config, progress=False), algo.steps,
-                              console)
+    _warn_long_first_iteration(algo, config, notice)
+    status, error, stop_reason = "finished", None, None
     iterations_here = 0
-    last_eval_step = algo.steps
     try:
         with _StopRequest() as stop, progress:
             while algo.steps < config.total_steps:
+                signalled = dp.any(stop.requested)  # a signal that reached one rank stops every rank here
+                if signalled or (stop_after_iterations is not None and iterations_here >= stop_after_iterations):
+                    if saved_step != algo.steps:
+                        save()
+                    status = "interrupted"
+                    if signalled:
+                        notice(f"stopped at step {algo.steps:,} after a checkpoint; continue with "
+                               f"'aclab train --resume {run.path}'")
+                    break
                 if recorder is not None:
                     recorder.begin(algo.steps)
                 metrics = algo.iterate(envs)
@@ -319,12 +451,15 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                 finished, metrics, rows = dp.gather_episodes(algo.last_episode_returns, metrics, rows,
                                                              dp.rank * envs.num_envs)
                 recent.extend(float(r) for r in (finished if finished is not None else ()))
-                elapsed = time.time() - start
-                metrics["steps_per_s"] = (algo.steps - start_steps) / max(elapsed, 1e-9)
+                metrics["steps_per_s"] = (algo.steps - start_steps) / max(time.time() - start, 1e-9)
                 if iteration % config.log_every_iterations == 0:
                     run.log(algo.steps, metrics)
                 if recorder is not None:
                     run.log_episodes(rows)
+                for warning in divergence.check(algo.steps, metrics):
+                    notice(warning, "warning")
+                    if config.divergence.stop:
+                        raise DivergedError(warning)
                 progress.update(algo.steps, metrics, recent)
                 hooks.on_iteration(IterationInfo(int(algo.steps), iterations_here, metrics,
                                                  np.asarray(finished, dtype=np.float64).reshape(-1),
@@ -333,41 +468,47 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
                     request = dp.broadcast_object(None if hooks.stop is None else (hooks.stop.reason,
                                                                                    hooks.stop.final_eval))
                     hooks.stop = None if request is None else StopTraining(*request)
-                if config.eval.every_steps and algo.steps - last_eval_step >= config.eval.every_steps:
-                    evaluate_now()
-                    last_eval_step = algo.steps
-                done = algo.steps >= config.total_steps
-                if (config.checkpoint_every_iterations and iteration % config.checkpoint_every_iterations == 0
-                        and not done):
-                    save(algo.steps)
-                if hooks.stop is not None and not done:
-                    save(algo.steps)
+                eval_metrics = {}
+                if ((config.eval.every_steps and algo.steps - loop.last_eval_step >= config.eval.every_steps)
+                        or (config.eval.every_iterations and iteration % config.eval.every_iterations == 0)):
+                    eval_metrics = evaluate_now()
+                    loop.last_eval_step = algo.steps
+                if eval_metrics:  # the value bias of the training-level evaluation episodes
+                    run.log(algo.steps, eval_metrics)
+                if algo.steps < config.total_steps and (hooks.stop is not None
+                                                        or _checkpoint_due(config, iteration, last_save)):
+                    save()
+                if hooks.stop is not None and algo.steps < config.total_steps:
                     status, stop_reason = "stopped", hooks.stop.reason
                     break
-                if dp.any(stop.requested) or (stop_after_iterations is not None
-                                              and iterations_here >= stop_after_iterations):
-                    if not done:
-                        save(algo.steps)
-                        status = "interrupted"
-                    break
-    except NonFiniteLossError as exc:
-        status, error = "failed", str(exc)
+            final_eval = status == "finished" or (status == "stopped" and hooks.stop.final_eval)
+            if status == "finished" and saved_step != algo.steps:
+                save()  # the final checkpoint, before the final evaluation (see Run.mark_final_eval)
+            if final_eval and config.eval.episodes > 0 and final_eval_step != algo.steps:
+                if loop.last_eval_step != algo.steps:  # else the periodic evaluation just done is final
+                    final_metrics = evaluate_now(final=True)
+                    if final_metrics:
+                        run.log(algo.steps, final_metrics)
+                run.mark_final_eval(algo.steps)
     except ActorFailureLimit as exc:  # the actors failed, the learner's state is intact: keep it
-        save(algo.steps)
+        save()
         status, error = "failed", str(exc)
+    except StopRequested:
+        status = "interrupted"
+        error = (f"stopped during an iteration at step {algo.steps:,}; its work is not checkpointed: the run "
+                 + (f"resumes from its checkpoint at step {saved_step:,}" if saved_step is not None
+                    else "has no checkpoint yet and restarts on resume"))
     except KeyboardInterrupt:
-        status, error = "interrupted", "stopped by a second interrupt before a clean checkpoint"
-
-    wall = wall_before + (time.time() - start)
-    if status == "finished":
-        save(algo.steps)
-    if (status == "finished" or (status == "stopped" and hooks.stop.final_eval)) and config.eval.episodes > 0:
-        evaluate_now(final=True)
+        status = "interrupted"
+        error = ("stopped at once by a second interrupt; the run resumes from its checkpoint at step "
+                 f"{saved_step:,}" if saved_step is not None else "stopped at once by a second interrupt")
+    except (NonFiniteLossError, DivergedError) as exc:
+        status, error = "failed", str(exc)
+    if error:
+        notice(error, "warning" if status == "interrupted" else "error")
     if recorder is not None:
         recorder.close()
-    envs.close()
-    if hasattr(algo, "close"):  # actor pools (IMPALA/STAC) stop their workers now rather than at exit
-        algo.close()
+
     summary = {
         "algo": config.algo,
         "env_id": config.env.id,
@@ -375,34 +516,35 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         "seed": config.seed,
         "steps": int(algo.steps),
         "total_steps": int(config.total_steps),
-        "wall_time_s": round(wall, 3),
+        "overshoot_steps": max(int(algo.steps) - int(config.total_steps), 0),
+        "wall_time_s": round(run.elapsed(), 3),
         "steps_per_s": round((algo.steps - start_steps) / max(time.time() - start, 1e-9), 1),
         "final_return": float(np.mean(recent)) if recent else None,
         "final_return_episodes": len(recent),
         "status": status,
         "resumed_with_exact_env_state": envs_exact if resume else None,
         "device": str(device),
+        "checkpoint_step": saved_step,
+        "notes": list(notice.lines),
+        "error": error,
+        "traceback": None,
+        "stop_reason": stop_reason,
     }
-    if error:
-        summary["error"] = error
-    if stop_reason:
-        summary["stop_reason"] = stop_reason
     if dp.enabled:
         summary["world_size"] = dp.world_size
-        distributed.shutdown()
-        distributed.use(distributed.SINGLE_PROCESS)
         if not dp.is_main:
             return summary
-    evals_path = run.path / "evals.csv"
-    if evals_path.exists():
-        import csv
-
-        rows = list(csv.DictReader(evals_path.open()))
-        for split in {r["split"] for r in rows}:
-            last = [r for r in rows if r["split"] == split][-1]
-            summary[f"eval_{split}_return"] = float(last["mean_return"])
+    if status == "finished" and summary["overshoot_steps"]:
+        notice(f"stopped at step {algo.steps:,}, {summary['overshoot_steps']:,} past total_steps "
+               f"{config.total_steps:,}: {config.algo} trains on whole iterations (rollouts, batches)")
+        summary["notes"] = list(notice.lines)
+    summary.update(_last_evals(run.path / EVALS_FILE))
+    levels = {split: eval_levels(config, split) for split in eval_splits(config)}
+    if any(r is not None for r in levels.values()):  # Procgen: which level ranges each split played
+        summary["eval_levels"] = {split: {"range": str(r), "start_level": r.start, "num_levels": r.num}
+                                  for split, r in levels.items()}
+        summary["eval_seeding"] = config.eval.seeding
     run.write_summary(summary)
-    run.close()
     try:
         from aclab.plots import plot_learning_curve
 
@@ -420,6 +562,20 @@ class _OtherRank:
 
     def __init__(self):
         self.sinks: list = []
+        self._started = time.monotonic()
+        self._before = 0.0
+
+    def start_clock(self, before: float = 0.0) -> None:
+        self._started, self._before = time.monotonic(), float(before or 0.0)
+
+    def elapsed(self) -> float:
+        return self._before + time.monotonic() - self._started
+
+    def read_summary(self) -> dict:
+        return {}
+
+    def eval_rows(self) -> int:
+        return 0
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
@@ -449,17 +605,81 @@ def _join_ranks(config: Config, device: torch.device, resume: bool) -> distribut
     return dp
 
 
+def _warn_long_first_iteration(algo, config: Config, notice) -> None:
+    """Say at the start when the next iteration alone will carry the run past ``total_steps`` (an algorithm
+    that knows its iteration's size has ``next_iteration_steps()``, e.g. PEARL's initial data collection)."""
+    planned = getattr(algo, "next_iteration_steps", None)
+    steps = planned() if planned is not None and algo.steps < config.total_steps else 0
+    if steps and algo.steps + steps > config.total_steps:
+        notice(f"{config.algo}'s next iteration collects up to {steps:,} env steps, so this run will end past "
+               f"total_steps {config.total_steps:,} (at most at step {algo.steps + steps:,}): it trains on whole "
+               "iterations", "warning")
+
+
+def _checkpoint_due(config: Config, iteration: int, last_save: float) -> bool:
+    every = config.checkpoint_every_iterations
+    minutes = config.checkpoint_every_minutes
+    return bool((every and iteration % every == 0) or (minutes and time.monotonic() - last_save >= 60 * minutes))
+
+
+def _last_evals(path: Path) -> dict:
+    """``eval_<split>_return``: the mean return of each split's last evaluation in evals.csv."""
+    if not path.exists():
+        return {}
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for row in rows:
+        try:
+            out[f"eval_{row['split']}_return"] = float(row["mean_return"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
 def _run_evals(algo, config: Config, run: Run, envs, hooks: CallbackList | None = None,
-               final: bool = False) -> list[tuple[str, list[float]]]:
-    splits = ["train", "test"] if config.eval.split == "both" else [config.eval.split]
+               final: bool = False) -> tuple[list[tuple[str, list[float]]], dict[str, float]]:
+    """One evaluation of every split in one batched pass (see :mod:`aclab.evaluate.policy`), logged to
+    evals.csv with the level ranges played and passed to the callbacks. Returns ``(split, returns)`` per
+    split and the value-bias metrics when the algorithm logs its value bias from the training-level
+    evaluation episodes (``params.value_bias_source = "eval"``; else ``{}``)."""
+    p = config.params
+    from_eval = bool(getattr(p, "log_value_bias", False)) and getattr(p, "value_bias_source", "") == "eval"
+    value_fn = _first_critic(algo) if from_eval else None
+    results = evaluate_splits(algo, config, eval_splits(config), train_envs=envs, step=algo.steps,
+                              value_fn=value_fn, gamma=float(getattr(p, "gamma", 0.99)))
     done = []
-    for split in splits:
-        returns = evaluate(algo, config, split, train_envs=envs)
-        run.log_eval(algo.steps, split, returns)
-        done.append((split, returns))
+    for split, result in results.items():
+        run.log_eval(algo.steps, split, result.returns, levels="" if result.levels is None else str(result.levels))
+        done.append((split, result.returns))
         if hooks is not None:
-            hooks.on_evaluation(EvaluationInfo(int(algo.steps), split, returns, final, run.path))
-    return done
+            hooks.on_evaluation(EvaluationInfo(int(algo.steps), split, result.returns, final, run.path))
+    if not from_eval:
+        return done, {}
+    from aclab.analysis.value_bias import value_bias
+
+    train = results["train"]
+    bias = value_bias(train.start_values, train.discounted_returns, train.truncated, train.bootstrap_values,
+                      truncation=p.value_bias_truncation)
+    return done, bias.as_metrics("value_bias/")
+
+
+def _first_critic(algo):
+    """``obs [n, ...] (numpy) -> V [n] (numpy)`` of the algorithm's first critic (``value_functions()``, else
+    ``net.value``), under no_grad."""
+    critics = algo.value_functions() if hasattr(algo, "value_functions") else {"value": algo.net}
+    module = next(iter(critics.values()))
+    device = next(module.parameters()).device
+
+    @torch.no_grad()
+    def values(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, device=device)
+        out = module.value(obs_t) if hasattr(module, "value") else module(obs_t)
+        return out.float().reshape(-1).cpu().numpy()
+
+    return values
 
 
 def _wandb_sink(config: Config, run: Run) -> WandbSink:
@@ -516,9 +736,13 @@ class _Progress:
 
 
 def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    """The saved config of ``run_dir`` with optional overrides (e.g. a larger total_steps)."""
+    """The saved config of ``run_dir`` with optional overrides (e.g. a larger total_steps); ConfigError for a
+    key that cannot change on resume (see :data:`aclab.config.RESUMABLE_KEYS`)."""
+    saved = load_run_config(run_dir)
     config = load_run_config(run_dir)
     for key, value in (parse_override(o) for o in (overrides or [])):
         set_key(config, key, value)
     config.validate()
+    check_resume_changes(saved, config)
+    check_eval_levels(config)
     return config

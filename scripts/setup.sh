@@ -31,6 +31,6 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # torch first, pinned: the CPU build lies on this machine's disk; an unpinned torch would pull a CUDA build.
 $PIP install "$(grep -E '^torch==' constraints.txt)"
-$PIP install -c constraints.txt -e ".[dev,mujoco,ray,tune,wandb,docs]"
+$PIP install -c constraints.txt -e ".[dev,mujoco,ray,tune,wandb,docs,mutation]"
 touch "$VENV/.aclab-installed"
 echo "setup: done ($VENV)"

@@ -204,6 +204,32 @@ def _reference(spec, params: list[np.ndarray], versions: list[int]) -> list[Chun
         worker.close()
 
 
+def test_each_chunk_acts_with_the_parameters_of_the_version_it_reports():
+    """A chunk's behaviour log-probabilities are those of the broadcast parameters of its version, recomputed
+    here with a fresh network: an actor that keeps old parameters while reporting a new version fails."""
+    from aclab.algos.impala import build_network, load_flat_state
+
+    config = _impala_config()
+    params = _parameter_versions(config, 3)
+    (spec,) = make_actor_specs(config, make_acting_policy, 1, 2, 8, 0)
+    worker = ActorWorker(spec)
+    versions = [0, 1, 1, 2]
+    try:
+        chunks = [worker.collect(params[v], v) for v in versions]
+    finally:
+        worker.close()
+    net = build_network(config.params, worker.envs.spec)
+    for version, chunk in zip(versions, chunks):
+        assert (chunk.versions == version).all()
+        load_flat_state(net, params[version])
+        with torch.no_grad():
+            for t in range(chunk.num_steps):
+                logits, _ = net.step(torch.as_tensor(chunk.obs[t]), torch.as_tensor(chunk.first[t]), None)
+                expected = torch.log_softmax(logits, -1).gather(1, torch.as_tensor(chunk.actions[t])[:, None])
+                np.testing.assert_allclose(chunk.behaviour_log_probs[t], expected[:, 0].numpy(), rtol=1e-5,
+                                           atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_local_actor_chunks_equal_in_process_chunks(backend):
     config = _impala_config("params.overlap=3")
@@ -289,22 +315,53 @@ def _metric_rows(run_dir):
     return list(csv.DictReader((run_dir / "metrics.csv").open()))
 
 
+def _record_chunks(monkeypatch) -> list:
+    """Record (learner iteration, chunk) for every chunk the learner trains on."""
+    from aclab.algos.impala import Impala
+
+    recorded = []
+    real = Impala.next_chunk
+
+    def next_chunk(self, envs):
+        chunk = real(self, envs)
+        recorded.append((self.iteration, chunk.versions.copy(), chunk.valid.copy()))
+        return chunk
+
+    monkeypatch.setattr(Impala, "next_chunk", next_chunk)
+    return recorded
+
+
+def _check_policy_lag(rows, recorded, bound: int) -> None:
+    """Each row's policy lag is (learner version - acting version) over that batch's real transitions, and
+    the bounded queue keeps it below ``bound``: actors load the parameters the learner publishes."""
+    assert len(rows) == len(recorded)
+    for row, (iteration, versions, valid) in zip(rows, recorded):
+        lag = iteration - versions
+        assert float(row["policy_lag_mean"]) == pytest.approx(float(lag[valid].mean()), rel=1e-5)  # CSV: 6 digits
+        assert float(row["policy_lag_max"]) == float(lag.max())
+        assert lag.min() >= 0 and lag.max() <= bound, lag
+
+
 @pytest.mark.parametrize("mode", ["thread", "process"])
-def test_async_local_run_end_to_end(tmp_path, mode):
-    summary = _async_run(tmp_path, mode)
-    assert summary["status"] == "finished" and summary["steps"] >= 320
+def test_async_local_run_end_to_end(tmp_path, mode, monkeypatch):
+    recorded = _record_chunks(monkeypatch)
+    summary = _async_run(tmp_path, mode, "params.max_pending_per_actor=1", "total_steps=480")
+    assert summary["status"] == "finished" and summary["steps"] >= 480
     rows = _metric_rows(tmp_path / mode)
-    assert len(rows) == 10 and all(float(r["policy_lag_mean"]) >= 0 for r in rows)
+    assert len(rows) == 15
+    _check_policy_lag(rows, recorded, bound=2 * (2 + 2))  # queue of 1 per actor, 2 actors
     gc.collect()
     assert not [t for t in threading.enumerate() if t.name.startswith("aclab-actor")]
 
 
 @needs_ray
-def test_ray_run_end_to_end(tmp_path, ray_runtime):
-    summary = _async_run(tmp_path, "ray")
-    assert summary["status"] == "finished" and summary["steps"] >= 320
+def test_ray_run_end_to_end(tmp_path, ray_runtime, monkeypatch):
+    recorded = _record_chunks(monkeypatch)
+    summary = _async_run(tmp_path, "ray", "params.max_pending_per_actor=1", "total_steps=480")
+    assert summary["status"] == "finished" and summary["steps"] >= 480
     rows = _metric_rows(tmp_path / "ray")
-    assert len(rows) == 10 and max(float(r["policy_lag_max"]) for r in rows) >= 1  # a real lag appears
+    assert len(rows) == 15
+    _check_policy_lag(rows, recorded, bound=2 * (2 + 2))  # one request in flight per actor, 2 actors
     assert ray_runtime.is_initialized()  # the run did not shut down a runtime it did not start
 
 

@@ -1,5 +1,6 @@
 """The command line: bad input gives one clear line and exit code 2; train/eval/list work."""
 
+import math
 import subprocess
 import sys
 
@@ -60,9 +61,13 @@ def test_train_then_eval(tmp_path, capsys):
     assert "finished" in out and "final_return" in out
     assert main(["eval", str(run), "--episodes", "4", "--split", "test"]) == 0
     out = capsys.readouterr().out
-    assert "over 4 episodes" in out
+    assert "over 4 episodes" in out and "evals_adhoc.csv" in out
     evals = (run / "evals.csv").read_text().strip().splitlines()
-    assert len(evals) == 3  # header, end-of-training eval, the eval command
+    assert len(evals) == 2  # header, end-of-training eval: an ad-hoc eval never enters the run's record
+    adhoc = (run / "evals_adhoc.csv").read_text().strip().splitlines()
+    assert len(adhoc) == 2 and adhoc[0].endswith(",deterministic") and adhoc[1].startswith("1024,test,")
+    assert main(["eval", str(run), "--episodes", "2", "--out", str(run / "evals.csv")]) == 2
+    assert "evals.csv holds the training loop's own evaluations" in capsys.readouterr().err
 
 
 def test_analyze_value_bias_and_wrong_analysis(tmp_path, capsys):
@@ -77,6 +82,14 @@ def test_analyze_value_bias_and_wrong_analysis(tmp_path, capsys):
                  "--out", str(out_file)]) == 0
     result = json.loads(out_file.read_text())
     assert result["num_episodes"] + result["num_truncated_excluded"] == 6
+    # CartPole pays 1 per step, so each G_0 is (1 - gamma^L) / (1 - gamma) for a whole episode length L,
+    # with the run's gamma (0.99)
+    assert result["gamma"] == 0.99 and len(result["returns"]) == result["num_episodes"] > 0
+    for g in result["returns"]:
+        length = math.log(1 - 0.01 * g) / math.log(0.99)
+        assert length >= 1 and abs(length - round(length)) < 1e-6, g
+    bias = sum(v - g for v, g in zip(result["values"], result["returns"])) / len(result["returns"])
+    assert result["bias"] == pytest.approx(bias, rel=1e-6)
     assert main(["analyze", "ood-actions", str(run), "--device", "cpu"]) == 2
     assert "no dynamics discriminator" in capsys.readouterr().err
 
@@ -126,3 +139,93 @@ def test_analyze_gradient_noise_of_a_maml_run_and_wrong_algorithm(tmp_path, caps
     assert "needs a MAML run" in capsys.readouterr().err
     assert main(["analyze", "gradient-accuracy", str(ppo), "--device", "cpu"]) == 2
     assert "needs an off-policy actor-critic run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Every bad input: exit 2, one to three lines, no traceback, and no run directory created
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny finished PPO run and broken copies of it."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("runs")
+    run = base / "run"
+    assert main(["train", "ppo", "--env", "CartPole-v1", "--run-dir", str(run), "--total-steps", "256", "--quiet",
+                 "--set", "eval.episodes=0"]) == 0
+    variants = {"empty": "", "truncated": run.joinpath("config.json").read_text()[:40], "no_algo": '{"seed": 1}'}
+    for name, text in variants.items():
+        shutil.copytree(run, base / name)
+        (base / name / "config.json").write_text(text)
+    shutil.copytree(run, base / "unreadable")
+    for path in (base / "unreadable" / "checkpoints").glob("ckpt_*.pt"):
+        path.write_bytes(b"torn")
+    (base / "a_file").write_text("not a directory")
+    return base
+
+
+NEW = ["--quiet", "--run-dir", "{base}/new"]
+BAD_INPUTS = [
+    (["train", "ppo", "--env", "CartPole-v1", "--total-steps", "nan", *NEW], "total_steps='nan': expected an integer"),
+    (["train", "ppo", "--env", "CartPole-v1", "--total-steps", "inf", *NEW], "total_steps='inf': expected an integer"),
+    (["train", "ppo", "--env", "CartPole-v1", "--total-steps", "0", *NEW], "total_steps=0"),
+    (["train", "ppo", "--env", "CartPole-v1", "--device", "cuda", *NEW], "no CUDA GPU is available"),
+    (["train", "sac", "--env", "CartPole-v1", *NEW], "cannot train sac on CartPole-v1: off-policy"),
+    (["train", "td3", "--env", "CartPole-v1", *NEW], "cannot train td3 on CartPole-v1"),
+    (["train", "maml", "--env", "CartPole-v1", *NEW], "cannot train maml on CartPole-v1: meta-RL needs"),
+    (["train", "pearl", "--env", "CartPole-v1", *NEW], "cannot train pearl on CartPole-v1"),
+    (["train", "ppo", "--env", "CartPole-v1", "--set", "params.lr=inf", *NEW], "params.lr='inf': expected a finite"),
+    (["train", "ppo", "--env", "CartPole-v1", "--set", "params.lr=nan", *NEW], "params.lr='nan'"),
+    (["train", "ppo", "--env", "CartPole-v1", "--set", "params.num_minibatches=1000", *NEW],
+     "params.num_minibatches=1000: expected at most the batch"),
+    (["train", "ppo", "--env", "CartPole-v1", "--quiet", "--run-dir", "{base}/a_file"], "is a file, not a directory"),
+    (["train", "ppo", "--env", "CartPole-v1", "--start-over", *NEW], "--start-over goes with --resume"),
+    (["train", "--resume", "{base}/empty"], "config.json is unreadable"),
+    (["train", "--resume", "{base}/truncated"], "config.json is unreadable"),
+    (["train", "--resume", "{base}/no_algo"], "has no 'algo' entry"),
+    (["train", "--resume", "{base}/a_file"], "is not a run directory (it is a file)"),
+    (["train", "--resume", "{base}/run", "--set", "params.hidden_sizes=[32]"],
+     "cannot change params.hidden_sizes on resume"),
+    (["train", "--resume", "{base}/run", "--set", "env.num_envs=8"], "cannot change env.num_envs on resume"),
+    (["train", "--resume", "{base}/run", "--seed", "5"], "cannot change seed on resume"),
+    (["train", "--resume", "{base}/unreadable"], "no checkpoint can be read"),
+    (["eval", "{base}/empty"], "config.json is unreadable"),
+    (["eval", "{base}/truncated"], "config.json is unreadable"),
+    (["eval", "{base}/no_algo"], "has no 'algo' entry"),
+    (["eval", "{base}/run", "--episodes", "0"], "--episodes 0: expected an integer >= 1"),
+    (["eval", "{base}/run", "--episodes", "-3"], "--episodes -3: expected an integer >= 1"),
+    (["eval", "{base}/unreadable"], "has no readable checkpoint"),
+    (["sweep", "{base}/bad_algo.toml", "--dry-run"], "algo='ppq'"),
+    (["sweep", "{base}/bad_env.toml", "--dry-run"], "CartPol-v1"),
+    (["sweep", "{base}/bad_key.toml", "--dry-run"], "unknown config key 'params.bogus'"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_INPUTS, ids=[" ".join(a[:3]) + f" [{i}]" for i, (a, _) in
+                                                          enumerate(BAD_INPUTS)])
+def test_every_bad_input_is_a_short_error_with_exit_2(argv, fragment, finished_run, capsys):
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is available here")
+    for name, text in (("bad_algo", 'algos = ["ppq"]\nenvs = ["CartPole-v1"]'),
+                       ("bad_env", 'algos = ["ppo"]\nenvs = ["CartPol-v1"]'),
+                       ("bad_key", 'algos = ["ppo"]\nenvs = ["CartPole-v1"]\noverrides = { "params.bogus" = 1 }')):
+        (finished_run / f"{name}.toml").write_text(f'{text}\nseeds = [1]\nout_dir = "sweep"\n')
+    argv = [a.replace("{base}", str(finished_run)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 1 <= len(err) <= 3 and err[0].startswith("aclab: error:"), err
+    assert fragment in " ".join(err) and "Traceback" not in " ".join(err)
+    assert not (finished_run / "new").exists() and not (finished_run / "sweep").exists()
+
+
+def test_a_locked_run_is_refused_with_exit_2(finished_run, capsys):
+    from aclab.runs import Run
+
+    holder, _ = Run.resume(finished_run / "run")
+    try:
+        assert main(["train", "--resume", str(finished_run / "run")]) == 2
+        assert "is in use by another aclab process" in capsys.readouterr().err
+    finally:
+        holder.close()

@@ -54,7 +54,7 @@ def test_overrides_dotted_and_bare():
     "override, fragment",
     [
         ("lrr=1", "unknown config key 'lrr'"),
-        ("params.lr=abc", "params.lr='abc': expected a number"),
+        ("params.lr=abc", "params.lr='abc': expected a finite number"),
         ("params.lr=-1", "params.lr=-1.0: expected a number > 0"),
         ("params.norm_adv=sometimes", "expected one of 'minibatch', 'batch', 'off'"),
         ("env.num_envs=0", "env.num_envs=0"),
@@ -106,3 +106,27 @@ def test_parse_override_and_set_key():
     key, value = parse_override("params.gamma=0.9")
     set_key(config, key, value)
     assert config.params.gamma == 0.9
+
+
+def test_dotted_overrides_reach_nested_tables():
+    config = make_config("ppo", "procgen:bigfish", overrides=[
+        "env.options.levels=test", "env.options.num_levels=10", "env.options.start_level=5",
+        "env.options.use_backgrounds=false"])
+    options = config.env.options
+    assert options["levels"] == "test" and options["num_levels"] == 10 and options["start_level"] == 5
+    assert options["use_backgrounds"] is False
+    assert options["distribution_mode"] == "easy"  # the preset's other entries are kept
+    assert make_config("ppo", "procgen:bigfish").env.options.get("num_levels") is None  # presets not mutated
+    deeper = make_config("ppo", "CartPole-v1", overrides=["env.options.wrapper.size=3"])
+    assert deeper.env.options == {"wrapper": {"size": 3}}
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("env.num_envs.x=1", "env.num_envs is a value, not a table"),
+    ("params.lr.x=1", "params.lr is a value, not a table"),
+    ("env.bogus.x=1", "unknown config key 'env.bogus'"),
+])
+def test_dotted_overrides_into_values_fail_clearly(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        make_config("ppo", "CartPole-v1", overrides=[override])
+    assert fragment in str(info.value)

@@ -25,6 +25,7 @@ from aclab.algos.phasic import (
     sample_wrong_actions,
     trajectory_dynamics_loss,
 )
+from aclab.config import ConfigError
 from aclab.envs import build_envs
 from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
@@ -88,6 +89,34 @@ def test_policy_phase_does_not_regress_the_value_to_returns():
         heads[beta] = not torch.equal(head_before, algo.net.value_head.weight)
         assert any(not torch.equal(a, b) for a, b in zip(torso_before, algo.net.policy_encoder.parameters()))
     assert heads == {0.0: False, 1.0: True}
+
+
+def _torso_after(name: str, overrides: list[str], iterations: int) -> list[torch.Tensor]:
+    """The shared torso's parameters after ``iterations`` iterations (no gradient clipping, so that the
+    losses that do not reach the torso cannot change its updates through the clipping factor)."""
+    _, envs, algo = _algo(name, [*TINY, "params.max_grad_norm=1e9", *overrides])
+    for _ in range(iterations):
+        algo.iterate(envs)
+    envs.close()
+    return [q.detach().clone() for q in algo.net.policy_encoder.parameters()]
+
+
+def test_value_anchor_gradient_reaches_the_shared_torso():
+    """DCPG paper, Algorithm 2: C_V = 0.5 E[(V_theta(s) - V_old(s))^2] is a loss of the whole value network
+    on the shared torso, so it shapes the torso's features: with and without it the torso ends elsewhere."""
+    base = ["params.policy_epochs=3", "params.num_policy_iterations=8"]
+    with_anchor = _torso_after("dcpg", [*base, "params.value_anchor_coef=1.0"], 1)
+    without = _torso_after("dcpg", [*base, "params.value_anchor_coef=0.0"], 1)
+    assert any(not torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(with_anchor, without))
+
+
+def test_dynamics_loss_gradient_reaches_the_shared_torso():
+    """DDCPG (DCPG paper, Section 4.2, F.2): the discriminator reads the policy torso's features and its loss
+    trains that torso too; with beta_f = 0 only the discriminator's own weights would differ."""
+    base = ["params.num_policy_iterations=2", "params.aux_epochs=1", "params.aux_num_minibatches=2"]
+    with_dynamics = _torso_after("ddcpg", [*base, "params.dynamics_coef=1.0"], 2)
+    without = _torso_after("ddcpg", [*base, "params.dynamics_coef=0.0"], 2)
+    assert any(not torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(with_dynamics, without))
 
 
 def test_value_anchor_gradient_is_that_of_half_squared_distance_to_stored_values():
@@ -199,6 +228,40 @@ def test_wrong_actions_follow_the_histogram_without_the_own_action():
                                [0, 0.5, 0.5], atol=0.03)
 
 
+def test_canonical_wrong_actions_come_from_the_other_classes():
+    g = torch.Generator().manual_seed(0)
+    canonical = torch.tensor([0, 1, 1, 3, 3, 3])  # classes {0}, {1, 2}, {3, 4, 5}
+    actions = torch.tensor([0, 0, 2, 4, 5, 1])  # class histogram: 2, 2, 2
+    draws = torch.stack([sample_wrong_actions(actions, 6, g, canonical) for _ in range(6000)])
+    assert (canonical[draws] != canonical[actions]).all()  # never an alias of the true action
+    assert set(draws.unique().tolist()) <= {0, 1, 3}  # only canonical actions
+    np.testing.assert_allclose((torch.bincount(draws[:, 2], minlength=6).float() / 6000).numpy(),
+                               [0.5, 0, 0, 0.5, 0, 0], atol=0.03)  # action 2 (class 1): classes 0 and 3
+    one_class = torch.tensor([3, 4, 5, 4])  # no other class in the batch: uniform over the other classes
+    draws = torch.stack([sample_wrong_actions(one_class, 6, g, canonical) for _ in range(3000)])
+    np.testing.assert_allclose((torch.bincount(draws.reshape(-1), minlength=6).float() / draws.numel()).numpy(),
+                               [0.5, 0.5, 0, 0, 0, 0], atol=0.03)
+    raw = sample_wrong_actions(actions, 6, torch.Generator().manual_seed(1))
+    same = sample_wrong_actions(actions, 6, torch.Generator().manual_seed(1), torch.arange(6))
+    assert torch.equal(raw, same)  # singleton classes: the raw sampler
+
+
+def test_canonical_negatives_option_builds_the_games_classes():
+    with pytest.raises(ConfigError, match="dynamics_negatives"):
+        make_config("ddcpg", "CartPole-v1", overrides=["params.dynamics_negatives=canonical"])
+    config = make_config("ddcpg", "procgen:bigfish", overrides=[
+        "params.dynamics_negatives=canonical", "env.num_envs=2", "params.num_steps=4", "params.num_minibatches=1",
+        "params.num_policy_iterations=2", "params.aux_num_minibatches=1", "params.dynamics_resets=authors"])
+    envs = build_envs(config)
+    envs.reset(seed=0)
+    algo = registry.build(config, envs.spec, resolve_device("cpu"))
+    assert algo.dynamics.canonical.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 4, 4, 4, 4, 4, 4]
+    for _ in range(2):
+        metrics = algo.iterate(envs)
+    envs.close()
+    assert math.isfinite(metrics["aux/dynamics_loss"]) and "ends" in algo.buffer.fields
+
+
 def test_other_indices_are_uniform_over_the_others():
     g = torch.Generator().manual_seed(1)
     draws = torch.stack([sample_other_indices(5, g) for _ in range(5000)])
@@ -255,24 +318,37 @@ def test_dynamics_model_loss_uses_the_right_negatives(mode):
     assert all(q.grad is not None for q in model.discriminator.parameters())
 
 
-def test_dynamics_loss_masks_transitions_that_cross_a_reset(monkeypatch):
-    model = DynamicsModel("joint", 2, 3, (4,), eta=0.5)
+def test_dynamics_transition_pairs_at_resets(monkeypatch):
+    model = DynamicsModel("joint", 2, 9, (4,), eta=0.5)
     seen = {}
 
     def fake_loss(features, actions, next_features, generator):
-        seen.update(features=features, actions=actions, next=next_features)
+        seen.update(pairs=[(int(a[1]), int(b[1])) for a, b in zip(features, next_features)],
+                    trajectories=[int(a[0]) for a in features], actions=actions.tolist())
         return torch.zeros(()), torch.zeros(())
 
     monkeypatch.setattr(model, "loss", fake_loss)
-    features = torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2)  # n = 2 trajectories, T + 1 = 4
-    actions = torch.tensor([[0, 1, 2], [2, 1, 0]])
-    valid = torch.tensor([[True, False, True], [True, True, True]])  # step 1 of trajectory 0 is a dummy
-    trajectory_dynamics_loss(model, features, actions, valid, True, torch.Generator())
-    assert seen["actions"].tolist() == [0, 2, 2, 1, 0]
-    torch.testing.assert_close(seen["features"][1], features[0, 2])
-    torch.testing.assert_close(seen["next"][1], features[0, 3])
-    trajectory_dynamics_loss(model, features, actions, valid, False, torch.Generator())
-    assert seen["actions"].tolist() == [0, 1, 2, 2, 1, 0]
+    T = 4
+    # features[i, r] = (trajectory i, row r); row t + 1 is the observation after step t
+    features = torch.stack([torch.tensor([[float(i), float(r)] for r in range(T + 1)]) for i in range(2)])
+    actions = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    # trajectory 0: step 0 ends an episode, step 1 is its autoreset dummy, step 3 ends one at the last step;
+    # trajectory 1: step 2 ends an episode, step 3 is the dummy
+    valid = torch.tensor([[True, False, True, True], [True, True, True, False]])
+    ends = torch.tensor([[True, False, False, True], [False, False, True, False]])
+    expected = {
+        "mask": ([(0, 1), (2, 3), (3, 4), (0, 1), (1, 2), (2, 3)], [1, 3, 4, 5, 6, 7]),
+        # the authors' pair: the episode's last observation and action -> the next episode's first observation
+        # (row t + 2, after the dummy); an end at the rollout's last step has its reset frame outside it
+        "authors": ([(0, 2), (2, 3), (0, 1), (1, 2), (2, 4)], [1, 3, 5, 6, 7]),
+        "dummy": ([(0, 1), (1, 2), (2, 3), (3, 4), (0, 1), (1, 2), (2, 3), (3, 4)], [1, 2, 3, 4, 5, 6, 7, 8]),
+    }
+    for resets, (pairs, acts) in expected.items():
+        trajectory_dynamics_loss(model, features, actions, valid, resets, torch.Generator(), ends)
+        assert seen["pairs"] == pairs and seen["actions"] == acts, resets
+        assert seen["trajectories"] == [a // 5 for a in acts]
+    with pytest.raises(ValueError, match="needs the episode ends"):
+        trajectory_dynamics_loss(model, features, actions, valid, "authors", torch.Generator())
 
 
 def test_ood_action_count_matches_a_loop():
@@ -292,6 +368,15 @@ def test_ood_action_count_matches_a_loop():
                 c += int(torch.sigmoid(logit).item() > 0.5)
         expected.append(c)
     assert counts.tolist() == expected and 0 < sum(expected) < 20 * 4
+    # over distinct actions: one representative per class, the own class left out
+    canonical = torch.tensor([0, 1, 1, 3, 3])  # classes {0}, {1, 2}, {3, 4}
+    distinct = ood_action_counts(disc, feats, actions, nxt, canonical)
+    expected = []
+    for i in range(20):
+        own = int(canonical[actions[i]])
+        expected.append(sum(int(disc(feats[i:i + 1], torch.tensor([rep]), nxt[i:i + 1]).item() > 0)
+                            for rep in (0, 1, 3) if rep != own))
+    assert distinct.tolist() == expected and (distinct <= 2).all()
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -392,15 +477,23 @@ def test_analysis_functions_on_a_run_directory(tmp_path):
     stiffness = run_analysis.run_stiffness(tmp_path / "run", num_states=64, sign="exact")
     assert stiffness["num_states"] == 64 and stiffness["num_sign_pairs"] == 64 * 63 // 2
     assert -1 <= stiffness["cosine"] <= 1 and -1 <= stiffness["sign"] <= 1
+    assert -1 <= stiffness["cosine_grad_v"] <= 1 and -1 <= stiffness["sign_grad_v"] <= 1
     # the wiring equals a direct call of the pure tool on the same states
     ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     again = run_analysis.run_stiffness(ckpt, num_states=64, sign="exact")
     assert again["cosine"] == pytest.approx(stiffness["cosine"]) and again["step"] == 1024
     bias = run_analysis.run_value_bias(tmp_path / "run", episodes=6)
     assert bias["num_episodes"] + bias["num_truncated_excluded"] == 6
-    assert bias["bias"] == pytest.approx(bias["predicted"] - bias["true"])
+    pairs = np.array([bias["values"], bias["returns"]])
+    assert pairs.shape[1] == bias["num_episodes"] > 0
+    assert bias["bias"] == pytest.approx(float((pairs[0] - pairs[1]).mean()))
     ood = run_analysis.run_ood_actions(tmp_path / "run", num_transitions=100)
-    assert ood["num_transitions"] == 100 and sum(ood["histogram"]) == 100 and 0 <= ood["mean"] <= 1
+    hist = np.array(ood["histogram"])  # counts 0 or 1 wrong actions judged real, with 2 actions
+    assert ood["num_transitions"] == 100 and hist.sum() == 100 and hist.shape == (2,)
+    counts = np.repeat(np.arange(2), hist)
+    assert ood["mean"] == pytest.approx(counts.mean()) and ood["std"] == pytest.approx(counts.std(ddof=1))
+    # CartPole's two actions are distinct: both counts agree
+    assert ood["num_distinct_actions"] == 2 and ood["mean_distinct"] == ood["mean"]
     with pytest.raises(ValueError, match="no dynamics"):
         train(make_config("dcpg", "CartPole-v1", overrides=[*TINY, "total_steps=128"]), tmp_path / "plain")
         run_analysis.run_ood_actions(tmp_path / "plain", num_transitions=10)

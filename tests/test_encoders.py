@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -79,7 +80,9 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="activation"):
         MLP(4, (8,), activation="gelu")
     with pytest.raises(ValueError, match="init"):
-        NatureCNN(4, init="xavier")
+        NatureCNN(4, init="kaiming")
+    with pytest.raises(ValueError, match="init"):
+        MLP(4, (8,), init="xavier")  # MLP torsos: orthogonal or default only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +123,9 @@ def test_impala_resnet_shape_parameter_count_and_reference():
     images = random_images(2, 3, 64)
     out = net(images)
     assert out.shape == (2, 256) and net.out_dim == 256
-    torch.testing.assert_close(out, impala_reference_forward(net, images.float() / 255.0))
+    # the reference in float64 (the module runs channels-last on CPU: same sums, other rounding order)
+    reference = impala_reference_forward(copy.deepcopy(net).double(), images.double() / 255.0)
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-4)
 
     expected, width = 0, 3
     for channels in (16, 32, 32):  # stage conv + two residual blocks of two convs each
@@ -196,3 +201,111 @@ def test_uint8_input_follows_the_module_dtype():
     out = net(images)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, net(images.double() / 255.0))
+
+
+def test_xavier_torso_init_matches_its_definition():
+    torch.manual_seed(0)
+    net = ImpalaResNet(3, init="xavier")
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 15
+    for conv in convs:  # U(-a, a), a = sqrt(6 / (fan_in + fan_out)), fans include the 3x3 kernel
+        fan_in, fan_out = conv.in_channels * 9, conv.out_channels * 9
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w = conv.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3.0), rel=0.2)
+        assert torch.all(conv.bias == 0)
+    assert_orthogonal(net.linear.weight, math.sqrt(2))  # the dense layer stays orthogonal sqrt(2)
+    assert torch.all(net.linear.bias == 0)
+    cnn = NatureCNN(4, init="xavier")
+    assert_orthogonal(cnn.linear[0].weight, math.sqrt(2))
+    with pytest.raises(ValueError, match="unknown init"):
+        ImpalaResNet(3, init="he")
+
+
+def test_initial_feature_scale_on_real_procgen_frames():
+    """DCPG authors' torso (xavier): features of L2 norm ~7 on real frames and a small initial |V|; the
+    all-orthogonal torso gives ~25x larger features (a value scale that DCPG's delayed critic keeps)."""
+    import numpy as np
+
+    from aclab.envs import make_env
+    from aclab.train import make_config
+
+    frames = []
+    for game in ("bigfish", "coinrun"):
+        env = make_env(f"procgen:{game}", 8, 0)
+        env.reset(seed=0)
+        rng = np.random.default_rng(0)
+        for _ in range(4):
+            for _ in range(5):
+                env.step(rng.integers(0, 15, 8))
+            frames.append(env.obs.copy())
+        env.close()
+    obs = torch.as_tensor(np.concatenate(frames))  # 64 real uint8 frames
+    scale = {}
+    for init in ("xavier", "orthogonal"):
+        norms = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                norms.append(ImpalaResNet(3, init=init)(obs).norm(dim=1).mean().item())
+        scale[init] = norms
+    assert all(2.0 < n < 20.0 for n in scale["xavier"]), scale
+    assert all(n > 80.0 for n in scale["orthogonal"]), scale
+    # the Procgen presets build the authors' torso
+    config = make_config("dcpg", "procgen:bigfish")
+    assert config.params.encoder_init == "xavier"
+    assert make_config("ppo", "procgen:bigfish").params.encoder_init == "xavier"
+    from aclab import registry
+    from aclab.algos.common import resolve_device
+    from aclab.envs import build_envs
+
+    envs = build_envs(config, num_envs=1)
+    torch.manual_seed(0)
+    algo = registry.build(config, envs.spec, resolve_device("cpu"))
+    envs.close()
+    with torch.no_grad():
+        features = algo.net.policy_encoder(obs).norm(dim=1).mean().item()
+        values = algo.net.value(obs).abs().mean().item()
+    assert 2.0 < features < 20.0 and values < 2.0
+
+@pytest.mark.parametrize("make,side", [(lambda: NatureCNN(4), 84), (lambda: ImpalaResNet(3), 64)])
+def test_image_encoders_run_channels_last_on_cpu(make, side):
+    """The convolutions see channels-last (NHWC-strided) inputs on CPU: oneDNN's fast path (about 2x
+    on the IMPALA torso here, docs/performance.md); the logical shape and the values are unchanged."""
+    net = make()
+    seen = []
+    for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+        conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = random_images(2, net_channels(net), side, seed=3)
+    net(images)
+    assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(x.shape[1] == c.in_channels for x, c in zip(seen, convs))
+
+
+@pytest.mark.parametrize("make,side", [(lambda: NatureCNN(4, out_dim=32), 84),
+                                       (lambda: ImpalaResNet(3, channels=(4, 8), out_dim=16), 64)])
+def test_image_encoders_run_large_batches_in_chunks_with_the_same_features_and_gradients(make, side):
+    """On CPU a batch above CPU_CHUNK_FRAMES goes through the convolutions chunk by chunk (cache
+    locality, docs/performance.md); features and weight gradients equal those of one float64 call."""
+    from aclab.nets import encoders
+
+    torch.manual_seed(4)
+    net = make()
+    n = encoders.CPU_CHUNK_FRAMES * 2 + 3
+    images = random_images(n, net_channels(net), side, seed=5)
+    first_conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    batch_sizes = []
+    first_conv.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    out = net(images)
+    assert batch_sizes == [encoders.CPU_CHUNK_FRAMES, encoders.CPU_CHUNK_FRAMES, 3]
+    (out.square().sum() / n).backward()
+
+    reference = copy.deepcopy(net).double()
+    reference.zero_grad(set_to_none=True)
+    ref_out = reference._forward(images.double() / 255.0)
+    (ref_out.square().sum() / n).backward()
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    for p, q in zip(net.parameters(), reference.parameters()):  # fp32 sums of ~10^5 terms: 1e-4 of the scale
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=0, atol=1e-4 * q.grad.abs().max().item())

@@ -409,7 +409,11 @@ def test_factory_dict_and_discrete_observations():
 
 @pytest.mark.parametrize(
     "env_id,backend",
-    [("CartPole-v1", "gymnasium"), (counting_factory, "gymnasium"), ("Acrobot-v1", "gymnasium")],
+    [("CartPole-v1", "gymnasium"), (counting_factory, "gymnasium"), ("Acrobot-v1", "gymnasium"),
+     # MuJoCo envs pickle by constructor arguments: saved layer by layer (aclab.envs.sim_state). Hopper
+     # terminates often under random actions (resets use the env's np_random); Ant reads a body position
+     # (a derived quantity) before each step for its reward.
+     ("mujoco:Hopper-v4", "gymnasium"), ("mujoco:Ant-v4", "gymnasium")],
 )
 def test_state_dict_exact_continuation_for_gymnasium(env_id, backend):
     kwargs = dict(backend=backend, normalize_obs=True, normalize_reward=True)
@@ -631,3 +635,16 @@ def test_metaworld_shapes():
     assert res.obs.shape == (2, 39) and res.obs.dtype == np.float32
     assert "success" in env.info
     env.close()
+
+
+def test_a_mujoco_run_of_few_envs_never_imports_envpool():
+    """Memory (docs/performance.md): an exact Gymnasium MuJoCo id with <= 2 envs is parsed, validated
+    and built without importing EnvPool (~115 MB of resident memory with its other families)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from aclab.config import Config; from aclab.envs import build_envs; "
+            "c = Config(algo='ppo'); c.env.id = 'mujoco:HalfCheetah-v4'; c.env.num_envs = 1; "
+            "envs = build_envs(c); envs.reset(); print(envs.spec.obs_shape, 'envpool' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "False", out

@@ -146,3 +146,74 @@ def test_measure_on_mujoco_runs_end_to_end():
 def test_envs_without_state_access_are_rejected():
     with pytest.raises(TypeError, match="cannot save its state"):
         save_env_state(gymnasium.make("CartPole-v1"), np.zeros(4))
+
+
+class LinearDynamicsEnv(gymnasium.Env):
+    """``s' = A s + B a``, ``r = c . s + d . a``: here the action *does* change the later states, so the
+    return of "``a`` for ``k`` steps, then the linear policy ``a = K s``" depends on ``a`` through the whole
+    rollout (a one-step reward gradient is not the answer). It is still affine in ``a``, with the slope
+    :meth:`slope` in closed form."""
+
+    def __init__(self, obs_dim=3, action_dim=2, seed=0):
+        super().__init__()
+        gen = np.random.default_rng(seed)
+        q, _ = np.linalg.qr(gen.normal(size=(obs_dim, obs_dim)))
+        self.a_matrix, self.b_matrix = 0.9 * q, 0.5 * gen.normal(size=(obs_dim, action_dim))
+        self.c, self.d = gen.normal(size=obs_dim), 0.1 * gen.normal(size=action_dim)
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        self.action_space = gymnasium.spaces.Box(-np.inf, np.inf, (action_dim,), np.float32)
+        self.state = np.zeros(obs_dim)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.state = self.np_random.normal(size=self.state.shape)
+        return self.state.astype(np.float32), {}
+
+    def step(self, action):
+        a = np.asarray(action, dtype=np.float64)
+        reward = float(self.c @ self.state + self.d @ a)
+        self.state = self.a_matrix @ self.state + self.b_matrix @ a
+        return self.state.astype(np.float32), reward, False, False, {}
+
+    def get_sim_state(self):
+        return self.state.copy()
+
+    def set_sim_state(self, sim):
+        self.state = np.array(sim, copy=True)
+
+    def slope(self, gain, repeat, gamma, horizon):
+        """d return / d a over ``horizon`` steps: x_t = d s_t / d a with x_0 = 0, x_{t+1} = A x_t + B while
+        the action is held (t < repeat), then (A + B K) x_t; dr_t/da = c x_t + d, then (c + K^T d) x_t."""
+        x = np.zeros_like(self.b_matrix)
+        total = np.zeros(self.b_matrix.shape[1])
+        for t in range(horizon):
+            if t < repeat:
+                total += gamma**t * (self.c @ x + self.d)
+                x = self.a_matrix @ x + self.b_matrix
+            else:
+                total += gamma**t * ((self.c + gain.T @ self.d) @ x)
+                x = (self.a_matrix + self.b_matrix @ gain) @ x
+        return total
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_estimator_finds_the_multi_step_gradient_when_actions_move_the_state(sign):
+    """The estimator's 'true gradient' is the slope of the repeated-action return, whose action effects run
+    through the dynamics: a critic with exactly that gradient scores cosine +-1, while the one-step reward
+    gradient d (what an env whose actions never move the state would reward) scores clearly less."""
+    env = LinearDynamicsEnv(seed=5)
+    gain = 0.1 * np.random.default_rng(6).normal(size=(2, 3))
+    slope = env.slope(gain, repeat=3, gamma=0.9, horizon=25)
+    assert abs(cosine_similarity(slope[None], env.d[None])[0]) < 0.9  # the dynamics matter here
+    probe = GradientProbe(policy=lambda obs: np.asarray(obs, dtype=np.float64) @ gain.T,
+                          critic_gradient=lambda obs, actions: sign * np.tile(slope, (len(obs), 1)),
+                          bootstrap_value=lambda obs: np.zeros(len(obs)))
+    result = measure_gradient_accuracy(env, probe, num_states=4, num_actions=6, repeat=3, gamma=0.9, horizon=25,
+                                       max_start_steps=10, rng=np.random.default_rng(1))
+    np.testing.assert_allclose(result.true_gradient, np.tile(slope, (4, 1)), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(result.cosine, sign, atol=1e-6)
+    one_step = GradientProbe(policy=probe.policy, critic_gradient=lambda obs, actions: np.tile(env.d, (len(obs), 1)),
+                             bootstrap_value=probe.bootstrap_value)
+    again = measure_gradient_accuracy(env, one_step, num_states=4, num_actions=6, repeat=3, gamma=0.9, horizon=25,
+                                      max_start_steps=10, rng=np.random.default_rng(1))
+    assert np.all(np.abs(again.cosine) < 0.9)

@@ -11,6 +11,7 @@ from run_rows import metric_rows
 
 from aclab.algos.impala import (
     Batch,
+    Impala,
     ImpalaActingPolicy,
     ImpalaNet,
     LossSettings,
@@ -329,6 +330,37 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
     for x, y in zip(a["square_avgs"], b["square_avgs"]):
         assert torch.equal(x, y)
     assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
+
+
+def test_policy_lag_is_measured_over_the_real_transitions():
+    """policy_lag_mean is the mean of (learner version - acting version) over the valid (non-dummy)
+    transitions of each batch, recomputed here from the chunks; dummies (lag 0 in a lagging window) would
+    pull it down."""
+    from aclab.envs import build_envs
+
+    config = _config(32 + 20 * 8, "params.overlap=6", 'env.options={"max_episode_steps": 12}')
+    envs = build_envs(config)
+    envs.reset(seed=config.seed)
+    algo = Impala(config, envs.spec, torch.device("cpu"))
+    chunks = []
+    real_next_chunk = algo.next_chunk
+
+    def next_chunk(e):
+        chunks.append(real_next_chunk(e))
+        return chunks[-1]
+
+    algo.next_chunk = next_chunk
+    differs = False
+    for _ in range(20):
+        iteration = algo.iteration
+        metrics = algo.iterate(envs)
+        lag = iteration - chunks[-1].versions
+        valid = chunks[-1].valid
+        assert metrics["policy_lag_mean"] == pytest.approx(float(lag[valid].mean()), abs=1e-9)
+        assert metrics["policy_lag_max"] == float(lag.max())
+        differs |= abs(float(lag[valid].mean()) - float(lag.mean())) > 1e-3
+    envs.close()
+    assert differs  # some batch held dummy steps whose lag differs from the real transitions'
 
 
 def test_continuous_run_end_to_end(tmp_path):

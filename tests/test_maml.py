@@ -3,6 +3,7 @@ meta-gradient against finite differences, the policies, end-to-end training, res
 
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from run_rows import metric_rows
 from torch.func import functional_call
 
+import aclab
 from aclab.algos.maml import (
     MAML,
     HyperMetaPolicy,
@@ -160,6 +162,49 @@ def test_second_order_meta_gradient_matches_finite_differences(name):
     assert abs(first - numeric) > 1e-3 * abs(numeric)
 
 
+def test_meta_loss_and_kl_are_trpos_surrogate_and_the_kl_from_the_sampling_policy():
+    """TRPO's outer objective on the post-adaptation episodes (MAML paper, Section 5.3; TRPO paper, Eq. 14):
+    ``-mean_k mean_t ratio A`` and the constraint ``mean_k mean_t KL(pi_old || pi_theta')``, recomputed with
+    torch.distributions from the adapted policy's Gaussians. KL is asymmetric, so the reversed direction
+    (``KL(pi_theta' || pi_old)``) is checked to be measurably different here."""
+    from torch.distributions import Normal, kl_divergence
+
+    algo = _algo("maml", **{"params.inner_lr": 0.5})
+    pre, post = _double_batches(algo)
+    loss_and_kl = algo.meta_loss_and_kl(pre, post)
+    with torch.no_grad():  # move away from theta_old, log-std included, so that the KL is asymmetric
+        for p in algo.policy.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(8), dtype=p.dtype))
+    loss, kl = (x.detach() for x in loss_and_kl())
+    with torch.no_grad():
+        adapted = algo.adapt(algo.named_params(), pre)
+        new_mean, new_log_std = task_dist_params(algo.policy, adapted, post.obs, post.contexts, True).chunk(2, -1)
+        old_mean, old_log_std = post.old_params.chunk(2, -1)
+        new, old = Normal(new_mean, new_log_std.exp()), Normal(old_mean, old_log_std.exp())
+        ratio = torch.exp(new.log_prob(post.actions).sum(-1) - old.log_prob(post.actions).sum(-1))
+        count = post.mask.sum(-1)
+        loss_ref = -((ratio * post.advantages * post.mask).sum(-1) / count).mean()
+        kl_ref = ((kl_divergence(old, new).sum(-1) * post.mask).sum(-1) / count).mean()
+        kl_reversed = ((kl_divergence(new, old).sum(-1) * post.mask).sum(-1) / count).mean()
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-9)
+    assert float(kl) == pytest.approx(float(kl_ref), rel=1e-9)
+    assert abs(float(kl_reversed) - float(kl_ref)) > 1e-3 * float(kl_ref) > 0
+
+
+def test_every_maml_preset_uses_the_exact_second_order_meta_gradient():
+    """MAML's meta-gradient differentiates through the inner step (MAML paper, Section 2.2); the
+    first-order approximation is an option, off in the defaults and in every preset."""
+    from aclab.algos.maml import MAMLConfig
+    from aclab.config import load_preset
+
+    assert MAMLConfig().first_order is False
+    presets = sorted(path.stem for path in (Path(aclab.__file__).parent / "presets").glob("maml-*.toml"))
+    assert len(presets) >= 6
+    for name in presets:
+        config = make_config(load_preset(name)[1].get("algo", "maml"), ENV, preset=name)
+        assert config.params.first_order is False, name
+
+
 def test_fisher_vector_product_through_the_inner_step_matches_finite_differences():
     # tanh: with ReLU, zero initial biases and every episode starting at the origin, theta_old sits exactly
     # on the ReLU kinks, where the inner gradient (hence the adapted policy) jumps
@@ -254,7 +299,14 @@ def test_training_loop_end_to_end(tmp_path, name):
     assert summary["status"] == "finished" and summary["steps"] == 3 * 2 * 3 * 4 * 8
     rows = metric_rows(tmp_path / "run")
     assert len(rows) == 3 and rows[1]["test/return_pre"] and rows[1]["test/return_post"]
-    assert all(float(r["trpo/kl"]) <= 0.01 for r in rows)
+    # every meta-update took a real step: a backtracked fraction 0.8^k of the full step, a KL of that step
+    # inside (0, max_kl], and a lower surrogate
+    accepted = [r for r in rows if float(r["trpo/step_fraction"]) > 0]
+    assert accepted
+    for r in accepted:
+        assert 0.0 < float(r["trpo/kl"]) <= 0.01
+        assert float(r["trpo/step_fraction"]) == pytest.approx(0.8 ** float(r["trpo/backtracks"]), rel=1e-5)
+        assert float(r["trpo/loss_after"]) < float(r["trpo/loss_before"])
     assert "eval_test_return" in summary
     episodes = list(csv.DictReader((tmp_path / "run" / "episodes.csv").open()))  # post-adaptation episodes
     assert len(episodes) == 3 * 3 * 4 and {e["env"] for e in episodes} == {""}

@@ -204,6 +204,35 @@ def test_encoder_learns_only_from_the_critic_and_the_kl():
     assert any(torch.count_nonzero(p.grad) > 0 for p in algo.encoder.parameters())
 
 
+def _posterior_by_a_loop(algo, context, k):
+    """Task k's posterior ``(mu, var)`` (float64, ``[Z]``): the product of the encoder's Gaussian factors,
+    one transition at a time, from the task's encoder-buffer context."""
+    p = algo.params
+    precisions, weighted = np.zeros(p.latent_dim), np.zeros(p.latent_dim)
+    for n in range(p.embedding_batch_size):
+        c = np.concatenate([context["obs"][k, n], context["actions"][k, n], [context["rewards"][k, n]]])
+        x = torch.as_tensor(c, dtype=torch.float32)[None, None]
+        for layer in algo.encoder.layers[:-1]:
+            x = torch.relu(layer(x))
+        out = algo.encoder.layers[-1](x).double().ravel().numpy()
+        var_n = np.maximum(np.log1p(np.exp(out[p.latent_dim:])), 1e-7)  # softplus, clamped
+        precisions += 1.0 / var_n
+        weighted += out[: p.latent_dim] / var_n
+    var = 1.0 / precisions
+    return var * weighted, var
+
+
+def _cloned_draws(algo, task_ids):
+    """The RL batch, the encoder context and a torch generator in the state ``update`` will draw from."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = algo.rng.bit_generator.state
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(algo.generator.get_state())
+    batch = algo.replay.sample(task_ids, algo.params.batch_size, rng)
+    context = algo.enc_replay.sample(task_ids, algo.params.embedding_batch_size, rng)
+    return batch, context, generator
+
+
 def test_critic_loss_and_kl_of_one_step_match_a_slow_reference():
     """The first two numbers ``update`` returns (Q loss and summed KL) recomputed with Python loops from
     the same draws: per task, the product of the encoder's factors over its context from the *encoder*
@@ -215,29 +244,12 @@ def test_critic_loss_and_kl_of_one_step_match_a_slow_reference():
     p = algo.params
     task_ids = np.array([0, 3, 3, 5])
     algo.replay.terminated[3, :7] = 1.0  # some terminal transitions in the RL batch
-    rng = np.random.default_rng()
-    rng.bit_generator.state = algo.rng.bit_generator.state
-    generator = torch.Generator().manual_seed(0)
-    generator.set_state(algo.generator.get_state())
-    batch = algo.replay.sample(task_ids, p.batch_size, rng)
-    context = algo.enc_replay.sample(task_ids, p.embedding_batch_size, rng)
+    batch, context, generator = _cloned_draws(algo, task_ids)
     noise = torch.randn(len(task_ids), p.latent_dim, generator=generator).double()
     qf_loss, kl_sum = 0.0, 0.0
     with torch.no_grad():
         for k in range(len(task_ids)):
-            # encoder factors, one transition at a time, from the task's encoder buffer
-            precisions, weighted = np.zeros(p.latent_dim), np.zeros(p.latent_dim)
-            for n in range(p.embedding_batch_size):
-                c = np.concatenate([context["obs"][k, n], context["actions"][k, n], [context["rewards"][k, n]]])
-                x = torch.as_tensor(c, dtype=torch.float32)[None, None]
-                for layer in algo.encoder.layers[:-1]:
-                    x = torch.relu(layer(x))
-                out = algo.encoder.layers[-1](x).double().ravel().numpy()
-                var_n = np.maximum(np.log1p(np.exp(out[p.latent_dim:])), 1e-7)  # softplus, clamped
-                precisions += 1.0 / var_n
-                weighted += out[: p.latent_dim] / var_n
-            var = 1.0 / precisions
-            mu = var * weighted
+            mu, var = _posterior_by_a_loop(algo, context, k)
             kl_sum += 0.5 * np.sum(var + mu**2 - 1.0 - np.log(var))
             z = torch.as_tensor(mu + np.sqrt(var) * noise[k].numpy(), dtype=torch.float32)
             sq = np.zeros(2)
@@ -252,6 +264,53 @@ def test_critic_loss_and_kl_of_one_step_match_a_slow_reference():
     stats = algo.update(task_ids)
     assert float(stats[0]) == pytest.approx(qf_loss, rel=1e-4)
     assert float(stats[3]) == pytest.approx(kl_sum, rel=1e-4)
+
+
+def test_value_and_policy_losses_of_one_step_match_a_slow_reference():
+    """``update``'s V and policy losses (its 2nd and 3rd numbers) recomputed per task with
+    torch.distributions (PEARL paper, Section 4.3: SAC's losses with z fed to every network, detached
+    outside the critic): the policy samples ``a = tanh(u)``, ``u ~ N(mu, sigma)`` with
+    ``log pi(a) = log N(u) - sum log(1 - tanh(u)^2)``; the soft V target is ``min_j Q_j(s, a, z) - log pi``
+    over both twins; the policy loss ``mean(log pi - min_j Q_j)`` plus the mean and log-std
+    regularisers. The Q-function and the encoder are frozen (learning rate 0) so that the reference may
+    be computed before the step."""
+    from torch.distributions import Normal
+
+    algo = _algo(**{"params.policy_mean_reg": 0.3, "params.policy_std_reg": 0.2})
+    algo.iterate(None)
+    for optimizer in (algo.qf_optimizer, algo.context_optimizer):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+    p = algo.params
+    task_ids = np.array([1, 1, 4, 2])
+    k_tasks, b = len(task_ids), p.batch_size
+    batch, context, generator = _cloned_draws(algo, task_ids)
+    z_noise = torch.randn(k_tasks, p.latent_dim, generator=generator).double()
+    action_dim = batch["actions"].shape[-1]
+    u_noise = torch.randn(k_tasks * b, action_dim, generator=generator).reshape(k_tasks, b, action_dim)
+    v_sq = policy_sum = mean_sq = log_std_sq = 0.0
+    with torch.no_grad():
+        for k in range(k_tasks):
+            mu, var = _posterior_by_a_loop(algo, context, k)
+            z = torch.as_tensor(mu + np.sqrt(var) * z_noise[k].numpy(), dtype=torch.float32)
+            obs = torch.as_tensor(batch["obs"][k])
+            mean, log_std = algo.policy(obs[None], z[None])[0].chunk(2, -1)
+            u = mean + log_std.exp() * u_noise[k]
+            action = torch.tanh(u)
+            log_pi = (Normal(mean.double(), log_std.double().exp()).log_prob(u.double())
+                      - torch.log1p(-torch.tanh(u.double()) ** 2)).sum(-1)
+            zs = z[None].expand(b, -1)
+            min_q = algo.qf(obs, zs, action).double().min(dim=0).values
+            v = algo.vf(obs, zs)[0].double()
+            v_sq += float(((v - (min_q - log_pi)) ** 2).sum())
+            policy_sum += float((log_pi - min_q).sum())
+            mean_sq += float(mean.double().pow(2).sum())
+            log_std_sq += float(log_std.double().pow(2).sum())
+    n = k_tasks * b
+    stats = algo.update(task_ids)
+    assert float(stats[1]) == pytest.approx(v_sq / n, rel=1e-4)
+    expected = policy_sum / n + 0.3 * mean_sq / (n * action_dim) + 0.2 * log_std_sq / (n * action_dim)
+    assert float(stats[2]) == pytest.approx(expected, rel=1e-4)
 
 
 

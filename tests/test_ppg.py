@@ -17,6 +17,7 @@ from aclab import registry
 from aclab.algos import phasic
 from aclab.algos.common import resolve_device, seed_everything
 from aclab.algos.phasic import AuxBuffer, masked_mean, state_rows
+from aclab.config import ConfigError
 from aclab.envs import build_envs
 from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
@@ -174,10 +175,11 @@ def test_pi_old_is_the_policy_at_the_end_of_the_policy_phase(monkeypatch):
 
 
 def _reference_aux_loss(algo, mb) -> torch.Tensor:
-    """Per state, with python loops: 0.5 (V_aux - R)^2 + 0.5 (V_phi - R)^2 + beta KL(old || new) over valid
-    states, KL as sum_a p_old(a) (log p_old(a) - log p(a))."""
+    """Per state, with python loops: 0.5 (V_aux - R)^2 + 0.5 (V_phi - R)^2 + alpha V_phi^2 + beta KL(old || new)
+    over valid states, KL as sum_a p_old(a) (log p_old(a) - log p(a)); alpha > 0 for PPG+AR (DCPG paper,
+    Appendix B: the activation penalty applies in both phases)."""
     n, T = mb["valid"].shape
-    beta = algo.params.clone_coef
+    beta, alpha = algo.params.clone_coef, algo.params.value_reg_coef
     total, count = 0.0, 0
     for i in range(n):
         for t in range(T):
@@ -191,16 +193,19 @@ def _reference_aux_loss(algo, mb) -> torch.Tensor:
             log_old = torch.log_softmax(mb["old_params"][i, t], -1)
             kl = (log_old.exp() * (log_old - log_p)).sum()
             total = total + 0.5 * (aux_value - ret) ** 2 + 0.5 * (value.squeeze() - ret) ** 2 + beta * kl
+            total = total + alpha * value.squeeze() ** 2
             count += 1
     return total / count
 
 
-def test_aux_loss_matches_a_slow_reference():
-    _, _, algo = _filled_ppg(["params.aux_epochs=1", "params.clone_coef=0.7"])
+@pytest.mark.parametrize("name", ["ppg", "ppg-ar"])
+def test_aux_loss_matches_a_slow_reference(name):
+    _, _, algo = _filled_ppg(["params.aux_epochs=1", "params.clone_coef=0.7"], name=name)
+    assert algo.params.value_reg_coef == (0.05 if name == "ppg-ar" else 0.0)
     buffer = algo.buffer
     phasic.dist_params_over_buffer(algo.net.dist_params, buffer, "old_params", 64, torch.device("cpu"))
-    with torch.no_grad():  # a policy different from pi_old, so the KL term is not zero
-        algo.net.head_weight.add_(0.05 * torch.randn_like(algo.net.head_weight))
+    with torch.no_grad():  # a policy far from pi_old, so the KL term is large and its direction matters
+        algo.net.head_weight.add_(2.0 * torch.randn_like(algo.net.head_weight))
     ids = torch.tensor([0, 5, 6])
     mb = buffer.gather(ids, ("returns", "old_params"), torch.device("cpu"))
     mb["valid"][0, 3] = False  # a masked state must not count
@@ -257,16 +262,44 @@ def _slow_gae(rewards, values, terminated, ends, gamma, lam):
 def test_ppg_dr_value_targets_use_gamma_prime():
     _, envs, algo = _algo("ppg-dr", [*TINY, "params.num_policy_iterations=3",
                                      "env.options={\"max_episode_steps\": 20}"])
-    assert algo.params.value_gamma == 0.995
+    # gamma' keeps the paper's horizon ratio (1000 -> 200 steps): 0.99 -> 0.95 here, 0.999 -> 0.995 on Procgen
+    assert algo.params.gamma == 0.99 and algo.params.target_gamma() == pytest.approx(0.95)
     kept = _capture_rollout(algo, envs)
+    seen = {}
+    real_phase = algo.policy_phase
+
+    def policy_phase(rollout, advantages, targets):
+        seen["advantages"] = advantages.double().numpy().copy()
+        return real_phase(rollout, advantages, targets)
+
+    algo.policy_phase = policy_phase
     algo.iterate(envs)
     r = {k: v.double().numpy() for k, v in kept.items()}
     stored = algo.buffer.fields["returns"][0].double().numpy()
-    expected = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.995, 0.95) + r["values"][:-1]
+    expected = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.95, 0.95) + r["values"][:-1]
     plain = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.99, 0.95) + r["values"][:-1]
     valid = r["valid"].astype(bool)
     np.testing.assert_allclose(stored[valid], expected[valid], rtol=1e-4, atol=1e-4)
     assert np.abs(stored[valid] - plain[valid]).max() > 1e-2
+    # the advantages keep gamma (only the value targets use gamma')
+    advantages = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.99, 0.95)
+    np.testing.assert_allclose(seen["advantages"][valid], advantages[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_ppg_dr_gamma_prime_is_derived_from_gamma_and_below_it():
+    from aclab.algos.ppg import PPGConfig, discount_regularised_gamma
+
+    assert discount_regularised_gamma(0.999, 0.2) == pytest.approx(0.995)  # DCPG paper, Appendix B
+    assert PPGConfig(gamma=0.999, value_horizon_ratio=0.2).target_gamma() == pytest.approx(0.995)
+    assert PPGConfig(gamma=0.999, value_horizon_ratio=0.2, value_gamma=0.99).target_gamma() == 0.99  # explicit wins
+    assert PPGConfig(gamma=0.97).target_gamma() == 0.97  # plain PPG
+    for overrides, key in ((["params.value_gamma=0.995"], "params.value_gamma"),  # 0.995 > ppg-classic's 0.99
+                           (["params.value_gamma=0.99"], "params.value_gamma"),
+                           (["params.value_horizon_ratio=1.5"], "params.value_horizon_ratio"),
+                           (["params.gamma=0.5"], "params.value_horizon_ratio")):  # gamma' = -1.5
+        with pytest.raises(ConfigError, match=key):
+            make_config("ppg-dr", "CartPole-v1", overrides=overrides)
+    assert make_config("ppg-dr", "CartPole-v1", overrides=["params.value_gamma=0.98"]).params.target_gamma() == 0.98
 
 
 def test_ppg_ar_adds_alpha_times_mean_squared_value():
@@ -296,10 +329,75 @@ def test_training_analyses_are_logged_and_do_not_change_training(tmp_path):
     last = biased[-1]
     assert float(last["value_bias/bias"]) == pytest.approx(
         float(last["value_bias/predicted"]) - float(last["value_bias/true"]), abs=1e-4)
+    # episodes cut at 30 steps count (with the bootstrapped value at the cut), not only early short ones
+    assert float(last["value_bias/truncated"]) > 0
     stiff = [r for r in rows if r.get("stiffness/cosine")]
     assert len(stiff) == 3  # iterations 0, 4, 8 of 12
     assert all(-1.0 <= float(r["stiffness/cosine"]) <= 1.0 and -1.0 <= float(r["stiffness/sign"]) <= 1.0
                for r in stiff)
+    assert all(-1.0 <= float(r["stiffness/cosine_grad_v"]) <= 1.0 and -1.0 <= float(r["stiffness/sign_grad_v"]) <= 1.0
+               for r in stiff)
+
+
+def test_training_analyses_measure_the_rollouts_value_bias_and_stiffness_on_r_hat(monkeypatch):
+    """The logged value bias is mean(V(s_0) - sum_t gamma^t r_t) over the finished (terminated) episodes
+    (``value_bias_truncation = exclude``; the bootstrap of truncated ones is pinned in test_value_bias.py),
+    recomputed here with a loop over the rollouts; stiffness is measured against R_hat of the states it
+    draws (DCPG paper, Appendices A and C)."""
+    _, envs, algo = _algo("ppg", [*TINY, "params.num_policy_iterations=8", "params.log_value_bias=true",
+                                  "params.value_bias_episodes=1000", "params.value_bias_truncation=exclude",
+                                  "params.stiffness_every=1",
+                                  "params.stiffness_states=16", "env.options={\"max_episode_steps\": 40}"])
+    seen = []
+    real_stiffness = phasic.value_stiffness
+
+    def stiffness(module, states, targets, **kwargs):
+        seen.append((states.clone(), targets.clone()))
+        return real_stiffness(module, states, targets, **kwargs)
+
+    monkeypatch.setattr(phasic, "value_stiffness", stiffness)
+    collector = algo._collector_for(envs)
+    real_collect, rollouts = collector.collect, []
+
+    def collect(*args):
+        rollout, returns, lengths = real_collect(*args)
+        rollouts.append({k: getattr(rollout, k).clone().double() for k in
+                         ("obs", "rewards", "values", "terminated", "ends", "valid")})
+        return rollout, returns, lengths
+
+    collector.collect = collect
+    for _ in range(3):
+        metrics = algo.iterate(envs)
+        # stiffness: each drawn state's target is its R_hat (GAE(gamma, lambda) + V), found by its observation
+        r = {k: v.numpy() for k, v in rollouts[-1].items()}
+        r_hat = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.99, 0.95) + r["values"][:-1]
+        obs = rollouts[-1]["obs"].reshape(-1, 4)
+        states, targets = seen[-1]
+        for state, target in zip(states.double(), targets):
+            match = torch.nonzero((obs == state).all(1)).squeeze(1)
+            assert match.numel() >= 1
+            assert float(target) == pytest.approx(float(r_hat.reshape(-1)[int(match[0])]), rel=1e-4, abs=1e-4)
+    envs.close()
+    # value bias: V(s_0) - discounted return of every episode that terminated, over the concatenated rollouts
+    cat = {k: np.concatenate([r[k][:-1].numpy() if k == "values" else r[k].numpy() for r in rollouts])
+           for k in ("rewards", "values", "terminated", "ends", "valid")}
+    biases = []
+    for b in range(cat["rewards"].shape[1]):
+        start, ret, discount = None, 0.0, 1.0
+        for t in range(cat["rewards"].shape[0]):
+            if not cat["valid"][t, b]:
+                continue
+            if start is None:
+                start, ret, discount = cat["values"][t, b], 0.0, 1.0
+            ret += discount * cat["rewards"][t, b]
+            discount *= 0.99
+            if cat["ends"][t, b]:
+                if cat["terminated"][t, b]:
+                    biases.append(start - ret)
+                start = None
+    # the first episode of each env starts at t = 0 of the first rollout, so every counted episode is whole
+    assert len(biases) >= 3
+    assert metrics["value_bias/bias"] == pytest.approx(float(np.mean(biases)), rel=1e-4, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ resume

@@ -93,6 +93,116 @@ def test_update_ignores_dummy_transitions(monkeypatch):
     assert sum(seen) == algo.params.num_epochs * (n_valid // algo.params.num_minibatches) * algo.params.num_minibatches
 
 
+def _slow_gae(rewards, values, terminated, ends, gamma, lam):
+    """GAE with python loops: delta_t = r_t + gamma (1 - term_t) V_{t+1} - V_t; the trace is cut at episode ends."""
+    T, B = rewards.shape
+    adv = np.zeros((T, B))
+    for b in range(B):
+        last = 0.0
+        for t in reversed(range(T)):
+            discount = 0.0 if terminated[t, b] else gamma
+            delta = rewards[t, b] + discount * values[t + 1, b] - values[t, b]
+            last = delta + discount * lam * (0.0 if ends[t, b] else 1.0) * last
+            adv[t, b] = last
+    return adv
+
+
+def _spy_update(algo, captured: list, envs=None) -> None:
+    real = algo.update
+
+    def update(rollout, advantages, returns):
+        if envs is not None:  # V of the observation that follows the rollout, before any update
+            with torch.no_grad():
+                captured.append({"next_value": algo.net.value(torch.as_tensor(envs.obs)).clone()})
+        captured.append({"rollout": {k: getattr(rollout, k).clone() for k in
+                                     ("obs", "actions", "log_probs", "values", "rewards", "terminated", "ends",
+                                      "valid")},
+                         "advantages": advantages.clone(), "returns": returns.clone()})
+        return real(rollout, advantages, returns)
+
+    algo.update = update
+
+
+def test_advantages_are_gae_and_returns_add_the_rollout_values():
+    """A_t = GAE(gamma, lambda) over the rollout, truncations bootstrapping from V(final obs), terminations
+    not, and R_t = A_t + V_t (the PPO paper, Eqs. 11-12; CleanRL), against a loop reference."""
+    _, envs, algo = _algo(["env.num_envs=2", "params.num_steps=64", "env.options={\"max_episode_steps\": 10}"])
+    captured = []
+    _spy_update(algo, captured, envs)
+    algo.iterate(envs)
+    envs.close()
+    c = captured[1]
+    torch.testing.assert_close(c["rollout"]["values"][-1], captured[0]["next_value"], rtol=1e-5, atol=1e-6)
+    r = {k: v.double().numpy() for k, v in c["rollout"].items()}
+    assert (r["ends"] * (1 - r["terminated"])).any()  # some truncations
+    expected = _slow_gae(r["rewards"], r["values"], r["terminated"], r["ends"], 0.99, 0.95)
+    valid = r["valid"].astype(bool)
+    np.testing.assert_allclose(c["advantages"].numpy()[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(c["returns"].numpy()[valid], (expected + r["values"][:-1])[valid], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_each_gradient_step_is_that_of_the_ppo_loss_written_out():
+    """With one minibatch, every step's (clipped) gradient equals that of
+    L = -mean(min(r A, clip(r, 1 -+ eps) A)) + c_v 0.5 mean(max((V - R)^2, (V_clip - R)^2)) - c_e mean H,
+    A normalised over the minibatch, computed here on a copy of the network with torch.distributions, then
+    clipped to a global norm of 0.5; the second epoch exercises the ratio and value clipping."""
+    import copy
+
+    from torch import distributions as td
+
+    _, envs, algo = _algo(["env.num_envs=2", "params.num_steps=64", "params.num_minibatches=1",
+                           "params.num_epochs=3", "params.lr=0.01"])
+    p = algo.params
+    assert (p.clip_value_loss, p.norm_adv, p.ent_coef, p.vf_coef, p.max_grad_norm) == (
+        True, "minibatch", 0.01, 0.5, 0.5)
+    captured, checked = [], []
+    _spy_update(algo, captured)
+    real_step = algo.optimizer.step
+
+    def step(*args, **kwargs):
+        c = captured[-1]
+        valid = c["rollout"]["valid"].reshape(-1)
+        obs = c["rollout"]["obs"].reshape(-1, 4)[valid]
+        actions = c["rollout"]["actions"].reshape(-1)[valid]
+        old_log_probs = c["rollout"]["log_probs"].reshape(-1)[valid]
+        old_values = c["rollout"]["values"][:-1].reshape(-1)[valid]
+        adv = c["advantages"].reshape(-1)[valid]
+        ret = c["returns"].reshape(-1)[valid]
+        net = copy.deepcopy(algo.net)
+        logits, values = net(obs)
+        dist = td.Categorical(logits=logits)
+        ratio = torch.exp(dist.log_prob(actions) - old_log_probs)
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        pg = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+        v_clip = old_values + (values - old_values).clamp(-0.2, 0.2)
+        v_loss = 0.5 * torch.maximum((values - ret) ** 2, (v_clip - ret) ** 2).mean()
+        (pg + 0.5 * v_loss - 0.01 * dist.entropy().mean()).backward()
+        grads = [q.grad for q in net.parameters()]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        scale = min(1.0, 0.5 / (float(norm) + 1e-6))
+        for mine, ref in zip(algo.net.parameters(), grads):
+            torch.testing.assert_close(mine.grad, ref * scale, rtol=1e-4, atol=1e-6)
+        checked.append((float(norm), float(((ratio - 1).abs() > 0.2).float().mean()),
+                        float(((values - old_values).abs() > 0.2).float().mean())))
+        return real_step(*args, **kwargs)
+
+    algo.optimizer.step = step
+    algo.iterate(envs)
+    envs.close()
+    assert len(checked) == 3
+    assert max(c[0] for c in checked) > 0.5  # the clip was active
+    assert max(c[1] for c in checked) > 0 and max(c[2] for c in checked) > 0  # ratio and value clipping mattered
+
+
+def test_learning_rate_anneals_linearly_to_zero():
+    """CleanRL's schedule: lr_k = lr (1 - k / N) at iteration k of N = total_steps / batch."""
+    _, envs, algo = _algo(["env.num_envs=2", "params.num_steps=16", "total_steps=128"])
+    lrs = [algo.iterate(envs)["lr"] for _ in range(3)]
+    envs.close()
+    assert lrs == pytest.approx([2.5e-4, 2.5e-4 * 3 / 4, 2.5e-4 / 2])
+
+
 def test_numpy_and_torch_acting_learn_the_same_way():
     """Both acting paths produce valid rollouts; log-probs stored match the torch network's."""
     _, envs, algo = _algo(["params.num_steps=16"])

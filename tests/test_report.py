@@ -214,6 +214,21 @@ def test_single_task_raw_report(tmp_path):
     assert (tmp_path / "out" / "curves" / "CartPole-v1.png").exists()
 
 
+def test_report_uses_the_loops_evaluations_unless_told_and_says_which(tmp_path):
+    """An ad-hoc ``aclab eval`` (evals_adhoc.csv) never moves a run's score; ``evals_file`` picks it on request
+    and the report names the file it used."""
+    for seed in (0, 1):
+        run = write_synthetic_run(tmp_path / "runs" / f"s{seed}", seed=seed, num_points=5,
+                                  eval_curves={"test": lambda s: 100.0 + 0 * s})
+        (run / "evals_adhoc.csv").write_text("step,split,mean_return,std_return,num_episodes,returns,deterministic\n"
+                                             "10000,test,500,0,2,500 500,True\n")
+    text = rp.build_report([tmp_path / "runs"], tmp_path / "out", reps=30).read_text()
+    assert _row(text, "CartPole-v1")[0].startswith("100.0") and "come from `evals.csv`" in text
+    adhoc = rp.build_report([tmp_path / "runs"], tmp_path / "adhoc", reps=30, evals_file="evals_adhoc.csv")
+    text = adhoc.read_text()
+    assert _row(text, "CartPole-v1")[0].startswith("500.0") and "come from `evals_adhoc.csv`" in text
+
+
 # ----------------------------------------------------------------------------------------------
 # Curves helper
 # ----------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 from run_rows import metric_rows
+from torch import distributions as td
+from torch.func import functional_call
 
 from aclab.algos import stac as stac_module
-from aclab.algos.impala import Batch, Impala, ImpalaNet, LossSettings, LossWeights
+from aclab.algos.impala import Batch, Impala, ImpalaNet, LossSettings, LossWeights, head_loss
 from aclab.algos.stac import (
     ETA_NAMES,
     ETA_NAMES_SEPARATE_ALPHAS,
@@ -61,7 +63,7 @@ def test_inner_loss_weights_sigmoid_scaling_and_fixed_values():
 # ----------------------------------------------------------------------------------------------
 # The meta-gradient equals central finite differences (float64, exact optimiser statistics)
 # ----------------------------------------------------------------------------------------------
-def _problem(kind: str, seed: int = 0):
+def _problem(kind: str, seed: int = 0, embed: bool = True):
     torch.manual_seed(seed)
     T, B, obs_dim = 6, 3, 3
     separate = kind == "stacx"
@@ -77,7 +79,7 @@ def _problem(kind: str, seed: int = 0):
             hidden_sizes=(6,),
             head_hidden=5,
             num_heads=num_heads,
-            gamma_embedding=2 if kind == "stacx" else 0,
+            gamma_embedding=2 if kind == "stacx" and embed else 0,
         )
     net = net.double()
     obs = torch.randn(T + 1, B, obs_dim, dtype=torch.float64)
@@ -121,7 +123,7 @@ def _problem(kind: str, seed: int = 0):
         eps_inside_sqrt=True,
         freeze_stats=False,
         max_grad_norm=5.0 if kind == "continuous" else None,
-        gamma_embedding=kind == "stacx",
+        gamma_embedding=kind == "stacx" and embed,
     )
     return net, params, square_avgs, logits, batch, settings
 
@@ -153,6 +155,34 @@ def test_meta_gradient_matches_central_finite_differences(kind):
     numeric = _central_differences(objective, logits)
     assert (analytic.abs() > 1e-4).float().mean() > 0.8, analytic  # (almost) every metaparameter matters
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["stac", "stacx"])
+def test_inner_and_outer_losses_follow_algorithm_2(kind):
+    """STAC Algorithm 2, rebuilt here from its parts: the inner loss is the 1/P average of the heads' IMPALA
+    losses with their own zeta(eta) (line 11); the outer loss is head 1's loss at theta' with the outer
+    hyperparameters and a stop-gradient advantage, plus g_kl * sum_t KL(pi_theta' || pi_theta) over valid
+    steps (lines 13-14; head_loss itself is checked against a loop reference in test_impala.py)."""
+    net, params, square_avgs, logits, batch, settings = _problem(kind, embed=False)
+    settings = MetaSettings(**{**settings.__dict__, "kl_coef": 0.7})
+    result = meta_objective(net, params, square_avgs, logits, batch, 0.05, settings)
+    inputs = (batch.obs, batch.first, batch.core_state)
+    with torch.no_grad():
+        old_params, old_values = functional_call(net, params, inputs)
+        new_params, new_values = functional_call(net, result.new_params, inputs)
+    weights = inner_loss_weights(logits.detach(), settings.names, settings.tuned, OUTER)
+    per_head = [head_loss(net.dist, old_params[h], old_values[h], batch, weights[h], settings.loss, False)[0]
+                for h in range(len(weights))]
+    assert float(result.inner_stats["loss/inner"]) == pytest.approx(float(sum(per_head)) / len(per_head), rel=1e-9)
+    outer_head_one, _, _ = head_loss(net.dist, new_params[0], new_values[0], batch, OUTER, settings.loss, True)
+    kl = td.kl_divergence(td.Categorical(logits=new_params[0, :-1]), td.Categorical(logits=old_params[0, :-1]))
+    expected = float(outer_head_one) + 0.7 * float((batch.weights * kl).sum())
+    assert float(result.outer_loss.detach()) == pytest.approx(expected, rel=1e-9)
+    assert float(result.outer_stats["outer/kl"]) == pytest.approx(
+        float((batch.weights * kl).sum() / batch.weights.sum()), rel=1e-9)
+    if kind == "stacx":  # the heads differ, so the choice of head 1 is visible
+        other, _, _ = head_loss(net.dist, new_params[-1], new_values[-1], batch, OUTER, settings.loss, True)
+        assert abs(float(other) - float(outer_head_one)) > 1e-3
 
 
 def test_frozen_statistics_differentiate_a_different_function(monkeypatch):
@@ -267,6 +297,33 @@ def test_meta_step_moves_only_the_tuned_logits():
     assert metrics["meta_grad_norm"] > 0
 
 
+def test_the_meta_step_descends_the_outer_loss():
+    """eta <- Adam(eta, grad_eta L_outer) (Algorithm 2 line 15) lowers the outer loss of that batch (its
+    stop-gradient targets held fixed): a small step against the meta-gradient, not along it."""
+    config = _make("stac", "params.meta_lr=0.01")
+    torch.manual_seed(1)
+    envs = build_envs(config)
+    envs.reset(seed=1)
+    algo = Stac(config, envs.spec, torch.device("cpu"))
+    captured = []
+    real_step = algo.learner_step
+
+    def learner_step(batch, lr):
+        params = {n: q.detach().clone().requires_grad_(True) for n, q in algo.net.named_parameters()}
+        captured.append((batch, lr, params, [a.clone() for a in algo.square_avgs], algo.logits.detach().clone()))
+        return real_step(batch, lr)
+
+    algo.learner_step = learner_step
+    algo.iterate(envs)
+    envs.close()
+    batch, lr, params, square_avgs, logits = captured[0]
+    before = meta_objective(algo.net, params, square_avgs, logits.requires_grad_(True), batch, lr, algo.meta)
+    after = meta_objective(algo.net, params, square_avgs, algo.logits.detach(), batch, lr, algo.meta,
+                           held=before.held)
+    assert not torch.equal(logits, algo.logits.detach())
+    assert float(after.outer_loss) < float(before.outer_loss)
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end, resume, plots
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +372,7 @@ def test_resume_equals_uninterrupted(tmp_path, algo, extra):
         assert {f"meta/{n}" for n in ETA_NAMES} <= set(columns)
 
 
-def test_continuous_stac_runs_and_figure_5_plot(tmp_path):
+def test_continuous_stac_runs_and_figure_5_plot(tmp_path, monkeypatch):
     config = make_config(
         "stacx",
         "Pendulum-v1",
@@ -334,9 +391,29 @@ def test_continuous_stac_runs_and_figure_5_plot(tmp_path):
     )
     summary = train(config, tmp_path / "run")
     assert summary["status"] == "finished"
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
     out = plot_metaparameters([tmp_path / "run"], tmp_path / "meta.png", title="test", smooth=2)
-    assert out.exists() and out.stat().st_size > 10_000
-    assert np.isfinite([float(r["meta/g_e"]) for r in metric_rows(tmp_path / "run")]).all()
+    monkeypatch.setattr(plt, "close", real_close)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = metric_rows(tmp_path / "run")
+    assert np.isfinite([float(r["meta/g_e"]) for r in rows]).all()
+    # Figure 5's panels: one per self-tuned metaparameter plus the return; one line per head (STACX: 3),
+    # each the 2-row moving average of that head's logged column
+    axes = {ax.get_title(): ax for ax in figures[0].axes if ax.get_title()}
+    assert set(axes) == {"gamma", "lambda", "g_v", "g_p", "g_e", "alpha_rho", "alpha_c", "episode_return"} or \
+        set(axes) == {"gamma", "lambda", "g_v", "g_p", "g_e", "alpha", "episode_return"}
+    for name in ("gamma", "g_e"):
+        lines = axes[name].get_lines()
+        assert len(lines) == 3
+        for head, line in enumerate(lines, 1):
+            column = f"meta/{name}" if head == 1 else f"meta/head{head}/{name}"
+            values = np.array([float(r[column]) for r in rows])
+            np.testing.assert_allclose(line.get_ydata(), (values[1:] + values[:-1]) / 2, rtol=1e-6)
+    real_close(figures[0])
 
 
 # ----------------------------------------------------------------------------------------------

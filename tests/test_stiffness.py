@@ -217,3 +217,48 @@ def test_shared_module_keeps_its_parameter_objects():
     value_stiffness(net, torch.randn(6, 3), torch.randn(6), sign="off")
     assert [id(p) for p in net.parameters()] == before
     assert net.enc.weight is net.value_enc.weight
+
+
+def brute_force_value_gradients(net: nn.Module, states) -> torch.Tensor:
+    """grad V(s_i) per state, one backward pass each."""
+    params = list(net.parameters())
+    rows = []
+    for i in range(states.shape[0]):
+        grads = torch.autograd.grad(net(states[i : i + 1]).reshape(()), params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("sign", ["exact", "subset"])
+def test_sign_free_variant_is_the_stiffness_of_grad_v(sign: str) -> None:
+    net, states, targets = make_problem(seed=6)
+    cosine_v, sign_v, zeros_v = brute_force_stiffness(brute_force_value_gradients(net, states))
+    result = value_stiffness(net, states, targets, chunk_size=5, sign_block_size=7, sign=sign,
+                             sign_subset_size=N_STATES)
+    assert result.cosine_grad_v == pytest.approx(cosine_v, abs=1e-12)
+    assert result.sign_grad_v == pytest.approx(sign_v, abs=1e-12)
+    assert result.num_zero_grad_v == zeros_v == 0
+    loss_cosine, loss_sign, _ = brute_force_stiffness(brute_force_gradients(net, states, targets))
+    assert result.cosine == pytest.approx(loss_cosine, abs=1e-12) and result.sign == pytest.approx(loss_sign, abs=1e-12)
+
+
+def test_residual_signs_move_the_papers_stiffness_but_not_the_sign_free_variant() -> None:
+    """g_i = (V_i - y_i) grad V_i: with every residual of one sign (a critic lagging behind all its targets)
+    the paper's stiffness equals the grad-V one; flipping half of the residuals changes it, not grad V's."""
+    net, states, _ = make_problem(seed=7)
+    with torch.no_grad():
+        values = net(states)
+    lagging = value_stiffness(net, states, values + 1.0, chunk_size=6)  # all residuals -1
+    assert lagging.cosine == pytest.approx(lagging.cosine_grad_v, abs=1e-12)
+    assert lagging.sign == pytest.approx(lagging.sign_grad_v, abs=1e-12)
+    flip = torch.where(torch.arange(N_STATES) % 2 == 0, 1.0, -1.0).double()
+    mixed = value_stiffness(net, states, values + flip, chunk_size=6)
+    assert mixed.cosine_grad_v == pytest.approx(lagging.cosine_grad_v, abs=1e-12)
+    assert abs(mixed.cosine - lagging.cosine) > 0.1
+    # pairwise: cos(g_i, g_j) = sign(r_i r_j) cos(grad V_i, grad V_j)
+    gv = brute_force_value_gradients(net, states)
+    g = brute_force_gradients(net, states, values + flip)
+    i, j = 0, 1
+    cos_g = float(g[i] @ g[j]) / float(g[i].norm() * g[j].norm())
+    cos_v = float(gv[i] @ gv[j]) / float(gv[i].norm() * gv[j].norm())
+    assert cos_g == pytest.approx(-cos_v, abs=1e-12)  # residuals -1 and +1

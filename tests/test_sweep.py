@@ -458,3 +458,51 @@ def test_ray_sweep_stopped_by_a_signal_stops_its_runs_and_resumes_without_duplic
     assert sorted(Path(c["argv"][2]).name[-1] for c in resumed) == sorted(first)
     assert [c["argv"][5] for c in fresh] == sorted({"0", "1", "2"} - first)
     assert len(invocations("start")) == 2 + 3  # no cell ran twice in the second sweep
+
+
+SLEEPER = textwrap.dedent("""
+    import os, sys, time
+    from aclab.sweep import die_with_parent
+    die_with_parent()
+    run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
+    os.makedirs(run_dir, exist_ok=True)
+    with open(run_dir + ".pid", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_or_killed_sweep_stops_its_children(tmp_path, sig):
+    """SIGTERM to the sweep is forwarded to its runs; a sweep killed with SIGKILL takes its runs with it (they
+    would otherwise keep writing run directories that a re-run sweep resumes)."""
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    spec_path = write_spec(tmp_path, 'algos=["ppo"]\nenvs=["CartPole-v1"]\nseeds=2\nout_dir="runs"\nmax_parallel=2\n')
+    driver = (f"from aclab.sweep import run_sweep; run_sweep({str(spec_path)!r}, "
+              f"command_prefix=[{sys.executable!r}, {str(tmp_path / 'sleeper.py')!r}])")
+    sweep = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_files = [tmp_path / "runs" / f"ppo__CartPole-v1__seed{s}.pid" for s in (0, 1)]
+    deadline = time.time() + 60
+    while not all(p.exists() and p.read_text() for p in pid_files) and time.time() < deadline:
+        time.sleep(0.05)
+    children = [int(p.read_text()) for p in pid_files]
+    assert all(_alive(pid) for pid in children)
+    sweep.send_signal(getattr(signal, sig))
+    sweep.wait(timeout=60)
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in children)

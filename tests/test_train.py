@@ -147,3 +147,79 @@ def test_eval_counts_first_episodes_per_env(tmp_path):
     returns = evaluate(algo, config, "test", episodes=7, train_envs=envs)
     assert len(returns) == 7 and all(r > 0 for r in returns)
     assert np.isfinite(returns).all()
+
+
+class _StaggeredEnvs:
+    """Fake eval envs: env i's episodes last ``lengths[i]`` steps; its k-th episode returns 10 i + k."""
+
+    def __init__(self, lengths):
+        self.lengths = np.asarray(lengths)
+        self.num_envs = len(lengths)
+        self.t = 0
+        self.obs = np.zeros((len(lengths), 1), dtype=np.float32)
+        self.next_is_dummy = np.zeros(len(lengths), dtype=bool)  # same-step resets: no dummy steps
+        self.info = {"level_seed": np.zeros(len(lengths), dtype=np.int64)}
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self.obs
+
+    def step(self, actions):
+        from types import SimpleNamespace
+
+        self.t += 1
+        done = self.t % self.lengths == 0
+        k = self.t // self.lengths - 1
+        ret = np.where(done, 10.0 * np.arange(len(self.lengths)) + k, np.nan)
+        zeros = np.zeros(len(self.lengths), dtype=bool)
+        return SimpleNamespace(episode_length=np.where(done, self.lengths, 0), episode_return=ret, obs=self.obs,
+                               reward=np.zeros(len(self.lengths)), terminated=done, truncated=zeros)
+
+    def close(self):
+        pass
+
+
+def test_eval_takes_each_envs_first_episodes_in_order_however_long_they_are(monkeypatch):
+    """Procgen's protocol: each eval env contributes its first episodes, interleaved env by env, so
+    an env with short episodes cannot fill the quota (reference written out by hand)."""
+    from types import SimpleNamespace
+
+    from aclab.evaluate import policy
+
+    seen = {}
+
+    def fake_build_envs(config, num_envs, seed, options):
+        seen.update(num_envs=num_envs, options=options)
+        return _StaggeredEnvs([1, 5, 9])
+
+    monkeypatch.setattr(policy, "build_envs", fake_build_envs)
+    algo = SimpleNamespace(act=lambda obs, deterministic: np.zeros(len(obs), dtype=np.int64))
+    config = _cartpole(256, "eval.num_envs=3")
+    returns = policy.evaluate(algo, config, "test", episodes=7)
+    # per env ceil(7 / 3) = 3 episodes; env i's k-th has return 10 i + k; order k-major, then env
+    assert returns == [0.0, 10.0, 20.0, 1.0, 11.0, 21.0, 2.0]
+    assert seen == {"num_envs": 3, "options": {}}
+
+
+@pytest.mark.parametrize(("split", "levels"), [("test", "test"), ("train", "train")])
+def test_procgen_evaluation_uses_the_splits_level_set(monkeypatch, split, levels):
+    """Procgen's test score is measured on the unseen test levels, the train score on the training
+    levels (Procgen paper's generalisation protocol); other envs only get new seeds."""
+    from types import SimpleNamespace
+
+    from aclab.evaluate import policy
+
+    seen = []
+
+    def fake_build_envs(config, num_envs, seed, options):
+        seen.append(options)
+        return _StaggeredEnvs([2] * num_envs)
+
+    monkeypatch.setattr(policy, "build_envs", fake_build_envs)
+    algo = SimpleNamespace(act=lambda obs, deterministic: np.zeros(len(obs), dtype=np.int64))
+    procgen = make_config("ppo", "procgen:bigfish", overrides=["eval.num_envs=2"])
+    assert len(policy.evaluate(algo, procgen, split, episodes=2)) == 2
+    policy.evaluate(algo, _cartpole(256, "eval.num_envs=2"), split, episodes=2)
+    # explicit level ranges: the training range [0, 200) for train, the full distribution for test
+    num_levels = {"train": 200, "test": 0}[levels]
+    assert seen == [{"levels": "train", "start_level": 0, "num_levels": num_levels}, {}]

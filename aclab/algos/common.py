@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from aclab import distributed
+from aclab.config import ConfigError
 
 
 class NonFiniteLossError(RuntimeError):
@@ -26,11 +27,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("invalid value device='cuda': no CUDA GPU is available here "
+                          "(torch.cuda.is_available() is False); use --device cpu or auto")
     return torch.device(name)
 
 

@@ -41,6 +41,7 @@ from aclab.algos.phasic import (
     ValueNetwork,
     anneal_learning_rates,
     build_actor_critic,
+    canonical_action_map,
     dist_params_over_buffer,
     half_squared_error,
     make_aux_buffer,
@@ -91,11 +92,14 @@ class DCPG:
         self.dist = self.net.dist
         self.value_net = None
         if p.separate_value:
-            self.value_net = ValueNetwork(env_spec.obs_shape, p.encoder, p.hidden_sizes, p.activation).to(device)
+            self.value_net = ValueNetwork(env_spec.obs_shape, p.encoder, p.hidden_sizes, p.activation,
+                                          p.encoder_init).to(device)
         self.dynamics = None
         if p.dynamics != "off":
+            canonical = (canonical_action_map(config.env.id, config.env.options, env_spec.num_actions)
+                         if p.dynamics_negatives == "canonical" else None)
             self.dynamics = DynamicsModel(p.dynamics, policy_feature_dim(self.net), env_spec.num_actions,
-                                          p.dynamics_hidden_sizes, p.dynamics_eta).to(device)
+                                          p.dynamics_hidden_sizes, p.dynamics_eta, canonical).to(device)
         policy_parameters = [*self.net.parameters()]
         if self.value_net is not None:
             policy_parameters += list(self.value_net.parameters())
@@ -121,6 +125,8 @@ class DCPG:
                 fields["returns_phi"] = ((), torch.float32)
             if self.dynamics is not None:
                 fields["actions"] = ((), torch.int64)
+                if p.dynamics_resets == "authors":
+                    fields["ends"] = ((), torch.bool)
             self.buffer = make_aux_buffer(p, env_spec, local_envs, device, fields)
         critics = ["value"] + (["separate_value"] if self.value_net is not None else [])
         self.analyses = TrainingAnalyses(p, local_envs, critics, config.seed)
@@ -209,6 +215,8 @@ class DCPG:
         metrics.update(self.policy_phase(rollout, advantages, theta_values, returns_phi))
         if self.buffer is not None:
             extra = {"actions": rollout.actions} if self.dynamics is not None else {}
+            if "ends" in self.buffer.fields:
+                extra["ends"] = rollout.ends
             if returns_phi is not None:
                 extra["returns_phi"] = returns_phi
             self.buffer.add(rollout.obs, next_obs, rollout.valid, returns=returns, **extra)
@@ -294,6 +302,7 @@ class DCPG:
         names = ("returns", "old_params")
         names += ("returns_phi",) if self.value_net is not None else ()
         names += ("actions",) if self.dynamics is not None else ()
+        names += ("ends",) if "ends" in buffer.fields else ()
         params_list = [q for group in self.aux_optimizer.param_groups for q in group["params"]]
         stats = []
         for _epoch in range(p.aux_epochs):
@@ -341,8 +350,8 @@ class DCPG:
             loss = loss + phi_loss
         if self.dynamics is not None:  # DDCPG and its ablations
             dyn_loss, dyn_accuracy = trajectory_dynamics_loss(self.dynamics, features.view(n, T + 1, -1),
-                                                              mb["actions"], mb["valid"], p.dynamics_mask_resets,
-                                                              self.generator)
+                                                              mb["actions"], mb["valid"], p.dynamics_resets,
+                                                              self.generator, mb.get("ends"))
             loss = loss + p.dynamics_coef * dyn_loss
         parts = torch.stack([value_loss.detach(), kl.detach(), phi_loss.detach(), dyn_loss.detach(), dyn_accuracy])
         return loss, parts

@@ -48,6 +48,7 @@ from aclab.core.returns import gae, td_lambda_returns
 from aclab.data.rollout import RolloutCollector
 from aclab.nets.agents import ActorCritic, build_encoder
 from aclab.nets.encoders import init_linear
+from aclab.runs import check_stop
 
 ConstraintKind = Literal["kl", "logit_mse", "mean_mse"]
 NOISE_LOSSES = ("policy", "value", "distil")
@@ -332,6 +333,7 @@ class DNA:
         per_env = self.np_rng.integers(1, self.params.warmup_max_steps + 1, size=self.num_envs)
         length = self.dp.max_int(int(per_env.max()))  # the envs of every rank step in lockstep
         for t in range(length):
+            check_stop()
             actions = self._random_actions()
             acting = t >= per_env
             if acting.any():

@@ -44,6 +44,7 @@ from aclab.core.distributions_extra import Beta, make_extra_distribution
 from aclab.core.returns import gae
 from aclab.data.rollout import RolloutCollector
 from aclab.nets.agents import ActorCritic
+from aclab.runs import check_stop
 
 
 class TrustRegionViolation(RuntimeError):
@@ -330,6 +331,7 @@ class FixPO:
         while True:
             clean = True
             for chunk in self.dp.chunks(states, p.fixup_minibatch_size, self.generator, valid):
+                check_stop()
                 kl = self.dist.kl(chunk["old_params"], self.net.dist_params(chunk["obs"]))
                 stat = kl_statistic(kl.detach(), p.kl_target, self.dp)
                 if float(stat) <= p.eps_kl:  # one host sync per minibatch: the exit test needs it

@@ -51,6 +51,7 @@ from aclab.core.distributions import normal_kl, normal_log_prob
 from aclab.core.returns import discounted_returns, gae
 from aclab.envs.meta import BatchTaskEnv, TaskFamily, Trajectories, family_for_env_spec, rollout
 from aclab.nets.hyper import HYPER_INITS, DynamicLayer, HyperPolicy
+from aclab.runs import check_stop
 
 MIN_LOG_STD = math.log(1e-6)
 POLICY_KINDS = ("vanilla", "context", "hyper")
@@ -379,6 +380,7 @@ class MAML:
         dists: list[Tensor] = []
 
         def act(obs: np.ndarray, t: int) -> np.ndarray:
+            check_stop()
             o = torch.as_tensor(obs, device=self.device).reshape(k, episodes, -1)
             dist = actor(o).reshape(n, -1)
             dists.append(dist)

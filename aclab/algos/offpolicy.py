@@ -32,6 +32,7 @@ from aclab.analysis.grad_accuracy import GradientAccuracyResult, GradientProbe, 
 from aclab.config import ConfigError, require
 from aclab.data.replay import ReplayBatch, ReplayBuffer
 from aclab.nets.critics import CRITIC_KINDS, HYPER_CRITIC_KINDS, make_critic
+from aclab.runs import check_stop
 
 CriticKind = Literal["mlp", "mlp_small", "mlp_large", "resnet_features", "res35", "d2rl", "sa_hyper", "as_hyper"]
 
@@ -292,6 +293,7 @@ class OffPolicyLoop:
         lengths: list[np.ndarray] = []
         updates = 0
         for _ in range(vec_steps):
+            check_stop()
             obs = envs.obs
             valid = ~envs.next_is_dummy
             if self.steps < learning_starts:

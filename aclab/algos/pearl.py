@@ -60,6 +60,7 @@ from aclab.core.distributions import normal_kl, normal_split, tanh_normal_sample
 from aclab.envs.meta import BatchTaskEnv, Trajectories, family_for_env_spec, rollout
 from aclab.nets.critics import HyperCritic, make_critic
 from aclab.nets.hyper import HYPER_INITS, DynamicLayer, HyperPolicy
+from aclab.runs import check_stop
 
 MODELS = ("mlp", "hyper")
 
@@ -406,6 +407,7 @@ class PEARL:
         normalised: list[np.ndarray] = []
 
         def act(obs: np.ndarray, t: int) -> np.ndarray:
+            check_stop()
             a = self.policy_actions(obs, z, deterministic, generator)
             normalised.append(a)
             return a * self.action_scale + self.action_offset
@@ -538,6 +540,18 @@ class PEARL:
                 "return_online": float(table.mean())}
 
     # ------------------------------------------------------------------ one iteration
+    def next_iteration_steps(self) -> int:
+        """The most env steps the next :meth:`iterate` can collect (whole episodes of ``horizon`` steps):
+        the first one adds the initial data of every training task (``num_initial_steps`` each)."""
+        p, horizon = self.params, self.family.horizon
+
+        def whole(n: int) -> int:
+            return math.ceil(n / horizon) * horizon if n > 0 else 0
+
+        steps = p.num_tasks_sample * (whole(p.num_steps_prior) + whole(p.num_steps_posterior)
+                                      + whole(p.num_extra_rl_steps_posterior))
+        return steps + (0 if self.initialized else p.num_train_tasks * whole(p.num_initial_steps))
+
     def iterate(self, envs) -> dict[str, float]:
         p = self.params
         self._collected_returns: list[np.ndarray] = []
@@ -555,6 +569,7 @@ class PEARL:
         steps += self.collect(sampled, p.num_extra_rl_steps_posterior, p.update_post_train, False)
         stats = []
         for _ in range(p.num_train_steps_per_itr):
+            check_stop()
             stats.append(self.update(self.rng.choice(p.num_train_tasks, size=p.meta_batch)))
         self.steps += steps
         self.iteration += 1

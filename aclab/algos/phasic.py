@@ -36,6 +36,7 @@ from aclab.config import require
 from aclab.core.distributions import make_distribution
 from aclab.nets.agents import ActorCritic, FusedMLPActorCritic, build_encoder, make_actor_critic
 from aclab.nets.encoders import MLP, init_linear
+from aclab.runs import check_stop
 
 DYNAMICS_MODES = ("off", "joint", "forward", "inverse", "two")
 
@@ -59,16 +60,36 @@ class PhasicConfig:
     ``aux_buffer_device``: ``"learner"`` keeps the buffer where the networks are, ``"host"`` in (pinned)
     host memory with one transfer per minibatch.
 
+    Networks: ``encoder`` and ``encoder_init`` (image torsos: ``"orthogonal"``, ``"xavier"`` = the DCPG
+    authors' IMPALA torso, the Procgen presets' choice, or ``"default"``; see
+    :func:`aclab.nets.encoders.init_torso`).
+
     Dynamics learning (DCPG paper, F.2), trained in the auxiliary phase with weight ``dynamics_coef`` (beta_f) on
     the policy torso's features: ``"joint"`` (DDCPG: one discriminator, wrong-action negatives weighted by
     ``dynamics_eta``), ``"forward"`` (DCPG+F), ``"inverse"`` (DCPG+I), ``"two"`` (DCPG+FI: a forward and an
-    inverse discriminator, the inverse one weighted by ``dynamics_eta``). ``dynamics_mask_resets`` leaves
-    out transitions that cross an episode reset (next-step autoreset dummies); the authors keep them.
+    inverse discriminator, the inverse one weighted by ``dynamics_eta``). ``dynamics_resets``: what happens at
+    an episode reset (:func:`transition_pairs`): ``"mask"`` (default) keeps only true transitions (an
+    episode's last step goes to its true final observation; nothing crosses the reset); ``"authors"`` pairs
+    the last observation and action with the next episode's first observation, as the DCPG authors'
+    same-step autoreset does (their envs never show the final observation); ``"dummy"`` also keeps the
+    autoreset dummy step (final observation, an ignored action, first observation).
+    ``dynamics_negatives``: ``"raw"`` draws the wrong action among the 15 raw actions; ``"canonical"``
+    (Procgen) among the other action-equivalence classes, as each class's canonical action, so an alias of
+    the true action (BigFish's keys 9-14 = no-op) is never labelled wrong
+    (:mod:`aclab.analysis.action_classes`).
 
-    Analyses during training: ``log_value_bias`` logs ``value_bias/*`` (mean over the last
-    ``value_bias_episodes`` finished episodes of ``V(s_0)`` against the discounted return; DCPG paper, Appendix C);
+    Analyses during training: ``log_value_bias`` logs ``value_bias/*`` (``V(s_0)`` against the discounted
+    return; DCPG paper, Appendix C) from ``value_bias_source``: ``"rollouts"`` = the last ``value_bias_episodes``
+    finished training episodes with their rollout-time values, ``"eval"`` = the episodes of every evaluation
+    on the training levels with the current critic (the DCPG authors' logging: 100 fresh training-level
+    episodes at every log point; needs ``eval.split`` = train or both). Truncated episodes count per
+    ``value_bias_truncation`` (``"bootstrap"``: with ``gamma^L V(s_L)`` at the cut; ``"partial"``: the
+    partial return, as the authors' code; ``"exclude"``);
     ``stiffness_every`` > 0 logs the value network's stiffness every that many iterations on
-    ``stiffness_states`` states of the rollout (DCPG paper, Appendix A), sign stiffness per ``stiffness_sign``.
+    ``stiffness_states`` states of the rollout (DCPG paper, Appendix A), sign stiffness per ``stiffness_sign``:
+    ``stiffness/cosine`` and ``stiffness/sign`` of the value-loss gradients (the paper's quantity) and
+    ``stiffness/cosine_grad_v``, ``stiffness/sign_grad_v`` of ``grad V`` (sign-free: without the residuals'
+    signs, see :mod:`aclab.analysis.stiffness`).
     """
 
     num_steps: int = 256
@@ -95,8 +116,10 @@ class PhasicConfig:
     dynamics_coef: float = 1.0
     dynamics_eta: float = 0.5
     dynamics_hidden_sizes: tuple[int, ...] = (256, 256)
-    dynamics_mask_resets: bool = True
+    dynamics_resets: Literal["mask", "authors", "dummy"] = "mask"
+    dynamics_negatives: Literal["raw", "canonical"] = "raw"
     encoder: Literal["auto", "mlp", "nature_cnn", "impala"] = "auto"
+    encoder_init: Literal["orthogonal", "xavier", "default"] = "orthogonal"
     hidden_sizes: tuple[int, ...] = (64, 64)
     activation: Literal["tanh", "relu"] = "tanh"
     action_dist: Literal["auto", "gaussian", "tanh_gaussian"] = "auto"
@@ -104,6 +127,8 @@ class PhasicConfig:
     acting: Literal["auto", "torch", "numpy"] = "auto"
     log_value_bias: bool = False
     value_bias_episodes: int = 100
+    value_bias_source: Literal["rollouts", "eval"] = "rollouts"
+    value_bias_truncation: Literal["bootstrap", "partial", "exclude"] = "bootstrap"
     stiffness_every: int = 0
     stiffness_states: int = 512
     stiffness_sign: Literal["exact", "subset", "off"] = "subset"
@@ -130,6 +155,16 @@ class PhasicConfig:
             require(len(sizes) >= 1 and all(h >= 1 for h in sizes), f"params.{name}", sizes,
                     "a non-empty list of positive integers")
 
+    def validate_with(self, config) -> None:
+        """Checks that need the rest of the run's config (called by :meth:`aclab.config.Config.validate`)."""
+        if self.dynamics != "off" and self.dynamics_negatives == "canonical":
+            require(config.env.id.startswith("procgen:"), "params.dynamics_negatives", self.dynamics_negatives,
+                    "'raw' on non-Procgen envs (action-equivalence classes are built for Procgen games)")
+        if self.log_value_bias and self.value_bias_source == "eval":
+            require(config.eval.split in ("train", "both"), "eval.split", config.eval.split,
+                    "'train' or 'both' with params.value_bias_source = 'eval' (the bias is measured on the "
+                    "training-level evaluation episodes)")
+
 
 def anneal_learning_rates(optimizers: list[torch.optim.Optimizer], base_lrs: list[float], iteration: int,
                           num_iterations: int) -> None:
@@ -149,7 +184,8 @@ def build_actor_critic(params: PhasicConfig, env_spec, shared: bool) -> nn.Modul
     kind = "auto" if params.action_dist == "gaussian" else params.action_dist
     dist = make_distribution(env_spec.action_space, kind)
     return make_actor_critic(env_spec.obs_shape, dist, encoder=params.encoder, hidden_sizes=params.hidden_sizes,
-                             activation=params.activation, shared=shared, log_std_init=params.log_std_init)
+                             activation=params.activation, shared=shared, log_std_init=params.log_std_init,
+                             encoder_init=params.encoder_init)
 
 
 def policy_feature_dim(net: nn.Module) -> int:
@@ -164,9 +200,9 @@ def policy_feature_dim(net: nn.Module) -> int:
 class ValueNetwork(nn.Module):
     """A value network with its own encoder: obs [N, ...] -> V [N] (Separate DCPG's V_phi)."""
 
-    def __init__(self, obs_shape, encoder: str, hidden_sizes, activation: str):
+    def __init__(self, obs_shape, encoder: str, hidden_sizes, activation: str, encoder_init: str = "orthogonal"):
         super().__init__()
-        self.encoder = build_encoder(obs_shape, encoder, hidden_sizes, activation)
+        self.encoder = build_encoder(obs_shape, encoder, hidden_sizes, activation, encoder_init)
         self.head = init_linear(nn.Linear(self.encoder.out_dim, 1), gain=1.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -282,6 +318,7 @@ class AuxBuffer:
         perm = torch.randperm(total, generator=generator, device=generator.device)
         per_minibatch = max(min(per_minibatch, total), 1)
         for start in range(0, total - per_minibatch + 1, per_minibatch):
+            check_stop()
             yield perm[start:start + per_minibatch]
 
     def gather(self, ids: torch.Tensor, names: tuple[str, ...], device: torch.device,
@@ -373,16 +410,48 @@ class DynamicsDiscriminator(nn.Module):
         return self.mlp(torch.cat([features, onehot, next_features], dim=-1)).squeeze(-1)
 
 
-def sample_wrong_actions(actions: torch.Tensor, num_actions: int, generator: torch.Generator) -> torch.Tensor:
+def sample_wrong_actions(actions: torch.Tensor, num_actions: int, generator: torch.Generator,
+                         canonical: torch.Tensor | None = None) -> torch.Tensor:
     """One negative action per transition: drawn from the minibatch's action histogram with the
     transition's own action removed; uniform over the other actions when no other action occurs.
-    actions int64 [N] -> int64 [N], never equal to ``actions`` (``num_actions >= 2``)."""
+    actions int64 [N] -> int64 [N], never equal to ``actions`` (``num_actions >= 2``).
+
+    ``canonical [num_actions]`` (each action's class representative; :func:`canonical_action_map`): the
+    histogram is over classes, the transition's whole class is removed and the draw is a class's
+    canonical action, so no alias of the true action is ever a negative.
+    """
+    if canonical is not None:
+        return _sample_other_classes(canonical[actions], canonical, generator)
     onehot = F.one_hot(actions, num_actions).to(torch.float32)
     counts = torch.bincount(actions, minlength=num_actions).to(torch.float32)
     weights = counts.unsqueeze(0) * (1.0 - onehot)
     none_left = weights.sum(dim=1, keepdim=True) == 0
     weights = torch.where(none_left, 1.0 - onehot, weights)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def _sample_other_classes(classes: torch.Tensor, canonical: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``classes [N]`` (canonical actions) -> a canonical action of another class per transition, from the
+    minibatch's class histogram (uniform over the other classes when none occurs)."""
+    num_actions = canonical.numel()
+    is_rep = (canonical == torch.arange(num_actions, device=canonical.device)).to(torch.float32)  # [A]
+    onehot = F.one_hot(classes, num_actions).to(torch.float32)
+    counts = torch.bincount(classes, minlength=num_actions).to(torch.float32)
+    weights = counts.unsqueeze(0) * (1.0 - onehot)
+    none_left = weights.sum(dim=1, keepdim=True) == 0
+    weights = torch.where(none_left, is_rep.unsqueeze(0) * (1.0 - onehot), weights)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def canonical_action_map(env_id: str, options: dict, num_actions: int) -> torch.Tensor:
+    """``[num_actions]`` int64: each action's class representative in a Procgen game (found by replay,
+    :func:`aclab.analysis.action_classes.procgen_action_classes`); identity for other envs."""
+    from aclab.analysis.action_classes import canonical_actions, procgen_action_classes
+
+    if not env_id.startswith("procgen:"):
+        return torch.arange(num_actions)
+    classes = procgen_action_classes(env_id.split(":", 1)[1], options.get("distribution_mode", "easy"))
+    return torch.as_tensor(canonical_actions(classes, num_actions))
 
 
 def sample_other_indices(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -428,11 +497,13 @@ class DynamicsModel(nn.Module):
     ``f~`` (mode ``two`` only). Gradients reach the encoder through the features passed in.
     """
 
-    def __init__(self, mode: str, feature_dim: int, num_actions: int, hidden_sizes, eta: float):
+    def __init__(self, mode: str, feature_dim: int, num_actions: int, hidden_sizes, eta: float,
+                 canonical: torch.Tensor | None = None):
         super().__init__()
         if mode not in DYNAMICS_MODES[1:]:
             raise ValueError(f"unknown dynamics mode {mode!r}; expected one of {DYNAMICS_MODES[1:]}")
         self.mode, self.eta, self.num_actions = mode, eta, num_actions
+        self.canonical = canonical  # wrong actions among the other action classes (dynamics_negatives)
         self.discriminator = DynamicsDiscriminator(feature_dim, num_actions, hidden_sizes)
         self.inverse_discriminator = (DynamicsDiscriminator(feature_dim, num_actions, hidden_sizes)
                                       if mode == "two" else None)
@@ -447,7 +518,8 @@ class DynamicsModel(nn.Module):
         n = actions.shape[0]
         f_wrong_action = self.mode in ("joint", "inverse")
         f_wrong_next = self.mode in ("joint", "forward", "two")
-        wrong_actions = (sample_wrong_actions(actions, self.num_actions, generator)
+        canonical = None if self.canonical is None else self.canonical.to(actions.device)
+        wrong_actions = (sample_wrong_actions(actions, self.num_actions, generator, canonical)
                          if self.mode in ("joint", "inverse", "two") else None)
         wrong_next = next_features[sample_other_indices(n, generator)] if f_wrong_next else None
         rows = [(actions, next_features)]
@@ -474,39 +546,78 @@ class DynamicsModel(nn.Module):
 
 @torch.no_grad()
 def ood_action_counts(discriminator: DynamicsDiscriminator, features: torch.Tensor, actions: torch.Tensor,
-                      next_features: torch.Tensor) -> torch.Tensor:
+                      next_features: torch.Tensor, canonical: torch.Tensor | None = None) -> torch.Tensor:
     """DCPG paper, Table 8: per transition, ``sum_{a_hat != a} 1[f(s, a_hat, s') > 0.5]`` (int64 [N]).
 
-    ``f > 0.5`` is ``logit > 0``. Evaluates all ``N * A`` (transition, action) pairs in one call.
+    ``f > 0.5`` is ``logit > 0``. Evaluates all ``N * A`` (transition, action) pairs in one call. Over the
+    raw actions by default; with ``canonical [A]`` (each action's class representative) over the distinct
+    actions: one canonical action per class, the true action's whole class left out (the paper counts over
+    BigFish's 9 distinct actions, where the raw count charges the no-op's 6 aliases).
     """
     n, num_actions = actions.shape[0], discriminator.num_actions
     all_actions = torch.arange(num_actions, device=actions.device).repeat(n)
     logits = discriminator(features.repeat_interleave(num_actions, 0), all_actions,
                            next_features.repeat_interleave(num_actions, 0)).view(n, num_actions)
     accepted = logits > 0
-    accepted[torch.arange(n, device=actions.device), actions.long()] = False
-    return accepted.sum(dim=1)
+    if canonical is None:
+        accepted[torch.arange(n, device=actions.device), actions.long()] = False
+        return accepted.sum(dim=1)
+    canonical = canonical.to(actions.device)
+    representatives = canonical == torch.arange(num_actions, device=actions.device)  # [A]
+    other_class = canonical.unsqueeze(0) != canonical[actions.long()].unsqueeze(1)  # [N, A]
+    return (accepted & representatives.unsqueeze(0) & other_class).sum(dim=1)
 
 
-def transition_mask(valid: torch.Tensor, mask_resets: bool) -> torch.Tensor:
-    """Which steps ``t`` of batch-major ``valid [n, T]`` give a transition ``(s_t, a_t, s_t+1)``.
+RESET_PAIRINGS = ("mask", "authors", "dummy")
 
-    With next-step autoreset a valid step's next observation is always its true successor (the final
-    observation when the episode ended there); only a dummy step (``valid = False``) crosses a reset:
-    from an episode's final observation to the next episode's first. ``mask_resets=False`` keeps those
-    too, as the authors' code (whose same-step autoreset gives the reset frame as next state).
+
+def transition_pairs(valid: torch.Tensor, ends: torch.Tensor | None, resets: str):
+    """The transitions ``(s, a, s')`` of batch-major trajectories ``valid [n, T]``, as flat indices:
+    ``(state rows, next rows)`` into the ``n * (T + 1)`` observation rows (row ``t + 1`` of a trajectory
+    follows step ``t``) and ``action rows`` into the ``n * T`` steps.
+
+    With next-step autoreset a valid step's next row is its true successor (an episode's final
+    observation when it ended there) and the step after an episode end is a dummy (``valid = False``:
+    final observation, ignored action, next episode's first observation).
+
+    * ``"mask"``: the valid steps, each to its next row (nothing crosses a reset);
+    * ``"authors"``: the DCPG authors' pairs (same-step autoreset, no final observation): a valid step that
+      ends an episode (``ends [n, T]``) goes to the next episode's first observation, row ``t + 2``; the
+      dummy step is left out, and so is an episode end at the last step (its reset frame lies in the next
+      rollout);
+    * ``"dummy"``: every step to its next row, dummies included.
     """
-    return valid if mask_resets else torch.ones_like(valid)
+    n, T = valid.shape
+    steps = torch.arange(T, device=valid.device).expand(n, T)
+    base = (torch.arange(n, device=valid.device) * (T + 1)).unsqueeze(1)
+    offset = torch.ones_like(steps)
+    if resets == "mask":
+        keep = valid
+    elif resets == "dummy":
+        keep = torch.ones_like(valid)
+    elif resets == "authors":
+        if ends is None:
+            raise ValueError("resets='authors' needs the episode ends of every step")
+        ended = valid & ends
+        keep = valid & ~(ended & (steps + 2 > T))
+        offset = offset + ended.long()
+    else:
+        raise ValueError(f"unknown reset pairing {resets!r}; expected one of {RESET_PAIRINGS}")
+    flat = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    state_rows = (base + steps).reshape(-1)[flat]
+    next_rows = (base + steps + offset).reshape(-1)[flat]
+    return state_rows, next_rows, flat
 
 
 def trajectory_dynamics_loss(model: DynamicsModel, features: torch.Tensor, actions: torch.Tensor,
-                             valid: torch.Tensor, mask_resets: bool, generator: torch.Generator):
+                             valid: torch.Tensor, resets: str, generator: torch.Generator,
+                             ends: torch.Tensor | None = None):
     """(L_f, accuracy) over the transitions of ``n`` trajectories: ``features [n, T + 1, F]`` (row ``t + 1``
-    is the next state of step ``t``), ``actions [n, T]``, ``valid [n, T]`` (see :func:`transition_mask`)."""
-    keep = torch.nonzero(transition_mask(valid, mask_resets).reshape(-1)).squeeze(1)
-    dim = features.shape[-1]
-    return model.loss(features[:, :-1].reshape(-1, dim)[keep], actions.reshape(-1)[keep],
-                      features[:, 1:].reshape(-1, dim)[keep], generator)
+    is the observation after step ``t``), ``actions [n, T]``, ``valid [n, T]``, ``ends [n, T]`` (for
+    ``resets = "authors"``); the pairs per :func:`transition_pairs`."""
+    state_rows, next_rows, action_rows = transition_pairs(valid, ends, resets)
+    flat = features.reshape(-1, features.shape[-1])
+    return model.loss(flat[state_rows], actions.reshape(-1)[action_rows], flat[next_rows], generator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,9 +647,11 @@ class TrainingAnalyses:
         return f"{kind}/" if name == self.critics[0] else f"{kind}/{name}/"
 
     def value_bias(self, rollout, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Feed one rollout (``values[name] [T + 1, B]`` rollout-time predictions) and return the bias over
-        the last ``value_bias_episodes`` finished (not truncated) episodes."""
-        if not self.params.log_value_bias:
+        """Feed one rollout (``values[name] [T + 1, B]`` rollout-time predictions; row ``T`` bootstraps an
+        episode truncated at the last step) and return the bias over the last ``value_bias_episodes``
+        finished episodes (truncated ones per ``value_bias_truncation``). Nothing with source ``eval``."""
+        p = self.params
+        if not p.log_value_bias or p.value_bias_source != "rollouts":
             return {}
         metrics: dict[str, float] = {}
         rewards, ends = rollout.rewards.cpu().numpy(), rollout.ends.cpu().numpy()
@@ -546,12 +659,11 @@ class TrainingAnalyses:
         for name in self.critics:
             finished = self.trackers[name].feed_rollout(values[name].cpu().numpy(), rewards, ends, valid, terminated)
             for start in finished:
-                if start.truncated:
-                    self.truncated[name] += 1
-                else:
+                self.truncated[name] += int(start.truncated)
+                if not (start.truncated and p.value_bias_truncation == "exclude"):
                     self.starts[name].append(start)
             if self.starts[name]:
-                result = value_bias_from_starts(list(self.starts[name]))
+                result = value_bias_from_starts(list(self.starts[name]), truncation=p.value_bias_truncation)
                 metrics.update(result.as_metrics(self._prefix("value_bias", name)))
         return metrics
 
@@ -576,8 +688,10 @@ class TrainingAnalyses:
                                      sign_subset_size=p.stiffness_sign_subset, generator=self.generator)
             prefix = self._prefix("stiffness", name)
             metrics[f"{prefix}cosine"] = result.cosine
+            metrics[f"{prefix}cosine_grad_v"] = result.cosine_grad_v
             if p.stiffness_sign != "off":
                 metrics[f"{prefix}sign"] = result.sign
+                metrics[f"{prefix}sign_grad_v"] = result.sign_grad_v
         return metrics
 
     def state_dict(self) -> dict:

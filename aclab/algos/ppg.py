@@ -10,7 +10,7 @@ auxiliary phase)::
 
     policy phase (each iteration):
         collect a rollout with pi_theta; A = GAE(gamma, lambda) with V_phi; R_hat = A + V_phi
-        (PPG+DR: R_hat = GAE(gamma', lambda) + V_phi)                       -- computed once, stored
+        (PPG+DR: R_hat = GAE(gamma', lambda) + V_phi, gamma' < gamma)         -- computed once, stored
         E_pi / E_V epochs over shuffled minibatches:
             L = L_clip(pi_theta) - c_e H + c_v J_V(phi),  J_V = 0.5 (V_phi - R_hat)^2 (+ alpha V_phi^2, AR)
         add (s, R_hat) to B
@@ -40,6 +40,7 @@ from aclab.algos.phasic import (
     TrainingAnalyses,
     anneal_learning_rates,
     build_actor_critic,
+    canonical_action_map,
     dist_params_over_buffer,
     half_squared_error,
     make_aux_buffer,
@@ -63,18 +64,48 @@ class PPGConfig(PhasicConfig):
     """PPG hyperparameters (see :class:`aclab.algos.phasic.PhasicConfig`) plus the explicit value
     regularisers of DCPG paper, Appendix B (our reading of Amit, Meir & Ciosek 2020):
 
-    ``value_gamma`` (PPG+DR): the discount gamma' of the value targets R_hat (advantages keep ``gamma``);
-    None uses ``gamma``. ``value_reg_coef`` (PPG+AR): alpha in ``J_V + alpha E[V_phi(s)^2]``, in both phases.
+    PPG+DR: the value targets R_hat use a discount gamma' < gamma (advantages keep ``gamma``), given as
+    ``value_gamma`` or, when that is None, derived from ``gamma`` by ``value_horizon_ratio`` rho: the
+    effective horizon ``1 / (1 - gamma')`` is rho times ``1 / (1 - gamma)``, i.e.
+    ``gamma' = 1 - (1 - gamma) / rho`` (:func:`discount_regularised_gamma`). ``ppg-dr`` uses rho = 0.2, the
+    paper's 1000 -> 200 steps (gamma = 0.999 -> gamma' = 0.995, DCPG paper, Appendix B; gamma = 0.99 ->
+    0.95). Both None: plain PPG. ``value_reg_coef`` (PPG+AR): alpha in ``J_V + alpha E[V_phi(s)^2]``, in
+    both phases.
     """
 
     value_gamma: float | None = None
+    value_horizon_ratio: float | None = None
     value_reg_coef: float = 0.0
 
     def validate(self) -> None:
         super().validate()
-        require(self.value_gamma is None or 0.0 <= self.value_gamma <= 1.0, "params.value_gamma",
-                self.value_gamma, "a number in [0, 1] or None")
+        require(self.value_gamma is None or 0.0 <= self.value_gamma < self.gamma, "params.value_gamma",
+                self.value_gamma, f"a number in [0, gamma = {self.gamma}) or None (discount regularisation "
+                "needs gamma' < gamma)")
+        require(self.value_horizon_ratio is None or 0.0 < self.value_horizon_ratio < 1.0,
+                "params.value_horizon_ratio", self.value_horizon_ratio, "a number in (0, 1) or None")
+        if self.value_gamma is None and self.value_horizon_ratio is not None:
+            gamma_prime = discount_regularised_gamma(self.gamma, self.value_horizon_ratio)
+            require(0.0 <= gamma_prime < self.gamma, "params.value_horizon_ratio", self.value_horizon_ratio,
+                    f"a ratio giving gamma' = 1 - (1 - gamma) / ratio in [0, gamma) for gamma = {self.gamma} "
+                    f"(got gamma' = {gamma_prime:.6g})")
         require(self.value_reg_coef >= 0, "params.value_reg_coef", self.value_reg_coef, "a number >= 0")
+
+    def target_gamma(self) -> float:
+        """The discount of the value targets: ``value_gamma``, else derived by ``value_horizon_ratio``,
+        else ``gamma``."""
+        if self.value_gamma is not None:
+            return self.value_gamma
+        if self.value_horizon_ratio is not None:
+            return discount_regularised_gamma(self.gamma, self.value_horizon_ratio)
+        return self.gamma
+
+
+def discount_regularised_gamma(gamma: float, horizon_ratio: float) -> float:
+    """PPG+DR's gamma' with an effective horizon ``horizon_ratio`` times that of ``gamma``:
+    ``1 / (1 - gamma') = horizon_ratio / (1 - gamma)``, so ``gamma' = 1 - (1 - gamma) / horizon_ratio``
+    (DCPG paper, Appendix B: 0.999 -> 0.995 is ratio 0.2)."""
+    return 1.0 - (1.0 - gamma) / horizon_ratio
 
 
 class PPG:
@@ -96,8 +127,10 @@ class PPG:
         self.aux_value_head = init_linear(nn.Linear(feature_dim, 1), gain=1.0).to(device)
         self.dynamics = None
         if p.dynamics != "off":
+            canonical = (canonical_action_map(config.env.id, config.env.options, env_spec.num_actions)
+                         if p.dynamics_negatives == "canonical" else None)
             self.dynamics = DynamicsModel(p.dynamics, feature_dim, env_spec.num_actions, p.dynamics_hidden_sizes,
-                                          p.dynamics_eta).to(device)
+                                          p.dynamics_eta, canonical).to(device)
         self.policy_optimizer = make_adam(self.net.parameters(), lr=p.lr, eps=p.adam_eps)
         aux_parameters = [*self.net.parameters(), *self.aux_value_head.parameters()]
         if self.dynamics is not None:
@@ -123,6 +156,8 @@ class PPG:
             fields = {"returns": ((), torch.float32), "old_params": ((self.dist.param_dim,), torch.float32)}
             if self.dynamics is not None:
                 fields["actions"] = ((), torch.int64)
+                if p.dynamics_resets == "authors":
+                    fields["ends"] = ((), torch.bool)
             self.buffer = make_aux_buffer(p, env_spec, local_envs, device, fields)
         self.analyses = TrainingAnalyses(p, local_envs, ["value"], config.seed)
         self.steps = 0
@@ -182,8 +217,9 @@ class PPG:
             advantages = gae(rollout.rewards, rollout.values, rollout.discounts(p.gamma), p.gae_lambda,
                              episode_ends=rollout.ends)
             targets = advantages + rollout.values[:-1]
-            if p.value_gamma is not None and p.value_gamma != p.gamma:  # PPG+DR
-                targets = gae(rollout.rewards, rollout.values, rollout.discounts(p.value_gamma), p.gae_lambda,
+            gamma_prime = p.target_gamma()
+            if gamma_prime != p.gamma:  # PPG+DR
+                targets = gae(rollout.rewards, rollout.values, rollout.discounts(gamma_prime), p.gae_lambda,
                               episode_ends=rollout.ends) + rollout.values[:-1]
         metrics: dict[str, float] = {}
         if self.analyses.enabled:
@@ -193,6 +229,8 @@ class PPG:
         metrics.update(self.policy_phase(rollout, advantages, targets))
         if self.buffer is not None:
             extra = {"actions": rollout.actions} if self.dynamics is not None else {}
+            if "ends" in self.buffer.fields:
+                extra["ends"] = rollout.ends
             self.buffer.add(rollout.obs, next_obs, rollout.valid, returns=targets, **extra)
             # ---- auxiliary phase every N_pi policy iterations
             if self.buffer.full:
@@ -273,6 +311,7 @@ class PPG:
         buffer = self.buffer
         dist_params_over_buffer(self.net.dist_params, buffer, "old_params", self.forward_chunk, self.device)
         names = ("returns", "old_params") + (("actions",) if self.dynamics is not None else ())
+        names += ("ends",) if "ends" in buffer.fields else ()
         params_list = [q for group in self.aux_optimizer.param_groups for q in group["params"]]
         stats = []
         for _epoch in range(p.aux_epochs):
@@ -319,8 +358,8 @@ class PPG:
         dyn_loss = dyn_accuracy = torch.zeros((), device=self.device)
         if self.dynamics is not None:  # DPPG
             dyn_loss, dyn_accuracy = trajectory_dynamics_loss(self.dynamics, features.view(n, T + 1, -1),
-                                                              mb["actions"], mb["valid"], p.dynamics_mask_resets,
-                                                              self.generator)
+                                                              mb["actions"], mb["valid"], p.dynamics_resets,
+                                                              self.generator, mb.get("ends"))
             loss = loss + p.dynamics_coef * dyn_loss
         parts = torch.stack([aux_value_loss.detach(), value_loss.detach(), kl.detach(), dyn_loss.detach(),
                              dyn_accuracy])
@@ -364,8 +403,9 @@ class PPG:
 
 ALGORITHMS = {
     "ppg": Entry(PPG, "Phasic Policy Gradient (DCPG paper, Algorithm 1, Table 3)"),
-    "ppg-dr": Entry(PPG, "PPG with discount regularisation: value targets with gamma' = 0.995 (DCPG paper, App. B)",
-                    defaults={"value_gamma": 0.995}, preset_prefix="ppg"),
+    "ppg-dr": Entry(PPG, "PPG with discount regularisation: value targets with gamma' = 1 - (1 - gamma) / 0.2 "
+                         "(0.995 at gamma 0.999; DCPG paper, App. B)",
+                    defaults={"value_horizon_ratio": 0.2}, preset_prefix="ppg"),
     "ppg-ar": Entry(PPG, "PPG with activation regularisation alpha E[V^2], alpha = 0.05 (DCPG paper, App. B)",
                     defaults={"value_reg_coef": 0.05}, preset_prefix="ppg"),
     "dppg": Entry(PPG, "PPG + DDCPG's dynamics discriminator on the policy torso (DCPG paper, F.2, Table 9)",

@@ -30,7 +30,8 @@ from aclab.nets.numpy_policy import NumpyActorCritic
 
 @dataclass
 class PPOConfig:
-    """PPO hyperparameters (defaults: CleanRL's ppo.py on classic control)."""
+    """PPO hyperparameters (defaults: CleanRL's ppo.py on classic control). ``encoder_init``: the image
+    torso's initialisation (:func:`aclab.nets.encoders.init_torso`; the Procgen preset uses ``"xavier"``)."""
 
     num_steps: int = 128
     gamma: float = 0.99
@@ -49,6 +50,7 @@ class PPOConfig:
     norm_adv: Literal["minibatch", "batch", "off"] = "minibatch"
     target_kl: float | None = None
     encoder: Literal["auto", "mlp", "nature_cnn", "impala"] = "auto"
+    encoder_init: Literal["orthogonal", "xavier", "default"] = "orthogonal"
     hidden_sizes: tuple[int, ...] = (64, 64)
     activation: Literal["tanh", "relu"] = "tanh"
     shared_network: bool = False
@@ -84,6 +86,7 @@ def build_actor_critic(params: PPOConfig, env_spec) -> torch.nn.Module:
         activation=params.activation,
         shared=params.shared_network,
         log_std_init=params.log_std_init,
+        encoder_init=params.encoder_init,
     )
 
 

@@ -83,7 +83,6 @@ def soft_targets(rewards: torch.Tensor, terminated: torch.Tensor, next_q: torch.
 
 class SAC:
     Config = SACConfig
-    ARITHMETIC_BOUND_UPDATES = True  # torch_threads auto -> all cores (aclab.train._set_torch_threads)
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config

@@ -68,7 +68,6 @@ def td3_targets(rewards: torch.Tensor, terminated: torch.Tensor, next_q: torch.T
 
 class TD3:
     Config = TD3Config
-    ARITHMETIC_BOUND_UPDATES = True  # torch_threads auto -> all cores (aclab.train._set_torch_threads)
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config

@@ -17,6 +17,7 @@ from aclab.analysis.stiffness import (
     cosine_stiffness_from_gradients,
     half_squared_error,
     per_sample_gradient_fn,
+    per_sample_value_gradient_fn,
     sign_stiffness_from_gradients,
     value_stiffness,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "half_squared_error",
     "measure_noise_scale",
     "per_sample_gradient_fn",
+    "per_sample_value_gradient_fn",
     "sign_stiffness_from_gradients",
     "trace_covariance_estimate",
     "true_gradient_sq_estimate",

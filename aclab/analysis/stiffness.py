@@ -10,6 +10,16 @@ each averaged over all ordered pairs ``i != j`` (equivalently all unordered pair
 * sign stiffness ``mean_{i != j} sign(g_i . g_j)``, which needs the pairwise products: computed exactly
   from Gram blocks, or estimated on a random subset of the states (all pairs inside the subset).
 
+These are the paper's quantity: Appendix A takes "the individual gradient of the value objective for
+each state". Each such gradient is ``g_i = r_i grad V(s_i)`` with the residual ``r_i = V(s_i) - y_i``, so
+``cos(g_i, g_j) = sign(r_i r_j) cos(grad V(s_i), grad V(s_j))``: the residual signs alone move it (a critic
+that lags behind its targets everywhere has residuals of one sign and looks stiff, one whose residuals
+are balanced looks unstiff, whatever its gradients). The **sign-free variant** measures the same two
+statistics on ``grad V(s_i)`` itself (``cosine_grad_v``, ``sign_grad_v``): how much an update on one
+state moves the value of another, without the residuals. Both come from one per-sample pass over
+``grad V`` (with the default half-squared-error loss the loss gradients are ``sign(r_i) grad V`` up to a
+positive factor, which neither statistic sees).
+
 States whose gradient is exactly zero (``V(s_i) == y_i``, or every unit dead) have no direction: they
 are left out of the cosine mean (``N`` counts only the non-zero gradients) and reported in
 ``num_zero_gradients``; in the sign mean they count with ``sign(0) = 0``, as the definition gives.
@@ -29,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 ParamSelection = Mapping[str, Tensor] | Sequence[str] | None
@@ -39,10 +49,13 @@ _SIGN_METHODS = ("exact", "subset", "off")
 class StiffnessResult(NamedTuple):
     """Mean pairwise stiffness over ``num_states`` states.
 
-    cosine: mean over pairs of ``cos(g_i, g_j)`` (pairs of non-zero gradients). sign: mean over pairs of
-    ``sign(g_i . g_j)`` (``nan`` when ``sign_method == "off"``). sign_method: ``"exact"`` (all pairs),
-    ``"subset"`` (all pairs of a uniformly random subset of states) or ``"off"``. num_sign_pairs: unordered
-    pairs behind ``sign``. num_zero_gradients: states left out of the cosine mean.
+    cosine: mean over pairs of ``cos(g_i, g_j)`` of the value-loss gradients (pairs of non-zero
+    gradients; the paper's quantity). sign: mean over pairs of ``sign(g_i . g_j)`` (``nan`` when
+    ``sign_method == "off"``). sign_method: ``"exact"`` (all pairs), ``"subset"`` (all pairs of a uniformly
+    random subset of states) or ``"off"``. num_sign_pairs: unordered pairs behind ``sign``.
+    num_zero_gradients: states left out of the cosine mean. cosine_grad_v, sign_grad_v,
+    num_zero_grad_v: the same on ``grad V(s_i)`` (the sign-free variant; ``nan`` / -1 with a custom
+    per-sample loss).
     """
 
     cosine: float
@@ -51,6 +64,9 @@ class StiffnessResult(NamedTuple):
     sign_method: str
     num_sign_pairs: int
     num_zero_gradients: int
+    cosine_grad_v: float = math.nan
+    sign_grad_v: float = math.nan
+    num_zero_grad_v: int = -1
 
 
 def half_squared_error(prediction: Tensor, target: Tensor) -> Tensor:
@@ -114,6 +130,34 @@ def per_sample_gradient_fn(
     return flat_grads
 
 
+def per_sample_value_gradient_fn(
+    value_fn: nn.Module, params: ParamSelection = None
+) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """Build ``f(states [n, ...]) -> (flat grad V per sample [n, P], V [n])`` (parameters and order as in
+    :func:`per_sample_gradient_fn`)."""
+    value_fn = copy.deepcopy(value_fn)  # see per_sample_gradient_fn
+    selected = _select_params(value_fn, params)
+    frozen = {name: p.detach() for name, p in value_fn.named_parameters() if name not in selected}
+    buffers = dict(value_fn.named_buffers())
+    names = list(selected)
+
+    def value_of_one(theta: dict[str, Tensor], state: Tensor) -> Tensor:
+        prediction = functional_call(value_fn, {**frozen, **buffers, **theta}, (state.unsqueeze(0),))
+        if prediction.numel() != 1:
+            raise ValueError(f"value_fn must return one value per state, got shape {tuple(prediction.shape)}")
+        return prediction.reshape(())
+
+    grads_of_chunk = vmap(grad_and_value(value_of_one), in_dims=(None, 0))
+    device = next(iter(selected.values())).device
+
+    def flat_grads(states: Tensor) -> tuple[Tensor, Tensor]:
+        states = states.to(device)
+        grads, values = grads_of_chunk(selected, states)
+        return torch.cat([grads[name].reshape(states.shape[0], -1) for name in names], dim=1), values
+
+    return flat_grads
+
+
 def cosine_stiffness_from_gradients(grads: Tensor) -> float:
     """Mean pairwise cosine of the rows of ``grads [N, P]`` via ``(|sum u|^2 - N) / (N (N - 1))``.
 
@@ -153,34 +197,55 @@ def _chunks(start: int, stop: int, size: int) -> Iterator[slice]:
         yield slice(begin, min(begin + size, stop))
 
 
+GradChunk = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
+
+
 def _exact_sign_sum(
-    flat_grads: Callable[[Tensor, Tensor], Tensor],
+    chunk_grads: GradChunk,
     states: Tensor,
     targets: Tensor,
     chunk_size: int,
     block_size: int,
-    on_first_pass: Callable[[Tensor], None] | None = None,
-) -> float:
-    """Sum over unordered pairs ``i < j`` of ``sign(g_i . g_j)``, holding one block of gradients at a time.
+    on_first_pass: Callable[[Tensor, Tensor | None], None] | None = None,
+) -> tuple[float, float]:
+    """Sums over unordered pairs ``i < j`` of ``sign(g_i . g_j)`` for the loss gradients and the
+    ``grad V`` rows, holding one block of gradients at a time.
 
-    For each block of ``block_size`` states the later states' gradients are recomputed chunk by chunk, so
-    the first block's pass sees every state once: ``on_first_pass`` gets each chunk's gradients then.
+    ``chunk_grads(states, targets)`` gives rows ``h_i`` and residual signs ``s_i`` (or None): the loss
+    gradients are ``s_i h_i``, so ``sign(g_i . g_j) = s_i s_j sign(h_i . h_j)`` (with None, ``h`` are the
+    loss gradients themselves and both sums are the same). For each block of ``block_size`` states the
+    later states' gradients are recomputed chunk by chunk, so the first block's pass sees every state
+    once: ``on_first_pass`` gets each chunk's ``(h, s)`` then.
     """
     n = states.shape[0]
-    total = torch.zeros((), dtype=torch.float64)
+    loss_total = torch.zeros((), dtype=torch.float64)
+    v_total = torch.zeros((), dtype=torch.float64)
+
+    def add(products: Tensor, s_left: Tensor | None, s_right: Tensor | None) -> None:
+        nonlocal loss_total, v_total
+        signs = torch.sign(products)
+        v_total += signs.sum(dtype=torch.float64).cpu()
+        if s_left is not None:
+            signs = signs * s_left.unsqueeze(1) * s_right.unsqueeze(0)
+        loss_total += signs.sum(dtype=torch.float64).cpu()
+
     for block_start in range(0, n, block_size):
         block_stop = min(block_start + block_size, n)
-        block = torch.cat([flat_grads(states[s], targets[s]) for s in _chunks(block_start, block_stop, chunk_size)])
+        parts = [chunk_grads(states[s], targets[s]) for s in _chunks(block_start, block_stop, chunk_size)]
+        block = torch.cat([h for h, _ in parts])
+        block_signs = None if parts[0][1] is None else torch.cat([sg for _, sg in parts])
         if block_start == 0 and on_first_pass is not None:
-            on_first_pass(block)
-        total += torch.triu(torch.sign(block @ block.T), diagonal=1).sum(dtype=torch.float64).cpu()
+            for h, sg in parts:
+                on_first_pass(h, sg)
+        products = torch.triu(block @ block.T, diagonal=1)
+        add(products, block_signs, block_signs)
         for s in _chunks(block_stop, n, chunk_size):
-            later = flat_grads(states[s], targets[s])
+            later, later_signs = chunk_grads(states[s], targets[s])
             if block_start == 0 and on_first_pass is not None:
-                on_first_pass(later)
-            total += torch.sign(block @ later.T).sum(dtype=torch.float64).cpu()
+                on_first_pass(later, later_signs)
+            add(block @ later.T, block_signs, later_signs)
         del block
-    return float(total)
+    return float(loss_total), float(v_total)
 
 
 def value_stiffness(
@@ -210,6 +275,7 @@ def value_stiffness(
     unbiased estimate of the exact mean at a fraction of the cost (use it for large ``N`` on CPU).
     ``"off"`` skips the sign stiffness. The cosine stiffness is always exact over all states.
     The paper (DCPG paper, Appendix A) uses ``N = 2^14`` states and averages over training epochs.
+    With the default ``per_sample_loss`` the sign-free variant on ``grad V`` comes with it (same pass).
     """
     if sign not in _SIGN_METHODS:
         raise ValueError(f"unknown sign method {sign!r}; expected one of {_SIGN_METHODS}")
@@ -218,39 +284,62 @@ def value_stiffness(
         raise ValueError(f"targets must be [N] = [{n}], got {tuple(targets.shape)}")
     if chunk_size < 1 or sign_block_size < 1:
         raise ValueError("chunk_size and sign_block_size must be positive")
-    flat_grads = per_sample_gradient_fn(value_fn, params, per_sample_loss)
+    grad_v = per_sample_loss is half_squared_error  # loss gradients = (V - y) grad V: both from one pass
+    if grad_v:
+        value_grads = per_sample_value_gradient_fn(value_fn, params)
 
-    unit_sum: Tensor | None = None
-    count = 0
+        def chunk_grads(chunk_states: Tensor, chunk_targets: Tensor) -> tuple[Tensor, Tensor | None]:
+            rows, values = value_grads(chunk_states)
+            return rows, torch.sign(values - chunk_targets.to(values.device, values.dtype))
+    else:
+        loss_grads = per_sample_gradient_fn(value_fn, params, per_sample_loss)
 
-    def accumulate_units(grads: Tensor) -> None:
-        nonlocal unit_sum, count
-        chunk_sum, chunk_count = _unit_sum(grads)
-        unit_sum = chunk_sum if unit_sum is None else unit_sum + chunk_sum
-        count += chunk_count
+        def chunk_grads(chunk_states: Tensor, chunk_targets: Tensor) -> tuple[Tensor, Tensor | None]:
+            return loss_grads(chunk_states, chunk_targets), None
 
-    sign_value, num_pairs = math.nan, 0
+    sums: dict[str, Tensor | None] = {"loss": None, "v": None}
+    counts = {"loss": 0, "v": 0}
+
+    def accumulate_units(rows: Tensor, signs: Tensor | None) -> None:
+        parts = {"loss": rows if signs is None else rows * signs.unsqueeze(1)}
+        if signs is not None:
+            parts["v"] = rows
+        for key, part in parts.items():
+            chunk_sum, chunk_count = _unit_sum(part)
+            sums[key] = chunk_sum if sums[key] is None else sums[key] + chunk_sum
+            counts[key] += chunk_count
+
+    sign_value = sign_v = math.nan
+    num_pairs = 0
     if sign == "exact":
         num_pairs = n * (n - 1) // 2
-        sign_sum = _exact_sign_sum(flat_grads, states, targets, chunk_size, sign_block_size, accumulate_units)
-        sign_value = sign_sum / num_pairs if num_pairs else math.nan
+        loss_sum, v_sum = _exact_sign_sum(chunk_grads, states, targets, chunk_size, sign_block_size,
+                                          accumulate_units)
+        if num_pairs:
+            sign_value, sign_v = loss_sum / num_pairs, v_sum / num_pairs
     else:
         for s in _chunks(0, n, chunk_size):
-            accumulate_units(flat_grads(states[s], targets[s]))
+            accumulate_units(*chunk_grads(states[s], targets[s]))
         if sign == "subset":
             m = min(sign_subset_size, n)
             subset = torch.randperm(n, generator=generator)[:m].sort().values
             num_pairs = m * (m - 1) // 2
             sub_states, sub_targets = states[subset.to(states.device)], targets[subset.to(targets.device)]
-            sign_sum = _exact_sign_sum(flat_grads, sub_states, sub_targets, chunk_size, sign_block_size)
-            sign_value = sign_sum / num_pairs if num_pairs else math.nan
+            loss_sum, v_sum = _exact_sign_sum(chunk_grads, sub_states, sub_targets, chunk_size, sign_block_size)
+            if num_pairs:
+                sign_value, sign_v = loss_sum / num_pairs, v_sum / num_pairs
 
-    cosine = _cosine_from_unit_sum(unit_sum, count) if unit_sum is not None else math.nan
+    def cosine_of(key: str) -> float:
+        return _cosine_from_unit_sum(sums[key], counts[key]) if sums[key] is not None else math.nan
+
     return StiffnessResult(
-        cosine=cosine,
+        cosine=cosine_of("loss"),
         sign=sign_value,
         num_states=n,
         sign_method=sign,
         num_sign_pairs=num_pairs,
-        num_zero_gradients=n - count,
+        num_zero_gradients=n - counts["loss"],
+        cosine_grad_v=cosine_of("v") if grad_v else math.nan,
+        sign_grad_v=sign_v if grad_v else math.nan,
+        num_zero_grad_v=n - counts["v"] if grad_v else -1,
     )

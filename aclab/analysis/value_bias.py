@@ -8,13 +8,21 @@ episodes per measurement, collected throughout training, and plots both means ov
 Units: ``V`` and ``G_0`` must be in the same units, so feed the rewards the value function is trained on
 (after reward normalisation/scaling, if any) and the training ``gamma``.
 
-Truncated episodes (time limit, or still running when the data ends) have no full return: their
-``G_0`` is a partial sum that underestimates the true value. They are **excluded** from the bias by
-default and reported separately (``include_truncated=True`` keeps them).
+Truncated episodes (a time limit: Procgen's time-outs are truncations) have no full return. ``truncation``
+says what to do with them:
+
+* ``"bootstrap"`` (default): keep them with the bootstrapped value at the cut,
+  ``G_0 = sum_{t<L} gamma^t r_t + gamma^L V(s_L)`` (``s_L`` the true final observation), as the
+  training targets treat a truncation; the paper takes every one of its 100 episodes;
+* ``"partial"``: keep them with the partial sum (what the DCPG authors' code logs: its envs report a
+  time-out as an ordinary episode end);
+* ``"exclude"``: leave them out (reported in ``num_truncated_excluded``). A long-lived critic then
+  measures only early, short episodes: on CartPole-v1 every episode of a good policy is truncated at 500.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,14 +30,17 @@ import numpy as np
 import torch
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
+TRUNCATION_MODES = ("bootstrap", "partial", "exclude")
 
 
 @dataclass(frozen=True)
 class EpisodeStart:
     """A finished episode: the value predicted at its first state and its discounted return.
 
-    value: ``V(s_0)`` at the time the episode started. discounted_return: ``G_0``. length: number of
-    (valid) steps. truncated: the episode ended by truncation, so ``G_0`` is partial. env_index: its env.
+    value: ``V(s_0)`` at the time the episode started. discounted_return: ``G_0`` over the episode's own
+    rewards (partial for a truncated episode). length: number of (valid) steps. truncated: the episode
+    ended by truncation. env_index: its env. bootstrap: ``gamma^L V(s_L)`` at a truncation's final
+    observation (0 for a termination; ``nan`` when unknown).
     """
 
     value: float
@@ -37,14 +48,17 @@ class EpisodeStart:
     length: int
     truncated: bool
     env_index: int = -1
+    bootstrap: float = 0.0
 
 
 @dataclass(frozen=True)
 class ValueBiasResult:
     """bias = mean(values - returns) over the ``num_episodes`` episodes used; per-episode pairs kept.
 
-    values, returns: ``[K]`` float64 arrays of the episodes used. num_truncated_excluded: truncated
-    episodes left out. ``bias``, ``mean_value``, ``mean_return`` are ``nan`` when no episode is used.
+    values, returns: ``[K]`` float64 arrays of the episodes used (returns after the truncation rule).
+    num_truncated: truncated episodes among those used; num_truncated_excluded: truncated episodes left
+    out (``truncation = "exclude"``); truncation: the rule applied. ``bias``, ``mean_value``,
+    ``mean_return`` are ``nan`` when no episode is used.
     """
 
     bias: float
@@ -54,6 +68,8 @@ class ValueBiasResult:
     num_truncated_excluded: int
     values: np.ndarray
     returns: np.ndarray
+    num_truncated: int = 0
+    truncation: str = "bootstrap"
 
     def as_metrics(self, prefix: str = "value_bias/") -> dict[str, float]:
         return {
@@ -61,6 +77,7 @@ class ValueBiasResult:
             f"{prefix}predicted": self.mean_value,
             f"{prefix}true": self.mean_return,
             f"{prefix}episodes": float(self.num_episodes),
+            f"{prefix}truncated": float(self.num_truncated),
         }
 
 
@@ -82,18 +99,38 @@ def value_bias(
     initial_values: ArrayLike,
     returns: ArrayLike,
     truncated: ArrayLike | None = None,
-    include_truncated: bool = False,
+    bootstrap: ArrayLike | None = None,
+    truncation: str = "bootstrap",
 ) -> ValueBiasResult:
-    """Bias from paired ``V(s_0) [K]`` and ``G_0 [K]``; ``truncated [K]`` bools drop partial returns."""
+    """Bias from paired ``V(s_0) [K]`` and ``G_0 [K]`` (partial sums for truncated episodes).
+
+    ``truncated [K]`` marks truncated episodes, ``bootstrap [K]`` their ``gamma^L V(s_L)`` (needed with
+    ``truncation = "bootstrap"`` when an episode is truncated); ``truncation`` per the module docstring.
+    """
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"unknown truncation rule {truncation!r}; expected one of {TRUNCATION_MODES}")
     values = _to_numpy(initial_values).astype(np.float64).reshape(-1)
     rets = _to_numpy(returns).astype(np.float64).reshape(-1)
     if values.shape != rets.shape:
         raise ValueError(f"initial_values {values.shape} and returns {rets.shape} must match")
+    cut = np.zeros(values.shape, dtype=bool)
+    if truncated is not None:
+        cut = _to_numpy(truncated).astype(bool).reshape(-1)
+        if cut.shape != values.shape:
+            raise ValueError(f"truncated {cut.shape} must match initial_values {values.shape}")
     keep = np.ones(values.shape, dtype=bool)
-    if truncated is not None and not include_truncated:
-        keep = ~_to_numpy(truncated).astype(bool).reshape(-1)
-        if keep.shape != values.shape:
-            raise ValueError(f"truncated {keep.shape} must match initial_values {values.shape}")
+    if truncation == "exclude":
+        keep = ~cut
+    elif truncation == "bootstrap" and cut.any():
+        if bootstrap is None:
+            raise ValueError("truncated episodes need their bootstrap values gamma^L V(s_L) (or truncation="
+                             "'partial' / 'exclude')")
+        boot = _to_numpy(bootstrap).astype(np.float64).reshape(-1)
+        if boot.shape != values.shape:
+            raise ValueError(f"bootstrap {boot.shape} must match initial_values {values.shape}")
+        if not np.isfinite(boot[cut]).all():
+            raise ValueError("a truncated episode has no bootstrap value (nan)")
+        rets = np.where(cut, rets + boot, rets)
     values, rets = values[keep], rets[keep]
     empty = values.size == 0
     return ValueBiasResult(
@@ -104,6 +141,8 @@ def value_bias(
         num_truncated_excluded=int((~keep).sum()),
         values=values,
         returns=rets,
+        num_truncated=int(cut[keep].sum()),
+        truncation=truncation,
     )
 
 
@@ -112,26 +151,30 @@ def value_bias_from_episodes(
     initial_values: ArrayLike,
     gamma: float,
     truncated: ArrayLike | None = None,
-    include_truncated: bool = False,
+    bootstrap: ArrayLike | None = None,
+    truncation: str = "bootstrap",
 ) -> ValueBiasResult:
     """Bias from recorded episodes: one reward array ``[L_k]`` and one ``V(s_0)`` per episode."""
     returns = np.array([discounted_return(rewards, gamma) for rewards in episode_rewards], dtype=np.float64)
-    return value_bias(initial_values, returns, truncated, include_truncated)
+    return value_bias(initial_values, returns, truncated, bootstrap, truncation)
 
 
 def value_bias_from_starts(
-    starts: Sequence[EpisodeStart], last: int | None = None, include_truncated: bool = False
+    starts: Sequence[EpisodeStart], last: int | None = None, truncation: str = "bootstrap"
 ) -> ValueBiasResult:
     """Bias over tracked episodes (optionally only the ``last`` ones, e.g. 100 as in the paper).
 
     ``last`` counts the episodes that are used, so truncated ones (when excluded) do not take places;
-    ``num_truncated_excluded`` counts every truncated episode in ``starts``.
+    ``num_truncated_excluded`` counts every truncated episode in ``starts`` under ``"exclude"``.
     """
-    usable = [s for s in starts if include_truncated or not s.truncated]
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"unknown truncation rule {truncation!r}; expected one of {TRUNCATION_MODES}")
+    usable = [s for s in starts if truncation != "exclude" or not s.truncated]
     if last is not None:
         usable = usable[len(usable) - last :] if last > 0 else []
-    num_excluded = 0 if include_truncated else sum(s.truncated for s in starts)
-    result = value_bias([s.value for s in usable], [s.discounted_return for s in usable])
+    num_excluded = sum(s.truncated for s in starts) if truncation == "exclude" else 0
+    result = value_bias([s.value for s in usable], [s.discounted_return for s in usable],
+                        [s.truncated for s in usable], [s.bootstrap for s in usable], truncation)
     return ValueBiasResult(
         bias=result.bias,
         mean_value=result.mean_value,
@@ -140,6 +183,8 @@ def value_bias_from_starts(
         num_truncated_excluded=num_excluded,
         values=result.values,
         returns=result.returns,
+        num_truncated=result.num_truncated,
+        truncation=truncation,
     )
 
 
@@ -174,8 +219,14 @@ class EpisodeStartTracker:
         ends: ArrayLike,
         valid: ArrayLike | None = None,
         terminated: ArrayLike | None = None,
+        next_values: ArrayLike | None = None,
     ) -> list[EpisodeStart]:
-        """Advance one step of all envs; return the episodes that ended at this step."""
+        """Advance one step of all envs; return the episodes that ended at this step.
+
+        ``next_values [B]``: the predictions for the observations after this step (with next-step
+        autoreset, a truncated episode's true final observation), giving a truncated episode its
+        ``bootstrap = gamma^L V(s_L)``; without them the bootstrap of a truncated episode is ``nan``.
+        """
         values_np = _to_numpy(values).astype(np.float64).reshape(-1)
         rewards_np = _to_numpy(rewards).astype(np.float64).reshape(-1)
         ends_np = _to_numpy(ends).astype(bool).reshape(-1)
@@ -199,16 +250,21 @@ class EpisodeStartTracker:
         self._length[counting] += 1
 
         ending = valid_np & ends_np
-        finished = [
-            EpisodeStart(
+        next_np = None if next_values is None else _to_numpy(next_values).astype(np.float64).reshape(-1)
+        finished = []
+        for b in np.flatnonzero(ending & self._active):
+            truncated = not bool(terminated_np[b])
+            bootstrap = 0.0
+            if truncated:
+                bootstrap = math.nan if next_np is None else float(self._discount[b] * next_np[b])
+            finished.append(EpisodeStart(
                 value=float(self._start_value[b]),
                 discounted_return=float(self._return[b]),
                 length=int(self._length[b]),
-                truncated=not bool(terminated_np[b]),
+                truncated=truncated,
                 env_index=int(b),
-            )
-            for b in np.flatnonzero(ending & self._active)
-        ]
+                bootstrap=bootstrap,
+            ))
         self._active &= ~ending
         self._awaiting_start |= ending
         return finished
@@ -221,13 +277,15 @@ class EpisodeStartTracker:
         valid: ArrayLike | None = None,
         terminated: ArrayLike | None = None,
     ) -> list[EpisodeStart]:
-        """:meth:`step` over time-major arrays ``[T, B]`` (``values`` may be ``[T + 1, B]``; row T is unused)."""
+        """:meth:`step` over time-major arrays ``[T, B]``. With ``values [T + 1, B]`` (a collector's rows,
+        row ``t + 1`` = the observation after step ``t``) truncated episodes get their bootstrap."""
         rewards_np = _to_numpy(rewards)
         values_np = _to_numpy(values)
         ends_np = _to_numpy(ends)
         valid_np = None if valid is None else _to_numpy(valid)
         terminated_np = None if terminated is None else _to_numpy(terminated)
         finished: list[EpisodeStart] = []
+        has_next = values_np.shape[0] > rewards_np.shape[0]
         for t in range(rewards_np.shape[0]):
             finished += self.step(
                 values_np[t],
@@ -235,11 +293,13 @@ class EpisodeStartTracker:
                 ends_np[t],
                 None if valid_np is None else valid_np[t],
                 None if terminated_np is None else terminated_np[t],
+                values_np[t + 1] if has_next else None,
             )
         return finished
 
     def open_episodes(self) -> list[EpisodeStart]:
-        """Episodes still running, as truncated records (partial returns), e.g. at the end of training."""
+        """Episodes still running, as truncated records (partial returns, bootstrap ``nan``), e.g. at the end
+        of training."""
         return [
             EpisodeStart(
                 value=float(self._start_value[b]),
@@ -247,6 +307,7 @@ class EpisodeStartTracker:
                 length=int(self._length[b]),
                 truncated=True,
                 env_index=int(b),
+                bootstrap=math.nan,
             )
             for b in np.flatnonzero(self._active)
         ]

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from aclab.envs import build_envs
+from aclab.runs import check_stop
 
 __all__ = [
     "ActingPolicy",
@@ -234,6 +235,7 @@ class TrajectoryCollector:
         lengths: list[np.ndarray] = []
         state = None if self.states is None else self.states[start].copy()
         for t in range(start, self.num_steps):
+            check_stop()
             np.logical_not(envs.next_is_dummy, out=self.valid[t])
             env_actions, self.actions[t], self.behaviour_log_probs[t], state = policy.act(
                 self.obs[t], self.first[t], state

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from aclab.runs import check_stop
+
 
 @dataclass
 class Rollout:
@@ -93,6 +95,7 @@ class RolloutCollector:
         obs_buf, actions_buf, log_probs_buf, values_buf = self.obs, self.actions, self.log_probs, self.values
         params_buf, rewards_buf, terminated_buf, ends_buf = self.dist_params, self.rewards, self.terminated, self.ends
         for t in range(self.num_steps):
+            check_stop()
             np.logical_not(envs.next_is_dummy, out=self.valid[t])
             obs_buf[t] = envs.obs
             actions, log_probs_buf[t], values_buf[t], params_buf[t] = act_fn(self._tensor(obs_buf[t]))
@@ -136,4 +139,5 @@ def shuffled_minibatches(
     shuffled = {k: v[perm] for k, v in batch.items()}
     size = max(n // num_minibatches, 1)
     for i in range(min(num_minibatches, n)):
+        check_stop()
         yield {k: v[i * size:(i + 1) * size] for k, v in shuffled.items()}

@@ -11,7 +11,8 @@ A backend owns the simulators and returns *raw* batches (time-major is the calle
   the game) or None when it equals ``terminated | truncated``.
 * ``info``: the last raw info dict, rows aligned with env index.
 * ``get_state() -> bytes | None`` / ``set_state(bytes) -> bool``: the full simulator state, when the
-  backend can pickle it exactly.
+  backend can save it exactly (Gymnasium envs that pickle exactly, and Gymnasium MuJoCo envs through
+  :mod:`aclab.envs.sim_state`; never EnvPool).
 
 Both backends use *next-step* autoreset: the step that ends an episode returns the true final
 observation with ``terminated`` or ``truncated`` set; the following step ignores its action and returns
@@ -28,6 +29,8 @@ from typing import Any
 import gymnasium
 import numpy as np
 from gymnasium import spaces
+
+from aclab.envs import sim_state
 
 __all__ = ["EnvPoolBackend", "GymnasiumBackend", "derive_env_seeds", "ObsAdapter"]
 
@@ -211,8 +214,11 @@ class GymnasiumBackend:
         self.adapter = ObsAdapter(self.single_observation_space)
         self.info: dict[str, Any] = {}
         self.is_sync = isinstance(self.env, gymnasium.vector.SyncVectorEnv)
+        self.layered_state = False  # per-layer save of MuJoCo envs (which pickle by constructor arguments)
         if self.is_sync:
             self.exact_state = all(_is_exactly_picklable(e) for e in self.env.envs)
+            if not self.exact_state and all(sim_state.supports(e) for e in self.env.envs):
+                self.exact_state = self.layered_state = True
         else:
             self.exact_state = _is_exactly_picklable(self.env)
 
@@ -252,7 +258,12 @@ class GymnasiumBackend:
         if not self.exact_state:
             return None
         try:
-            if self.is_sync:
+            if self.layered_state:
+                layered = [sim_state.capture(e) for e in self.env.envs]
+                if any(blob is None for blob in layered):
+                    return None
+                payload = {"layered": layered, "autoreset": np.array(self.env._autoreset_envs, copy=True)}
+            elif self.is_sync:
                 payload = {"envs": self.env.envs, "autoreset": np.array(self.env._autoreset_envs, copy=True)}
             else:
                 payload = {"vector_env": self.env}
@@ -262,7 +273,13 @@ class GymnasiumBackend:
 
     def set_state(self, blob: bytes) -> bool:
         payload = pickle.loads(blob)
-        if self.is_sync:
+        if "layered" in payload:
+            if not self.layered_state or len(payload["layered"]) != self.num_envs:
+                return False
+            if not all(sim_state.restore(e, b) for e, b in zip(self.env.envs, payload["layered"])):
+                return False
+            self.env._autoreset_envs = np.array(payload["autoreset"], copy=True)
+        elif self.is_sync:
             if "envs" not in payload or len(payload["envs"]) != self.num_envs:
                 return False
             for env in self.env.envs:

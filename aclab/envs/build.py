@@ -11,9 +11,10 @@ from aclab.envs.registry import import_env_modules
 
 
 def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, options: dict | None = None,
-               render: bool = False):
+               level_control: bool = False, render: bool = False):
     """``make_env`` for ``config.env`` (its ``imports`` are imported first), ``num_envs`` / ``seed`` / extra
-    ``options`` overriding the config's; ``render=True``: env 0 gives RGB frames (videos)."""
+    ``options`` overriding the config's; ``render=True``: env 0 gives RGB frames (videos);
+    ``level_control=True``: per-episode level choice (prioritised level replay)."""
     e = config.env
     import_env_modules(getattr(e, "imports", ()))
     return make_env(
@@ -28,5 +29,6 @@ def build_envs(config, *, num_envs: int | None = None, seed: int | None = None, 
         normalize_reward=e.normalize_reward,
         reward_gamma=e.reward_gamma,
         reward_clip=e.reward_clip,
+        level_control=level_control,
         render=render,
     )

@@ -57,15 +57,15 @@ from gymnasium import spaces
 from aclab.envs import registry
 from aclab.envs.atari_marks import AtariFrameMarks
 from aclab.envs.backends import EnvPoolBackend, GymnasiumBackend, default_num_threads, derive_env_seeds
+from aclab.envs.levels import GymnasiumLevelBackend, ProcgenLevelBackend
 from aclab.envs.normalize import ObsNormalizer, RewardScaler
 from aclab.envs.registry import EnvIdError, check_option_keys, coerce_option, parse_env_id, resolve_env_factory
 from aclab.envs.spec import EnvSpec
 from aclab.envs.vec import VecEnv
 
-__all__ = ["make_env", "ATARI_SETTING_CONFIGS", "BACKENDS"]
+__all__ = ["make_env", "check_level_control", "ATARI_SETTING_CONFIGS", "BACKENDS"]
 
 BACKENDS = ("auto", "envpool", "gymnasium")
-_INT32_MAX = 2**31 - 1
 _ATARI_FRAME_CAP = 108_000
 
 _ATARI_COMMON = {
@@ -152,24 +152,17 @@ def _plan_procgen(env_id: str, game: str, options: dict, backend: str) -> _Plan:
     mode = options.pop("distribution_mode", "easy")
     if mode not in modes:
         raise EnvIdError(f"distribution_mode={mode!r} for {env_id!r}; valid for {game}: {', '.join(modes)}")
-    levels = options.pop("levels", "train")
-    if levels not in registry.PROCGEN_LEVEL_SETS:
-        raise EnvIdError(f"levels={levels!r} for {env_id!r}; valid: {', '.join(registry.PROCGEN_LEVEL_SETS)}")
+    try:
+        level_range = registry.procgen_level_range(options)
+    except EnvIdError as exc:
+        raise EnvIdError(f"{env_id!r}: {exc}") from None
+    for key in ("levels", "start_level", "num_levels"):
+        options.pop(key, None)
     task_id = f"{game.capitalize()}{mode.capitalize()}-v0"
     allowed = set(registry.envpool_config_defaults(task_id)) - {"max_episode_steps"}
     check_option_keys(env_id, options, allowed | set(_PROCGEN_EXTRA_OPTIONS))
-    start = _check_int("start_level", options.pop("start_level", 0 if levels != "test-unseen" else 200), 0)
-    if levels == "train":
-        num = registry.PROCGEN_TRAIN_LEVELS
-    elif levels == "test":
-        num = 0
-    else:
-        num = _INT32_MAX - start
-    num = _check_int("num_levels", options.pop("num_levels", num), 0)
-    if start + num > _INT32_MAX:
-        raise EnvIdError(f"start_level + num_levels must be <= 2**31-1 for {env_id!r}, got {start} + {num}")
     config = _envpool_options(env_id, task_id, options, exclude=("max_episode_steps",))
-    config.update(num_levels=num, start_level=start)
+    config.update(level_range.options())
     return _Plan("procgen", env_id, "envpool", task_id=task_id, config=config)
 
 
@@ -209,7 +202,7 @@ def _plan_simulated(env_id: str, family: str, task_id: str, options: dict, backe
     few_envs = (num_envs <= GYMNASIUM_MUJOCO_MAX_ENVS and task_id in registry._gym_registry()
                 and set(options) <= {"max_episode_steps"})  # EnvPool's option keys are validated up front
     if backend == "gymnasium" or (
-        backend == "auto" and family == "mujoco" and (task_id not in registry._mujoco_ids() or few_envs)
+        backend == "auto" and family == "mujoco" and (few_envs or task_id not in registry._mujoco_ids())
     ):
         if family != "mujoco":
             raise EnvIdError(f"{env_id!r}: {family} is only available through EnvPool; use backend='auto' or 'envpool'")
@@ -343,6 +336,61 @@ def _single_action_space(space: spaces.Space, env_id: str) -> spaces.Space:
     raise EnvIdError(f"{env_id!r}: unsupported action space {space}; aclab supports Discrete and Box")
 
 
+LEVEL_CONTROL_DEFAULT_LEVELS = 200  # Gymnasium envs under level control: reset seeds [0, 200) unless set
+
+
+def _plan_level_control(env_id, options: dict, backend: str, num_envs: int) -> tuple[_Plan, list[int]]:
+    """The plan and the finite level set of an env whose level is chosen per episode (see :mod:`.levels`):
+    Procgen's training range ``[start_level, start_level + num_levels)``; for Gymnasium envs (ids or factories)
+    the reset seeds ``[start_level, start_level + num_levels)`` (options ``start_level`` / ``num_levels``,
+    default ``[0, 200)``)."""
+    if callable(env_id) and not isinstance(env_id, str):
+        start = _check_int("start_level", options.pop("start_level", 0), 0)
+        num = _check_int("num_levels", options.pop("num_levels", LEVEL_CONTROL_DEFAULT_LEVELS), 1)
+        if options:
+            raise EnvIdError(f"options {sorted(options)} are not used with a factory callable; configure the factory")
+        name = getattr(env_id, "__name__", type(env_id).__name__)
+        return _Plan("gym", f"callable:{name}", "gymnasium", factory=env_id), list(range(start, start + num))
+    family, _ = parse_env_id(env_id)
+    if family == "procgen":
+        plan = _plan(env_id, options, backend, num_envs)
+        start, num = plan.config["start_level"], plan.config["num_levels"]
+        if num < 1:
+            raise EnvIdError(f"{env_id!r}: per-episode level choice needs a finite set of training levels "
+                             "(num_levels >= 1, e.g. levels='train'), not the full distribution")
+        return plan, list(range(start, start + num))
+    if family not in ("classic", "gym", "mujoco", "factory"):
+        raise EnvIdError(f"{env_id!r}: per-episode level choice supports Procgen and Gymnasium envs, not {family}")
+    if backend == "envpool":
+        raise EnvIdError(f"{env_id!r}: per-episode level choice on non-Procgen envs uses Gymnasium; drop "
+                         "backend='envpool'")
+    start = _check_int("start_level", options.pop("start_level", 0), 0)
+    num = _check_int("num_levels", options.pop("num_levels", LEVEL_CONTROL_DEFAULT_LEVELS), 1)
+    return _plan(env_id, options, "gymnasium", num_envs), list(range(start, start + num))
+
+
+def check_level_control(env_id: str, options: dict | None = None, backend: str = "auto",
+                        num_envs: int = 1) -> list[int]:
+    """The training levels ``make_env(env_id, ..., level_control=True)`` would use; raises :class:`EnvIdError`
+    for an env or option set that cannot choose levels per episode. Builds nothing."""
+    return _plan_level_control(env_id, dict(options or {}), backend, num_envs)[1]
+
+
+def _build_level_backend(plan: _Plan, num_envs: int, seeds: list[int], levels: list[int]):
+    if plan.family == "procgen":
+        return ProcgenLevelBackend(plan.task_id, num_envs, seeds, plan.config, levels), None
+    if plan.factory is not None:
+        make_single = plan.factory
+    else:
+        gym_id, kwargs = plan.task_id, dict(plan.config)
+
+        def make_single():
+            return gymnasium.make(gym_id, **kwargs)
+
+    backend = GymnasiumLevelBackend(make_single, num_envs, seeds, levels)
+    return backend, _single_env_max_steps(backend.envs[0])
+
+
 def make_env(
     env_id: str | Callable[[], gymnasium.Env],
     num_envs: int,
@@ -356,6 +404,7 @@ def make_env(
     normalize_reward: bool = False,
     reward_gamma: float = 0.99,
     reward_clip: float = 10.0,
+    level_control: bool = False,
     render: bool = False,
 ) -> VecEnv:
     """Build ``num_envs`` copies of an environment as one :class:`VecEnv` (not yet reset).
@@ -382,6 +431,9 @@ def make_env(
             Gymnasium ids and MuJoCo (which then runs on the Gymnasium backend); a factory gets
             ``render_mode="rgb_array"`` when it takes that argument. DM Control and Meta-World give no
             frames here (EnvPool's MuJoCo renderer cannot create a GL context on CPU machines).
+        level_control: each env plays a level chosen per episode (``VecEnv.set_next_level``; prioritised level
+            replay): Procgen over its finite training range, Gymnasium envs with the level as reset seed
+            (options ``start_level`` / ``num_levels``, default ``[0, 200)``). See :mod:`aclab.envs.levels`.
 
     Raises :class:`EnvIdError` (a ValueError) for unknown ids, families, options or backends, and
     ValueError for a bad ``num_envs`` / ``seed`` -- before any env is built.
@@ -396,7 +448,13 @@ def make_env(
         raise EnvIdError(f"options must be a dict, got {type(options).__name__}")
     options = dict(options or {})
 
-    if callable(env_id) and not isinstance(env_id, str):
+    levels = None
+    if level_control and render:
+        raise EnvIdError("render=True and level_control=True cannot be combined: make the env for frames without "
+                         "level control")
+    if level_control:
+        plan, levels = _plan_level_control(env_id, options, backend, num_envs)
+    elif callable(env_id) and not isinstance(env_id, str):
         if backend == "envpool":
             raise EnvIdError("a factory callable runs on the Gymnasium backend; use backend='auto' or 'gymnasium'")
         if options:
@@ -414,7 +472,11 @@ def make_env(
         _plan_rendering(plan)
 
     seeds = derive_env_seeds(seed, num_envs)
-    if plan.backend == "envpool":
+    if levels is not None:
+        backend_obj, max_steps = _build_level_backend(plan, num_envs, seeds, levels)
+        if max_steps is None and plan.family == "procgen":
+            max_steps = {**registry.envpool_config_defaults(plan.task_id), **plan.config}.get("max_episode_steps")
+    elif plan.backend == "envpool":
         threads = default_num_threads(plan.family, num_envs) if num_threads is None else num_threads
         backend_obj: Any = EnvPoolBackend(
             plan.task_id, num_envs, seeds, threads, plan.config, game_over_from_info=plan.game_over_from_info
@@ -453,6 +515,7 @@ def make_env(
             action_space=action_space,
             observation_space=obs_space,
             max_episode_steps=None if max_steps is None else int(max_steps),
+            levels=None if levels is None else tuple(levels),
         )
         return VecEnv(backend_obj, spec, seed, obs_normalizer=obs_normalizer, reward_scaler=reward_scaler, marks=marks)
     except Exception:

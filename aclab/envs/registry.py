@@ -27,6 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -38,8 +39,12 @@ __all__ = [
     "PROCGEN_TRAIN_LEVELS",
     "CLASSIC_IDS",
     "ATARI_SETTINGS",
+    "EVAL_LEVEL_SETS",
+    "LevelRange",
     "parse_env_id",
     "import_env_modules",
+    "procgen_eval_levels",
+    "procgen_level_range",
     "register_env_factory",
     "resolve_env_factory",
 ]
@@ -75,6 +80,81 @@ PROCGEN_GAMES = tuple(PROCGEN_DISTRIBUTION_MODES)
 # (num_levels=0, what the DCPG authors' code evaluates on), "test-unseen" = levels >= 200 only.
 PROCGEN_TRAIN_LEVELS = 200
 PROCGEN_LEVEL_SETS = ("train", "test", "test-unseen")
+PROCGEN_MAX_LEVEL = 2**31 - 1  # EnvPool draws level seeds in [start_level, start_level + num_levels) <= 2**31 - 1
+# Evaluation level sets (relative to a run's training range): "train" = the training range, "test" = the
+# full distribution (num_levels = 0, Cobbe et al. 2020 and the DCPG authors' code), "unseen" = levels
+# outside the training range only.
+EVAL_LEVEL_SETS = ("train", "test", "unseen")
+
+
+@dataclass(frozen=True)
+class LevelRange:
+    """Procgen levels ``[start, start + num)``; ``num == 0`` is the full distribution (EnvPool then draws
+    any level seed in ``[0, 2**31)`` and ignores ``start``)."""
+
+    start: int
+    num: int
+
+    @property
+    def full(self) -> bool:
+        return self.num == 0
+
+    def contains(self, level: int) -> bool:
+        return self.full or self.start <= level < self.start + self.num
+
+    def options(self) -> dict[str, int]:
+        """The env options that select exactly this range."""
+        return {"start_level": self.start, "num_levels": self.num}
+
+    def __str__(self) -> str:
+        return "all levels" if self.full else f"[{self.start}, {self.start + self.num})"
+
+
+def _level_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EnvIdError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def procgen_level_range(options: dict[str, Any]) -> LevelRange:
+    """The levels a Procgen env built with ``options`` plays: ``levels = "train"`` (default) ``[0, 200)``,
+    ``"test"`` all levels, ``"test-unseen"`` ``[200, 2**31 - 1)``; explicit ``start_level`` /
+    ``num_levels`` override the set's values. Raises :class:`EnvIdError` for bad values."""
+    levels = options.get("levels", "train")
+    if levels not in PROCGEN_LEVEL_SETS:
+        raise EnvIdError(f"levels={levels!r} for Procgen; valid: {', '.join(PROCGEN_LEVEL_SETS)}")
+    start = _level_int("start_level", options.get("start_level", PROCGEN_TRAIN_LEVELS if levels == "test-unseen"
+                                                       else 0))
+    default_num = {"train": PROCGEN_TRAIN_LEVELS, "test": 0, "test-unseen": max(PROCGEN_MAX_LEVEL - start, 0)}
+    num = _level_int("num_levels", options.get("num_levels", default_num[levels]))
+    if start + num > PROCGEN_MAX_LEVEL:
+        raise EnvIdError(f"start_level + num_levels must be <= 2**31-1 for Procgen, got {start} + {num}")
+    return LevelRange(start, num)
+
+
+def procgen_eval_levels(train_options: dict[str, Any], which: str) -> LevelRange:
+    """The evaluation level set ``which`` for a run trained with env options ``train_options``.
+
+    ``"train"``: the training range itself. ``"test"``: the full distribution (``num_levels = 0``), the
+    protocol of Cobbe et al. (2020) and the DCPG authors' code: it contains the training levels (a
+    fraction ``n / 2**31`` of the draws). ``"unseen"``: levels guaranteed outside the training range
+    ``[s, s + n)``: ``[s + n, 2**31 - 1)``, or ``[0, s)`` when the range reaches the top. A run trained on
+    the full distribution has no unseen level: :class:`EnvIdError`.
+    """
+    if which not in EVAL_LEVEL_SETS:
+        raise EnvIdError(f"evaluation levels {which!r}; valid: {', '.join(EVAL_LEVEL_SETS)}")
+    train = procgen_level_range(train_options)
+    if which == "train":
+        return train
+    if which == "test":
+        return LevelRange(0, 0)
+    if train.full:
+        raise EnvIdError("evaluation levels 'unseen': the run trains on the full level distribution "
+                         "(num_levels = 0), so no level is unseen; use eval.levels = 'test'")
+    end = train.start + train.num
+    if end < PROCGEN_MAX_LEVEL:
+        return LevelRange(end, PROCGEN_MAX_LEVEL - end)
+    return LevelRange(0, train.start)
 
 # Classic-control ids served by EnvPool (always) and Gymnasium (LunarLander needs Box2D there).
 CLASSIC_IDS = (
@@ -244,6 +324,10 @@ def _parse_atari(name: str) -> str:
 
 
 def _parse_mujoco(name: str) -> str:
+    # an exact Gymnasium MuJoCo id needs no EnvPool import (~115 MB of resident memory with its other
+    # families' modules): a run of <= 2 envs never loads EnvPool at all
+    if name in _gym_registry() and "mujoco" in str(_gym_registry()[name].entry_point):
+        return name
     ids = _mujoco_ids()
     if name in ids:
         return name
@@ -251,8 +335,6 @@ def _parse_mujoco(name: str) -> str:
     if versions and "-v" not in name:
         preferred = [task for task in versions if task.endswith("-v4")]
         return preferred[0] if preferred else versions[-1]
-    if name in _gym_registry() and "mujoco" in str(_gym_registry()[name].entry_point):
-        return name
     raise EnvIdError(f"unknown MuJoCo id {name!r}.{_closest(name, ids)} Valid: {_choices(ids)}")
 
 

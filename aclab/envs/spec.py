@@ -17,7 +17,8 @@ class EnvSpec:
 
     ``observation_space`` and ``action_space`` are single-env spaces as the agent sees them: after
     dict flattening and observation normalisation (then float32 in ``[-obs_clip, obs_clip]``), and
-    with Box actions as float32.
+    with Box actions as float32. ``levels``: the training levels when each env's level is chosen per episode
+    (``make_env(..., level_control=True)``), else None.
     """
 
     env_id: str
@@ -27,6 +28,7 @@ class EnvSpec:
     action_space: gymnasium.spaces.Space
     observation_space: gymnasium.spaces.Space
     max_episode_steps: int | None
+    levels: tuple[int, ...] | None = None
 
     @property
     def discrete(self) -> bool:

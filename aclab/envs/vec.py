@@ -192,6 +192,18 @@ class VecEnv:
         self._any_dummy = np.count_nonzero(done) > 0
         return StepResult(obs, reward, terminated, truncated, raw_reward, episode_return, episode_length)
 
+    # ------------------------------------------------------------------ per-episode levels
+    def set_next_level(self, env_index: int, level: int) -> None:
+        """The level env ``env_index`` plays from its next reset (envs built with ``level_control=True``)."""
+        if self.spec.levels is None:
+            raise RuntimeError("this VecEnv was not built with level_control=True")
+        self._backend.set_next_level(env_index, level)
+
+    @property
+    def current_levels(self) -> np.ndarray | None:
+        """int64 [B]: the level each env is playing (level control), else None."""
+        return getattr(self._backend, "current_levels", None)
+
     def render(self) -> np.ndarray:
         """The current RGB frame ``[H, W, 3]`` uint8 of env 0; the env must be made with
         ``make_env(..., render=True)``."""

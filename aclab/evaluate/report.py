@@ -47,8 +47,8 @@ from aclab.evaluate.runs_io import (
 )
 
 SOURCE_TITLES = {
-    "eval/test": "evaluation on the test split (evals.csv, split=test)",
-    "eval/train": "evaluation on the train split (evals.csv, split=train)",
+    "eval/test": "evaluation on the test split (split=test)",
+    "eval/train": "evaluation on the train split (split=train)",
     "train_episodes": "training episodes (episodes.csv, else metrics.csv)",
 }
 MAX_UNION_POINTS = 1000  # curves on different step grids: beyond this, resample the union of their ranges
@@ -518,6 +518,7 @@ def build_report(
     poi_reps: int = 1000,
     ppo_baseline: str | None = None,
     title: str = "aclab report",
+    evals_file: str = "evals.csv",
 ) -> Path:
     """Write ``out_dir/report.md`` (and its PNGs, CSV, JSON) for ``run_dirs``; return the Markdown path.
 
@@ -529,6 +530,8 @@ def build_report(
     ``last_k_evals`` evaluations per split.
     ``seed``, ``reps``, ``poi_reps``: bootstrap seed and replications (aggregates, P(X > Y), profiles).
     ``ppo_baseline``: an algorithm label to add a PPO-normalised row (DCPG tables) and to put first.
+    ``evals_file``: the evaluation file read in each run directory (default ``evals.csv``, the training
+    loop's own evaluations; ``evals_adhoc.csv`` holds ``aclab eval`` results); the report names it.
     """
     if not run_dirs:
         raise ReportError("no run directories given")
@@ -538,7 +541,7 @@ def build_report(
         raise ReportError(f"--out {out_dir} is a file: give a folder, the report writes report.md and its figures "
                           "into it")
     try:
-        runs = load_runs(run_dirs)
+        runs = load_runs(run_dirs, evals_file)
         groups = group_runs(runs)
     except RunDirError as exc:
         raise ReportError(str(exc)) from exc
@@ -661,6 +664,7 @@ def build_report(
             poi_reps=poi_reps,
             last_k_evals=last_k_evals,
             train_what=train_what,
+            evals_file=evals_file,
         )
 
     with open(out / "final_scores.csv", "w", newline="") as f:
@@ -674,6 +678,9 @@ def build_report(
         "",
         f"- Final score per run: training episodes = {train_what}; "
         f"evaluations = mean of the last {last_k_evals} evaluation(s) of the split.",
+        f"- Evaluation scores and curves come from `{evals_file}` in each run directory"
+        + (" (the training loop's periodic and final evaluations; `aclab eval` results are in `evals_adhoc.csv` "
+           "and are not used)." if evals_file == "evals.csv" else " (not the training loop's own evals.csv)."),
         "- Tables: mean ± sample standard deviation (ddof=1) over seeds; best mean per row in bold.",
         "- Summary rows and aggregate statistics pair runs across tasks by seed order (run i = the i-th "
         "seed of each task).",
@@ -704,10 +711,12 @@ def _source_section(
     poi_reps,
     last_k_evals,
     train_what,
+    evals_file="evals.csv",
 ) -> list[str]:
     source = final.source
     key = slug(source)
-    what = train_what if source == "train_episodes" else f"mean of the last {last_k_evals} evaluation(s)"
+    what = (train_what if source == "train_episodes"
+            else f"mean of the last {last_k_evals} evaluation(s) in `{evals_file}`")
     all_steps = np.concatenate([v for per_task in final.steps.values() for v in per_task.values()])
     md = [
         "",

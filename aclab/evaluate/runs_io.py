@@ -4,7 +4,9 @@ A run directory (written by :class:`aclab.runs.Run`) holds::
 
     config.json    resolved config: "algo", "env" {"id", "options"}, "seed", "total_steps", ...
     metrics.csv    step, time_s, then metric columns (e.g. episode_return; empty cells allowed)
-    evals.csv      step, split ("train" | "test"), mean_return, std_return, num_episodes, returns
+    evals.csv      step, split ("train" | "test"), mean_return, std_return, num_episodes, returns: the
+                   training loop's periodic and final evaluations (``aclab eval`` writes evals_adhoc.csv,
+                   read instead with ``evals_file="evals_adhoc.csv"``)
     episodes.csv   step, env, return, length, level, task: one row per finished training episode
     summary.json   {"algo", "env_id", "seed", "steps", "wall_time_s", "status", ...} (optional here)
 
@@ -179,8 +181,9 @@ def _read_evals(path: Path) -> dict[str, EvalSeries]:
     return series
 
 
-def load_run(path: str | Path) -> RunRecord:
-    """Load one run directory; RunDirError naming the path and what is missing or garbled."""
+def load_run(path: str | Path, evals_file: str = "evals.csv") -> RunRecord:
+    """Load one run directory (its evaluations from ``evals_file``); RunDirError naming the path and what is
+    missing or garbled."""
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"{path}: not a directory")
@@ -203,7 +206,7 @@ def load_run(path: str | Path) -> RunRecord:
         config=config,
         summary=summary,
         metrics=_read_metrics(path / "metrics.csv"),
-        evals=_read_evals(path / "evals.csv"),
+        evals=_read_evals(path / evals_file),
         episodes=_read_episodes(path / "episodes.csv"),
     )
 
@@ -263,12 +266,12 @@ def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return unique
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
+def load_runs(paths: Iterable[str | Path], evals_file: str = "evals.csv") -> list[RunRecord]:
     """Load every run directory named by ``paths`` (see :func:`expand_run_dirs`)."""
     dirs = expand_run_dirs(paths)
     if not dirs:
         raise RunDirError("no run directories given")
-    return [load_run(d) for d in dirs]
+    return [load_run(d, evals_file) for d in dirs]
 
 
 def group_runs(runs: Sequence[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:

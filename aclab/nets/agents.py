@@ -18,11 +18,13 @@ from aclab.core.distributions import Categorical
 from aclab.nets.encoders import init_linear, make_encoder
 
 
-def build_encoder(obs_shape: Sequence[int], kind: str, hidden_sizes: Sequence[int], activation: str) -> nn.Module:
-    """An encoder for ``obs_shape``; MLP options only apply to vector observations."""
+def build_encoder(obs_shape: Sequence[int], kind: str, hidden_sizes: Sequence[int], activation: str,
+                  init: str = "orthogonal") -> nn.Module:
+    """An encoder for ``obs_shape``; MLP options only apply to vector observations, ``init`` (see
+    :func:`aclab.nets.encoders.init_torso`) only to image torsos (MLP torsos stay orthogonal)."""
     if len(obs_shape) == 1 and kind in ("auto", "mlp"):
         return make_encoder(tuple(obs_shape), kind="mlp", hidden_sizes=tuple(hidden_sizes), activation=activation)
-    return make_encoder(tuple(obs_shape), kind=kind)
+    return make_encoder(tuple(obs_shape), kind=kind, init=init)
 
 
 class ActorCritic(nn.Module):
@@ -33,6 +35,7 @@ class ActorCritic(nn.Module):
         dist: a distribution adapter (``Categorical``, ``DiagGaussian``, ``TanhGaussian``).
         encoder: "auto" | "mlp" | "nature_cnn" | "impala".
         hidden_sizes, activation: MLP torso for vector observations.
+        encoder_init: image torso initialisation, "orthogonal" | "xavier" | "default".
         shared: one encoder for both heads (Procgen/Atari PPO) or two (CleanRL's MuJoCo PPO).
         log_std_init: initial log standard deviation of a state-independent Gaussian policy.
         state_dependent_std: Gaussian log std from the policy head instead of a free parameter.
@@ -49,14 +52,15 @@ class ActorCritic(nn.Module):
         shared: bool = False,
         log_std_init: float = 0.0,
         state_dependent_std: bool = False,
+        encoder_init: str = "orthogonal",
     ):
         super().__init__()
         self.dist = dist
         self.shared = shared
         self.discrete = isinstance(dist, Categorical)
-        self.policy_encoder = build_encoder(obs_shape, encoder, hidden_sizes, activation)
+        self.policy_encoder = build_encoder(obs_shape, encoder, hidden_sizes, activation, encoder_init)
         self.value_encoder = (
-            self.policy_encoder if shared else build_encoder(obs_shape, encoder, hidden_sizes, activation)
+            self.policy_encoder if shared else build_encoder(obs_shape, encoder, hidden_sizes, activation, encoder_init)
         )
         feat = self.policy_encoder.out_dim
         self.state_dependent_std = state_dependent_std or self.discrete
@@ -192,11 +196,12 @@ def make_actor_critic(
     activation: str = "tanh",
     shared: bool = False,
     log_std_init: float = 0.0,
+    encoder_init: str = "orthogonal",
 ) -> nn.Module:
     """:class:`FusedMLPActorCritic` for separate MLP networks on vector observations, else
-    :class:`ActorCritic`."""
+    :class:`ActorCritic` (``encoder_init``: the image torsos' initialisation)."""
     if len(obs_shape) == 1 and encoder in ("auto", "mlp") and not shared:
         return FusedMLPActorCritic(obs_shape[0], dist, hidden_sizes=hidden_sizes, activation=activation,
                                    log_std_init=log_std_init)
     return ActorCritic(obs_shape, dist, encoder=encoder, hidden_sizes=hidden_sizes, activation=activation,
-                       shared=shared, log_std_init=log_std_init)
+                       shared=shared, log_std_init=log_std_init, encoder_init=encoder_init)

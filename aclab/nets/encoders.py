@@ -3,10 +3,26 @@
 Initialisation schemes used by the papers' code (PPO family, DNA, DCPG): orthogonal weights with
 zero biases; hidden layers use gain ``sqrt(2)`` (ReLU/tanh torsos), the policy head gain ``0.01``
 (near-uniform initial policy) and the value head gain ``1``. :func:`init_linear` applies one such
-layer initialisation; heads are built elsewhere (``aclab.nets.agents``) with it.
+layer initialisation; heads are built elsewhere (``aclab.nets.agents``) with it. Image torsos take
+``init`` (:func:`init_torso`): ``"orthogonal"`` (every conv and linear layer, gain ``sqrt(2)``),
+``"xavier"`` (Xavier-uniform convolutions and an orthogonal ``sqrt(2)`` dense layer: the IMPALA torso
+of the DCPG authors' code and of the Procgen baselines it follows) or ``"default"`` (torch's).
 
 Image encoders take channel-first ``[N, C, H, W]`` inputs; uint8 images are scaled by 1/255 inside
-the module (so buffers can store uint8), float inputs are used as given.
+the module (so buffers can store uint8), float inputs are used as given. On CPU the scaled image is
+laid out channels-last (NHWC strides, the same logical ``[N, C, H, W]`` tensor) before the first
+convolution, so every convolution, pooling and residual sum runs on oneDNN's channels-last kernels:
+on the 2-core CPU the IMPALA torso's forward+backward on 2048 Procgen frames takes ~half the time of
+the contiguous (NCHW) layout and its acting forward on 64 frames ~40% (docs/performance.md). Only
+the layout changes; the convolution sums are the same up to float reassociation.
+
+Also on CPU, a batch larger than :data:`CPU_CHUNK_FRAMES` runs through the convolutions in chunks of
+that many frames whose features are concatenated (:func:`chunked_forward`): each chunk's activations
+stay in the processor's caches while the next layer reads them, and autograd's backward pass visits
+the chunks one after another with the same locality. Frames are independent (no batch statistics),
+so the features are those of one call; the weight gradients are sums over the chunks (float
+reassociation only). Forward+backward of the IMPALA torso on a 2048-frame minibatch: 1.75x faster in
+chunks of 64 than in one call (one thread, channels-last both).
 """
 
 from __future__ import annotations
@@ -18,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
-_INITS = ("orthogonal", "default")
+_INITS = ("orthogonal", "default")  # MLP torsos
+TORSO_INITS = ("orthogonal", "xavier", "default")  # image torsos (IMPALA ResNet, Nature CNN)
 
 
 def init_linear(layer: nn.Linear | nn.Conv2d, gain: float, bias: float = 0.0) -> nn.Linear | nn.Conv2d:
@@ -34,24 +51,60 @@ def init_linear(layer: nn.Linear | nn.Conv2d, gain: float, bias: float = 0.0) ->
     return layer
 
 
-def _check_init(init: str) -> None:
-    if init not in _INITS:
-        raise ValueError(f"unknown init {init!r}; expected one of {_INITS}")
+def _check_init(init: str, allowed: tuple[str, ...] = _INITS) -> None:
+    if init not in allowed:
+        raise ValueError(f"unknown init {init!r}; expected one of {allowed}")
 
 
-def _maybe_init(module: nn.Module, init: str, gain: float) -> None:
-    """Apply :func:`init_linear` to every Linear/Conv2d of ``module`` when ``init == 'orthogonal'``."""
-    if init == "orthogonal":
-        for layer in module.modules():
-            if isinstance(layer, nn.Linear | nn.Conv2d):
-                init_linear(layer, gain)
+def init_torso(module: nn.Module, init: str, gain: float = math.sqrt(2)) -> None:
+    """Initialise the conv and linear layers of an image torso in place (biases 0 unless ``"default"``).
+
+    ``"orthogonal"``: every layer orthogonal with ``gain``. ``"xavier"``: convolutions Xavier-uniform
+    (``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))``, fans counting the kernel area), linear layers
+    orthogonal with ``gain`` (DCPG authors' code; on real Procgen frames the IMPALA torso's initial
+    features are about 25x smaller in L2 norm than with ``"orthogonal"``). ``"default"``: torch's own.
+    """
+    _check_init(init, TORSO_INITS)
+    if init == "default":
+        return
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d) and init == "xavier":
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.Linear | nn.Conv2d):
+            init_linear(layer, gain)
 
 
 def _to_float_image(observations: Tensor, dtype: torch.dtype) -> Tensor:
-    """uint8 images -> ``dtype`` in [0, 1]; float images unchanged."""
+    """uint8 images ``[N, C, H, W]`` -> ``dtype`` in [0, 1]; float images unchanged in value.
+
+    On CPU the result is channels-last (see the module docstring); elsewhere it keeps its layout.
+    """
+    if (observations.device.type == "cpu" and observations.dim() == 4
+            and not torch._C._functorch.is_functorch_wrapped_tensor(observations)):  # vmap: no layouts
+        observations = observations.contiguous(memory_format=torch.channels_last)  # uint8: 4x cheaper
     if observations.dtype == torch.uint8:
-        return observations.to(dtype) / 255.0
+        return observations.to(dtype) / 255.0  # both keep the memory format
     return observations
+
+
+CPU_CHUNK_FRAMES = 64
+
+
+def chunked_forward(forward, observations: Tensor, chunk: int | None = None) -> Tensor:
+    """``forward(observations)`` for a per-frame image torso, in chunks of ``chunk`` frames on CPU.
+
+    ``forward`` maps ``[n, C, H, W]`` to ``[n, F]`` frame by frame (no batch statistics), so
+    ``cat([forward(part) for part in split(chunk)])`` equals one call; on CPU the chunks keep each
+    layer's activations in cache (see the module docstring). ``chunk`` defaults to
+    :data:`CPU_CHUNK_FRAMES`; other devices, small batches and ``torch.func`` transforms use one call.
+    """
+    chunk = CPU_CHUNK_FRAMES if chunk is None else chunk
+    if (observations.device.type != "cpu" or observations.shape[0] <= chunk
+            or torch._C._functorch.is_functorch_wrapped_tensor(observations)):
+        return forward(observations)
+    return torch.cat([forward(part) for part in observations.split(chunk)])
 
 
 class MLP(nn.Module):
@@ -114,7 +167,7 @@ class NatureCNN(nn.Module):
         gain: float = math.sqrt(2),
     ) -> None:
         super().__init__()
-        _check_init(init)
+        _check_init(init, TORSO_INITS)
         self.convs = nn.Sequential(
             nn.Conv2d(in_channels, 32, kernel_size=8, stride=4),
             nn.ReLU(),
@@ -130,10 +183,13 @@ class NatureCNN(nn.Module):
         if side < 1:
             raise ValueError(f"image_size {image_size} is too small for the Nature CNN")
         self.linear = nn.Sequential(nn.Linear(64 * side * side, out_dim), nn.ReLU())
-        _maybe_init(self, init, gain)
+        init_torso(self, init, gain)
         self.out_dim = out_dim
 
     def forward(self, observations: Tensor) -> Tensor:
+        return chunked_forward(self._forward, observations)
+
+    def _forward(self, observations: Tensor) -> Tensor:
         return self.linear(self.convs(_to_float_image(observations, self.linear[0].weight.dtype)))
 
 
@@ -168,8 +224,8 @@ class ImpalaResNet(nn.Module):
     One :class:`ImpalaStage` per entry of ``channels`` (each halves the side, rounding up), then
     flatten -> ReLU -> Linear ``out_dim`` -> ReLU. With 64x64 input and channels (16, 32, 32) the
     flattened size is 32*8*8 = 2048. Input ``[N, in_channels, image_size, image_size]`` uint8 (scaled
-    by 1/255 here) or float; output ``[N, out_dim]``. ``init="orthogonal"`` (gain sqrt(2), zero bias)
-    or ``"default"`` (torch's); the papers do not state the torso init.
+    by 1/255 here) or float; output ``[N, out_dim]``. ``init``: see :func:`init_torso` (the DCPG authors'
+    code uses ``"xavier"``; the papers do not state the torso init).
     """
 
     def __init__(
@@ -182,7 +238,7 @@ class ImpalaResNet(nn.Module):
         gain: float = math.sqrt(2),
     ) -> None:
         super().__init__()
-        _check_init(init)
+        _check_init(init, TORSO_INITS)
         stages = []
         width, side = in_channels, image_size
         for stage_channels in channels:
@@ -190,10 +246,13 @@ class ImpalaResNet(nn.Module):
             width, side = stage_channels, (side + 1) // 2
         self.stages = nn.Sequential(*stages)
         self.linear = nn.Linear(width * side * side, out_dim)
-        _maybe_init(self, init, gain)
+        init_torso(self, init, gain)
         self.out_dim = out_dim
 
     def forward(self, observations: Tensor) -> Tensor:
+        return chunked_forward(self._forward, observations)
+
+    def _forward(self, observations: Tensor) -> Tensor:
         features = self.stages(_to_float_image(observations, self.linear.weight.dtype)).flatten(1)
         return torch.relu(self.linear(torch.relu(features)))
 
