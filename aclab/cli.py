@@ -216,8 +216,16 @@ def cmd_train(args) -> int:
                               "that names an env also works)")
         config = make_config(args.algo, args.env_id, args.preset, overrides)
         summary = train(config, args.run_dir, overwrite=args.overwrite, callbacks=_trial_callbacks())
-    _print_summary(summary, args.resume or args.run_dir)
+    if _is_rank_0():
+        _print_summary(summary, args.resume or args.run_dir)
     return 0 if summary["status"] in ("finished", "interrupted", "stopped") else EXIT_FAILED_RUN
+
+
+def _is_rank_0() -> bool:
+    """Under ``torchrun`` (a data-parallel run) only rank 0 prints."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _trial_callbacks() -> list:

@@ -156,6 +156,8 @@ class Config:
     cores for image observations on CPU. A checkpoint is written every ``checkpoint_every_iterations``
     iterations and, for long iterations, at the first iteration boundary ``checkpoint_every_minutes``
     after the last one (0 turns either off; the end of the run is always checkpointed).
+    ``world_size``: the number of data-parallel ranks the run trains with (recorded from the ``torchrun``
+    launch; a run keeps it when resumed).
     """
 
     algo: str = "ppo"
@@ -170,6 +172,7 @@ class Config:
     checkpoint_every_minutes: float = 10.0
     keep_checkpoints: int = 2
     progress: bool = True
+    world_size: int = 1  # data-parallel ranks (set by a torchrun launch, see aclab.distributed)
     env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -186,6 +189,7 @@ class Config:
         require(self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", self.checkpoint_every_minutes,
                 "a number >= 0 (0: off)")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        require(self.world_size >= 1, "world_size", self.world_size, "an integer >= 1 (set by torchrun)")
         self.env.validate()
         self.eval.validate()
         self.divergence.validate()

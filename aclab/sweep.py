@@ -43,11 +43,18 @@ or SIGINT to the sweep forwards SIGTERM to its children (which checkpoint and st
 starts no new run, and a second signal kills them. Each run directory is locked by its writer, so a
 re-run sweep can never resume a directory that a live child still writes.
 
-Ray: with ``backend = "ray"`` and ``ray`` importable, each run is a Ray task (``ray_num_cpus`` CPUs,
-default 1) that executes the same subprocess on whichever node Ray picks, at most ``max_parallel`` at a
-time; ``ray_address`` is passed to ``ray.init`` (default: start or join a local instance). ``out_dir``
-must then be on a filesystem all nodes share. This path is deliberately simple and is *not* tested here
-(ray is not installed in the development environment).
+Ray: with ``backend = "ray"`` each run is a Ray task (``ray_num_cpus`` CPUs, default 1) that executes
+the same subprocess on whichever node Ray picks, at most ``max_parallel`` at a time. ``ray_address``
+joins an existing cluster (``"auto"``, or the head's ``host:port`` as ``ray start --head`` prints it);
+without it a local Ray instance is started for the sweep and shut down after it. Every node needs the
+same Python environment with aclab at the path of the sweep's ``sys.executable`` (or a
+``command_prefix`` valid on every node), and ``out_dir`` on a filesystem every node sees at the same
+path (the tasks write the run directories and ``.logs/`` there). A task's child gets ``OMP_NUM_THREADS``
+= ``ray_num_cpus`` (unless the sweep's environment sets it) and otherwise the environment of the node it
+runs on. Stopping the sweep (SIGINT or SIGTERM) cancels its tasks: each stops its run with SIGTERM (the
+run checkpoints and exits, status ``interrupted``) and the sweep reports the cells as failed; running
+the sweep again resumes them (tested against a Ray head started by the tests,
+``tests/test_sweep.py``).
 """
 
 from __future__ import annotations
@@ -430,19 +437,34 @@ class _Children:
 
 
 CHILDREN = _Children()
-STOP_GRACE_S = 60.0  # after SIGTERM, a child gets this long to checkpoint before SIGKILL
+STOP_GRACE_S = 60.0  # after SIGTERM, a run gets this long to checkpoint and exit before SIGKILL
 
 
-def execute_command(command: list[str], log_path: str, timeout_s: float | None, env: dict | None) -> tuple[int, float]:
+def _stop_child(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
+    """SIGTERM (the run checkpoints and stops), then SIGKILL after ``grace_s``; the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def execute_command(command: list[str], log_path: str, timeout_s: float | None, env: dict | None,
+                    extra_env: dict | None = None) -> tuple[int, float]:
     """Run ``command`` with stdout+stderr appended to ``log_path``; return (exit code, seconds).
 
     A plain function of plain values so that a Ray task can run it as is; exit code 124 on timeout (the
-    child gets SIGTERM, then SIGKILL after ``STOP_GRACE_S``). The child is told to die with this process
-    (``ACLAB_DIE_WITH_PARENT``).
+    child gets SIGTERM, then SIGKILL after ``STOP_GRACE_S``). ``env`` None: this process's environment (on
+    a Ray node: that node's), updated with ``extra_env``. The child is told to die with this process
+    (``ACLAB_DIE_WITH_PARENT``). Interrupted (KeyboardInterrupt: Ctrl-C, or a Ray task cancelled because
+    its sweep stopped), it stops the child with SIGTERM (then SIGKILL after ``STOP_GRACE_S``) before
+    re-raising.
     """
     start = time.monotonic()
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ if env is None else env, ACLAB_DIE_WITH_PARENT=str(os.getpid()))
+    env = {**(os.environ if env is None else env), **(extra_env or {}), "ACLAB_DIE_WITH_PARENT": str(os.getpid())}
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -453,19 +475,31 @@ def execute_command(command: list[str], log_path: str, timeout_s: float | None, 
             return 127, time.monotonic() - start
         CHILDREN.add(proc)
         try:
-            code = proc.wait(timeout=timeout_s)
+            code = _wait(proc, timeout_s)
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop_child(proc)
             log.write(f"\n[aclab sweep] timed out after {timeout_s} s\n")
             code = 124
+        except BaseException:
+            log.write("\n[aclab sweep] stopped: the run was sent SIGTERM\n")
+            log.flush()
+            _stop_child(proc)
+            raise
         finally:
             CHILDREN.remove(proc)
     return code, time.monotonic() - start
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float | None) -> int:
+    """``proc.wait(timeout_s)`` in short slices, so that an interrupt (a cancelled Ray task) is seen at once."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        try:
+            return proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+
 
 
 def die_with_parent() -> None:
@@ -552,32 +586,87 @@ def _run_local(
         return dict(f.result() for f in futures)
 
 
+class _StopFlag:
+    """SIGINT/SIGTERM count in ``requested`` (in the main thread) instead of killing the sweep at once."""
+
+    def __init__(self):
+        self.requested = 0
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested += 1
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _ray_child_env() -> dict[str, str]:
+    """What a Ray task adds to its node's environment: only what the sweep's user set on purpose."""
+    return {key: os.environ[key] for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if key in os.environ}
+
+
 def _run_ray(
     jobs: list[SweepJob], spec: SweepSpec, max_parallel: int, log_dir: Path, log: Callable[[str], None]
-) -> dict[int, JobResult]:  # pragma: no cover - ray not installed here
+) -> dict[int, JobResult]:
+    """Each job a Ray task (``ray_num_cpus`` CPUs) running :func:`execute_command` on whichever node Ray
+    picks, ``max_parallel`` at a time. A signal to the sweep cancels the tasks (their runs get SIGTERM)."""
     try:
         import ray
     except ImportError as exc:
         raise SweepError("backend = 'ray' needs the ray package: pip install 'aclab[ray]'") from exc
-    if not ray.is_initialized():
-        ray.init(address=spec.ray_address)
-    remote = ray.remote(num_cpus=spec.ray_num_cpus)(execute_command)
-    env = _child_env(max_parallel)
+    owns_runtime = not ray.is_initialized()
+    if owns_runtime:
+        ray.init(address=spec.ray_address, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=spec.ray_num_cpus, max_retries=0)(execute_command)
+    extra_env = {"OMP_NUM_THREADS": str(max(1, int(spec.ray_num_cpus))), **_ray_child_env()}
     pending: dict[Any, int] = {}
     results: dict[int, JobResult] = {}
     queue = list(range(len(jobs)))
-    while queue or pending:
-        while queue and len(pending) < max_parallel:
-            index = queue.pop(0)
-            log_path = log_dir / f"{jobs[index].run_dir.name}.log"
-            log(f"[sweep] submit {jobs[index].run_dir.name} ({jobs[index].action}) to ray")
-            pending[remote.remote(jobs[index].command, str(log_path), spec.timeout_s, env)] = index
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            index = pending.pop(ref)
-            code, seconds = ray.get(ref)
-            results[index] = _result(jobs[index], code, seconds, log_dir / f"{jobs[index].run_dir.name}.log")
-            log(f"[sweep] {results[index].status:<8} {jobs[index].run_dir.name} ({seconds:.1f} s)")
+    cancelled = 0  # the number of stop signals acted on
+    try:
+        with _StopFlag() as stop:
+            while queue or pending:
+                while queue and len(pending) < max_parallel and not stop.requested:
+                    index = queue.pop(0)
+                    log_path = log_dir / f"{jobs[index].run_dir.name}.log"
+                    log(f"[sweep] submit {jobs[index].run_dir.name} ({jobs[index].action}) to ray")
+                    pending[remote.remote(jobs[index].command, str(log_path), spec.timeout_s, None, extra_env)] = index
+                if stop.requested and stop.requested != cancelled:
+                    log(f"[sweep] stopping: cancelling {len(pending)} run(s), {len(queue)} not started")
+                    for index in queue:
+                        results[index] = JobResult(jobs[index], "failed", message="not started: the sweep was stopped")
+                    queue = []
+                    for ref in pending:  # first signal: KeyboardInterrupt in the task, which stops its run with
+                        ray.cancel(ref, force=stop.requested > 1)  # SIGTERM; a second: kill the task's worker
+                    cancelled = stop.requested
+                if not pending:
+                    break
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                for ref in done:
+                    index = pending.pop(ref)
+                    job, log_path = jobs[index], log_dir / f"{jobs[index].run_dir.name}.log"
+                    try:
+                        code, seconds = ray.get(ref)
+                    except ray.exceptions.TaskCancelledError:
+                        results[index] = JobResult(job, "failed", None, 0.0, log_path,
+                                                   "stopped with the sweep: the run was sent SIGTERM; run the sweep "
+                                                   "again to resume it")
+                    except ray.exceptions.RayError as exc:  # the task's worker or node died
+                        results[index] = JobResult(job, "failed", None, 0.0, log_path,
+                                                   f"Ray task failed: {type(exc).__name__}: {exc}")
+                    else:
+                        results[index] = _result(job, code, seconds, log_path)
+                    log(f"[sweep] {results[index].status:<8} {job.run_dir.name}")
+    finally:
+        if owns_runtime:
+            ray.shutdown()
     return results
 
 

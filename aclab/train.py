@@ -16,6 +16,7 @@ Any exception leaves ``status: failed`` and the error in summary.json; SIGINT/SI
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import signal
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aclab import registry
+from aclab import distributed, registry
 from aclab.algos.common import (
     NonFiniteLossError,
     global_rng_state,
@@ -34,7 +35,7 @@ from aclab.algos.common import (
     seed_everything,
     set_global_rng_state,
 )
-from aclab.callbacks import CallbackList, EvaluationInfo, IterationInfo
+from aclab.callbacks import CallbackList, EvaluationInfo, IterationInfo, StopTraining
 from aclab.config import (
     Config,
     ConfigError,
@@ -48,6 +49,7 @@ from aclab.config import (
     set_key,
 )
 from aclab.core.threads import set_threads
+from aclab.data.actors import ActorFailureLimit
 from aclab.envs import EnvIdError, build_envs, make_env, parse_env_id
 from aclab.envs.make import check_level_control
 from aclab.envs.registry import import_env_modules, register_env_factory
@@ -291,28 +293,42 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         config.env.id = register_env_factory(env_factory)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     device = resolve_device(config.device)
+    dp = _join_ranks(config, device, resume)
+    if dp.enabled:
+        device = dp.device
     if config.logging.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError as exc:
             raise ConfigError("logging.wandb=true needs the wandb package: pip install 'aclab[wandb]' "
                               "(scripts/setup.sh installs it)") from exc
-    if not resume:
+    if not resume and dp.is_main:
         Run.check_new(run_dir, overwrite)
     if config.deterministic_torch:
         torch.use_deterministic_algorithms(True)
+    # every rank: the same networks (the run's seed), its own envs and acting streams (its rank's seed)
     seed_everything(config.seed)
+    rank_config = dataclasses.replace(config, seed=dp.rank_seed(config.seed)) if dp.enabled else config
     # an algorithm that chooses each episode's level (PLR) gets envs that let it
-    envs = build_envs(config, level_control=getattr(registry.get_algorithm(config.algo), "LEVEL_CONTROL", False))
+    envs = build_envs(rank_config, num_envs=dp.local_envs(config.env.num_envs),
+                      level_control=getattr(registry.get_algorithm(config.algo), "LEVEL_CONTROL", False))
     algo = None
     try:
-        envs.reset(seed=config.seed)
+        if dp.enabled:
+            envs.set_statistics_reducer(dp.merge_moments)  # normalisers see the batches of every rank
+        envs.reset(seed=rank_config.seed)
         set_threads(config.torch_threads, obs_shape=envs.spec.obs_shape, device=device)
-        algo = build_algorithm(config, envs.spec, device)
-        if resume:
+        algo = build_algorithm(rank_config, envs.spec, device)
+        dp.check_replicas(algo)
+        if not dp.is_main:  # ranks other than 0 train and never touch the run directory
+            run, point = _OtherRank(), ResumePoint(None, [])
+        elif resume:
             run, point = Run.resume(run_dir, start_over=start_over)
         else:
             run, point = Run.create(run_dir, config.to_dict(), overwrite=overwrite), ResumePoint(None, [])
+        if dp.enabled:  # rank 0 read the checkpoint: each rank gets its part
+            point = dataclasses.replace(point, checkpoint=dp.scatter_checkpoint(point.checkpoint),
+                                        final_eval_done=dp.broadcast_object(point.final_eval_done))
     except BaseException:
         _close(envs, algo)
         raise
@@ -320,7 +336,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         if resume:
             run.write_config(config.to_dict())
         return _train_run(run, point, config, envs, algo, device, resume, stop_after_iterations, console,
-                          CallbackList(callbacks))
+                          CallbackList(callbacks if dp.is_main else ()), dp)
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt):
             run.write_summary({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
@@ -329,6 +345,9 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
     finally:
         _close(envs, algo)
         run.close()
+        if dp.enabled:
+            distributed.shutdown()
+            distributed.use(distributed.SINGLE_PROCESS)
 
 
 def _close(envs, algo) -> None:
@@ -338,8 +357,10 @@ def _close(envs, algo) -> None:
 
 
 def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device, resume: bool,
-               stop_after_iterations: int | None, console, hooks: CallbackList) -> dict:
-    progress = _make_progress(config, algo.steps, console)
+               stop_after_iterations: int | None, console, hooks: CallbackList,
+               dp: distributed.DataParallel = distributed.SINGLE_PROCESS) -> dict:
+    progress = _make_progress(config if dp.is_main else dataclasses.replace(config, progress=False), algo.steps,
+                              console)
     notice = _Notices(progress)
     for note in point.notes:
         notice(note, "warning")
@@ -350,14 +371,17 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
         algo.load_state_dict(checkpoint["algo"])
         envs_exact = envs.load_state_dict(checkpoint["envs"])
         set_global_rng_state(checkpoint["rng"])
+        if dp.enabled:
+            dp.generator.set_state(checkpoint["minibatch_rng"])
         if not envs_exact:
             notice(f"the {envs.backend_name} backend cannot save its simulators: this run continues from the "
                    f"checkpoint at step {checkpoint['step']} with freshly reset envs (networks, optimisers and "
                    "statistics restored), so it will not match an uninterrupted run bit for bit", "warning")
     final_eval_step = algo.steps if point.final_eval_done else None  # a completed final evaluation
-    if (checkpoint is not None and algo.steps >= config.total_steps
-            and (final_eval_step == algo.steps or config.eval.episodes == 0)
-            and run.read_summary().get("status") == "finished"):
+    already_finished = (checkpoint is not None and algo.steps >= config.total_steps
+                        and (final_eval_step == algo.steps or config.eval.episodes == 0)
+                        and run.read_summary().get("status") == "finished")
+    if dp.broadcast_object(already_finished):  # rank 0 read the summary: every rank takes its answer
         notice(f"{run.path} already finished at step {algo.steps:,} (total_steps {config.total_steps:,}); "
                "nothing to do (raise --total-steps to train on)")
         return run.read_summary()
@@ -369,7 +393,7 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
     divergence.load_state_dict(loop.divergence or {})
     saved_step = int(checkpoint["step"]) if checkpoint is not None else None
     recorder = EpisodeRecorder(envs) if config.logging.episodes else None
-    if config.logging.wandb:
+    if config.logging.wandb and dp.is_main:
         run.sinks.append(_wandb_sink(config, run))
 
     def state() -> dict:
@@ -381,15 +405,20 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
             "rng": global_rng_state(),
             "loop": loop.state_dict(),
             "logs": {"eval_rows": run.eval_rows()},
+            **({"minibatch_rng": dp.generator.get_state()} if dp.enabled else {}),
         }
 
     def save() -> None:
         nonlocal saved_step, last_save
-        path = run.save_checkpoint(algo.steps, state(), keep=config.keep_checkpoints)
+        merged = dp.gather_checkpoint(state())  # several ranks: rank 0 writes every rank's state
         saved_step, last_save = algo.steps, time.monotonic()
-        hooks.on_checkpoint(int(algo.steps), path)
+        if dp.is_main:
+            path = run.save_checkpoint(algo.steps, merged, keep=config.keep_checkpoints)
+            hooks.on_checkpoint(int(algo.steps), path)
 
     def evaluate_now(final: bool = False) -> dict[str, float]:
+        if not dp.is_main:  # rank 0 evaluates (every rank holds the same parameters)
+            return {}
         best_split = "test" if config.eval.split == "both" else config.eval.split
         done, eval_metrics = _run_evals(algo, config, run, envs, hooks, final=final)
         for split, returns in done:
@@ -407,11 +436,12 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
     try:
         with _StopRequest() as stop, progress:
             while algo.steps < config.total_steps:
-                if stop.requested or (stop_after_iterations is not None and iterations_here >= stop_after_iterations):
+                signalled = dp.any(stop.requested)  # a signal that reached one rank stops every rank here
+                if signalled or (stop_after_iterations is not None and iterations_here >= stop_after_iterations):
                     if saved_step != algo.steps:
                         save()
                     status = "interrupted"
-                    if stop.requested:
+                    if signalled:
                         notice(f"stopped at step {algo.steps:,} after a checkpoint; continue with "
                                f"'aclab train --resume {run.path}'")
                     break
@@ -420,8 +450,11 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                 metrics = algo.iterate(envs)
                 iterations_here += 1
                 iteration = getattr(algo, "iteration", iterations_here)
-                recent.extend(float(r) for r in algo.last_episode_returns)
-                successes = envs.pop_episode_successes()
+                rows = recorder.rows(algo) if recorder is not None else []
+                finished, metrics, rows = dp.gather_episodes(algo.last_episode_returns, metrics, rows,
+                                                             dp.rank * envs.num_envs)
+                recent.extend(float(r) for r in (finished if finished is not None else ()))
+                successes = envs.pop_episode_successes()  # this rank's envs (Meta-World)
                 if successes.size:
                     metrics["episode_success"] = float(successes.mean())
                     recent_success.extend(successes.tolist())
@@ -429,15 +462,19 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                 if iteration % config.log_every_iterations == 0:
                     run.log(algo.steps, metrics)
                 if recorder is not None:
-                    run.log_episodes(recorder.rows(algo))
+                    run.log_episodes(rows)
                 for warning in divergence.check(algo.steps, metrics):
                     notice(warning, "warning")
                     if config.divergence.stop:
                         raise DivergedError(warning)
                 progress.update(algo.steps, metrics, recent)
                 hooks.on_iteration(IterationInfo(int(algo.steps), iterations_here, metrics,
-                                                 np.asarray(algo.last_episode_returns, dtype=np.float64).reshape(-1),
+                                                 np.asarray(finished, dtype=np.float64).reshape(-1),
                                                  run.path, config, algo))
+                if dp.enabled:  # rank 0's callbacks decide for every rank
+                    request = dp.broadcast_object(None if hooks.stop is None else (hooks.stop.reason,
+                                                                                   hooks.stop.final_eval))
+                    hooks.stop = None if request is None else StopTraining(*request)
                 eval_metrics = {}
                 if ((config.eval.every_steps and algo.steps - loop.last_eval_step >= config.eval.every_steps)
                         or (config.eval.every_iterations and iteration % config.eval.every_iterations == 0)):
@@ -460,6 +497,9 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                     if final_metrics:
                         run.log(algo.steps, final_metrics)
                 run.mark_final_eval(algo.steps)
+    except ActorFailureLimit as exc:  # the actors failed, the learner's state is intact: keep it
+        save()
+        status, error = "failed", str(exc)
     except StopRequested:
         status = "interrupted"
         error = (f"stopped during an iteration at step {algo.steps:,}; its work is not checkpointed: the run "
@@ -498,6 +538,10 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
         "traceback": None,
         "stop_reason": stop_reason,
     }
+    if dp.enabled:
+        summary["world_size"] = dp.world_size
+        if not dp.is_main:
+            return summary
     if status == "finished" and summary["overshoot_steps"]:
         notice(f"stopped at step {algo.steps:,}, {summary['overshoot_steps']:,} past total_steps "
                f"{config.total_steps:,}: {config.algo} trains on whole iterations (rollouts, batches)")
@@ -516,6 +560,57 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
     except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose a finished run
         summary["plot_error"] = str(exc)
     return summary
+
+
+class _OtherRank:
+    """What a rank other than 0 of a data-parallel run holds instead of the run directory: its logging
+    calls do nothing (rank 0 logs, evaluates and writes the checkpoints)."""
+
+    path = None
+
+    def __init__(self):
+        self.sinks: list = []
+        self._started = time.monotonic()
+        self._before = 0.0
+
+    def start_clock(self, before: float = 0.0) -> None:
+        self._started, self._before = time.monotonic(), float(before or 0.0)
+
+    def elapsed(self) -> float:
+        return self._before + time.monotonic() - self._started
+
+    def read_summary(self) -> dict:
+        return {}
+
+    def eval_rows(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def _join_ranks(config: Config, device: torch.device, resume: bool) -> distributed.DataParallel:
+    """The data-parallel context of this process: several ranks under ``torchrun`` (``WORLD_SIZE`` > 1),
+    recorded in ``config.world_size``; else the single process. A run keeps its world size."""
+    world_size = distributed.launched_world_size()
+    if world_size == 1 and config.world_size == 1:
+        return distributed.current()
+    if world_size == 1 or (resume and config.world_size != world_size):
+        launch = "without torchrun" if config.world_size == 1 else (
+            f"with 'torchrun --nproc-per-node {config.world_size} -m aclab train ...'")
+        raise ConfigError(f"invalid value world_size={config.world_size}: this process has {world_size} rank(s); "
+                          f"a run keeps the world size it started with: start it {launch}")
+    if not getattr(registry.get_algorithm(config.algo), "DATA_PARALLEL", False):
+        able = [name for name, entry in registry.all_algorithms().items() if getattr(entry.cls, "DATA_PARALLEL", False)]
+        raise ConfigError(f"{config.algo} has no data-parallel learner: train it in one process (without torchrun); "
+                          f"data-parallel algorithms: {', '.join(able)}")
+    if config.env.num_envs % world_size:
+        raise ConfigError(f"invalid value env.num_envs={config.env.num_envs}: expected a multiple of the world size "
+                          f"{world_size} (each rank steps env.num_envs / world_size envs)")
+    config.world_size = world_size
+    dp = distributed.init_from_environment(config.seed, device.type)
+    distributed.use(dp)
+    return dp
 
 
 def _warn_long_first_iteration(algo, config: Config, notice) -> None:

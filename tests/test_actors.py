@@ -2,8 +2,11 @@
 exactly the chunks of the in-process collector (results depend on the mode only through the lag);
 asynchronous runs end to end through the training loop."""
 
+import dataclasses
 import gc
 import importlib.util
+import os
+import signal
 import threading
 import time
 
@@ -11,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from aclab import registry
 from aclab.algos.impala import flat_state, make_acting_policy
 from aclab.data.actors import (
+    ActorFailureLimit,
     ActorWorker,
     Chunk,
+    FailureBudget,
     LocalActorPool,
     RayActorPool,
     TrajectoryCollector,
@@ -22,6 +28,7 @@ from aclab.data.actors import (
     make_actor_specs,
 )
 from aclab.envs import make_env
+from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -228,7 +235,7 @@ def test_local_actor_chunks_equal_in_process_chunks(backend):
     config = _impala_config("params.overlap=3")
     params = _parameter_versions(config, 2)
     (spec,) = make_actor_specs(config, make_acting_policy, 1, 4, 8, 3)
-    pool = LocalActorPool([spec], params[0].size, backend=backend, queue_size=1)
+    pool = LocalActorPool([spec], params[0].size, backend=backend, inflight=1)
     try:
         pool.publish(params[0], 0)
         received = [pool.get(timeout=60)]
@@ -265,6 +272,7 @@ def test_ray_actor_chunks_equal_in_process_chunks(ray_runtime):
     assert not pool._owns_runtime
     received: list[Chunk] = []
     try:
+        pool.wait_ready(timeout=120)  # both start with version 0
         pool.publish(params[0], 0)
         received += [pool.get(timeout=120) for _ in range(2)]
         pool.publish(params[1], 1)
@@ -379,3 +387,171 @@ def test_async_modes_learn_cartpole(tmp_path, mode):
     )  # normalisation needs synchronous acting
     summary = train(config, tmp_path / mode)
     assert summary["final_return"] > 150, summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Actors that survive: failures are counted, dead actors replaced, stale chunks dropped
+# ----------------------------------------------------------------------------------------------
+def test_failure_budget_counts_failures_within_the_window(capsys):
+    now = [0.0]
+    budget = FailureBudget(limit=3, window_s=10.0, clock=lambda: now[0])
+    for t in (0.0, 1.0, 12.0, 13.0):  # never 3 within 10 s
+        now[0] = t
+        budget.record(0, "Traceback ...\nRuntimeError: boom")
+    assert "actor 0 failed (RuntimeError: boom); restarting it" in capsys.readouterr().err
+    now[0] = 14.0
+    with pytest.raises(ActorFailureLimit, match=r"3 actor failures within 10 s .* actor 1: killed"):
+        budget.record(1, "killed")
+    assert budget.total == 5
+
+
+class _FakePool:
+    def __init__(self, chunks):
+        self.chunks = list(chunks)
+
+    def get(self, timeout):
+        return self.chunks.pop(0)
+
+
+def test_learner_drops_chunks_older_than_the_lag_bound():
+    """max_policy_lag: a chunk collected with parameters more than that many updates old never reaches the
+    loss; fresher ones do, in arrival order."""
+    config = _impala_config("params.actor_mode=thread", "params.max_policy_lag=2")
+    algo = registry.build(config, make_env("CartPole-v1", 1, 0, backend="gymnasium").spec, torch.device("cpu"))
+    envs = _cartpole(2, seed=0)
+    base = _collector(2, 8, 0).collect(envs, RandomPolicy(0), 0)
+    chunks = []
+    for version in (7, 10, 5, 8, 9):  # learner at 10: lags 3, 0, 5, 2, 1
+        chunks.append(dataclasses.replace(base, versions=np.full_like(base.versions, version)))
+    algo._pool, algo.iteration = _FakePool(chunks), 10
+    batch = algo.next_chunk(None)  # m = 4 envs: two 2-env chunks
+    assert batch.num_envs == 4 and sorted(set(batch.versions.ravel())) == [8, 10]
+    assert algo.dropped_chunks == 2 and len(algo._pool.chunks) == 1
+    algo._pool = None
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def _replacement_chunk(pool, actor: int, deadline_s: float = 120.0) -> Chunk:
+    """Chunks until one from ``actor``'s second incarnation arrives."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        chunk = pool.get(timeout=deadline_s)
+        if chunk.actor_id == actor and chunk.incarnation == 1:
+            return chunk
+    raise AssertionError("the killed actor was not replaced")
+
+
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_killed_actor_is_replaced_with_fresh_seeds_and_current_parameters(request, backend):
+    """Kill an actor process by its pid: the pool notices, counts the failure, starts the next incarnation
+    (fresh env seeds), which collects with the parameters published after the kill: its first chunk equals
+    what an in-process worker of that incarnation makes with those parameters."""
+    config = _impala_config()
+    params = _parameter_versions(config, 2)
+    specs = make_actor_specs(config, make_acting_policy, 2, 2, 8, 0)
+    if backend == "ray":
+        request.getfixturevalue("ray_runtime")
+        pool = RayActorPool(specs, inflight=1)
+    else:
+        pool = LocalActorPool(specs, params[0].size, backend="process", inflight=1)
+    try:
+        pool.wait_ready(timeout=120)
+        assert pool.stats() == {"actors/alive": 2.0, "actors/restarts": 0.0}
+        pids = pool.pids()
+        assert len(set(pids)) == 2 and all(pids)
+        pool.publish(params[0], 0)
+        pool.get(timeout=120)
+        _kill(pids[0])
+        pool.publish(params[1], 1)
+        replacement = _replacement_chunk(pool, 0)
+        stats = pool.stats()
+        assert stats["actors/restarts"] == 1 and stats["actors/alive"] == 2 and stats["actors/restart_s"] > 0
+        assert pool.pids()[0] not in (None, pids[0]) and pool.pids()[1] == pids[1]
+    finally:
+        pool.close()
+    assert (replacement.versions == 1).all()
+    (expected,) = _reference(specs[0].restarted(), params, [1])
+    _assert_same_chunk(replacement, expected)
+    (first_incarnation,) = _reference(specs[0], params, [1])
+    assert not np.array_equal(expected.obs, first_incarnation.obs)  # fresh seeds, not a replay
+
+
+_FAILED_ONCE: list[int] = []
+
+
+def _fails_once_factory(config, env_spec, seed):
+    """A policy whose first instance raises on its second chunk (thread actors share this module)."""
+    policy = make_acting_policy(config, env_spec, seed)
+    if not _FAILED_ONCE:
+        _FAILED_ONCE.append(seed)
+        calls = [0]
+        act = policy.act
+
+        def failing_act(obs, first, state):
+            calls[0] += 1
+            if calls[0] > 8:
+                raise RuntimeError("injected actor failure")
+            return act(obs, first, state)
+
+        policy.act = failing_act
+    return policy
+
+
+def test_thread_actor_that_raises_is_replaced():
+    config = _impala_config()
+    params = _parameter_versions(config, 1)
+    _FAILED_ONCE.clear()
+    specs = make_actor_specs(config, _fails_once_factory, 1, 2, 8, 0)
+    pool = LocalActorPool(specs, params[0].size, backend="thread", inflight=1)
+    try:
+        pool.publish(params[0], 0)
+        assert pool.get(timeout=60).incarnation == 0
+        assert _replacement_chunk(pool, 0, 60).incarnation == 1
+        assert pool.stats()["actors/restarts"] == 1 and pool.pids() == [None]
+    finally:
+        pool.close()
+
+
+def _killing_run(tmp_path, mode: str, kills: dict[int, int], *extra: str) -> tuple[dict, list[dict], list]:
+    """A run in which a callback kills actor ``kills[i]`` by pid at iteration ``i``; after the last kill
+    it slows the loop down until the failures are noticed and the replacement is ready, so that the run
+    ends with it."""
+    seen: list = []
+
+    class Killer:
+        def on_iteration(self, info):
+            seen.append(info.algo.actor_pids())
+            if info.iteration in kills:
+                _kill(info.algo.actor_pids()[kills[info.iteration]])
+            elif info.iteration > max(kills) and (info.metrics["actors/restarts"] < len(kills)
+                                                  or info.metrics["actors/alive"] < 2):
+                time.sleep(0.5)  # give the replacement time to start before the run ends
+
+    config = _impala_config(f"params.actor_mode={mode}", "total_steps=1600", "checkpoint_every_iterations=0",
+                            "params.num_actors=2", "params.max_policy_lag=3", *extra)
+    summary = train(config, tmp_path / mode, callbacks=[Killer()])
+    return summary, _metric_rows(tmp_path / mode), seen
+
+
+@pytest.mark.parametrize("mode", ["process", "ray"])
+def test_run_survives_an_actor_killed_by_pid(tmp_path, request, mode):
+    """The run finishes, counts the restart, the replacement is alive at the end, and the learner never
+    trained on a chunk collected more than max_policy_lag updates earlier."""
+    if mode == "ray":
+        request.getfixturevalue("ray_runtime")
+    summary, rows, pids = _killing_run(tmp_path, mode, {3: 0})
+    assert summary["status"] == "finished" and summary["steps"] >= 1600, summary
+    assert float(rows[-1]["actors/restarts"]) == 1 and float(rows[-1]["actors/alive"]) == 2
+    assert rows[-1]["actors/restart_s"] not in ("", None)
+    assert max(float(r["policy_lag_max"]) for r in rows) <= 3
+    assert pids[-1][0] != pids[2][0] and pids[-1][1] == pids[2][1]  # actor 0 is a new process
+
+
+def test_too_many_actor_failures_stop_the_run_failed_with_a_checkpoint(tmp_path):
+    summary, rows, _ = _killing_run(tmp_path, "process", {3: 0, 4: 1}, "params.actor_failure_limit=2")
+    assert summary["status"] == "failed" and "2 actor failures within 300 s" in summary["error"], summary
+    checkpoint = load_latest_checkpoint(tmp_path / "process" / "checkpoints")
+    assert checkpoint is not None and checkpoint["step"] == summary["steps"] == int(rows[-1]["step"])

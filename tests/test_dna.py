@@ -12,6 +12,7 @@ import pytest
 import torch
 from run_rows import metric_rows
 
+from aclab import distributed
 from aclab.algos import dna as dna_module
 from aclab.algos import ppo as ppo_module
 from aclab.algos.common import resolve_device
@@ -175,8 +176,7 @@ def test_without_distillation_and_with_equal_lambdas_dna_is_ppo_with_separate_ne
     """Separate networks make PPO's joint loss split into DNA's policy and value phases: Adam is per
     element, so one optimiser over both networks equals one per network; with the same minibatch order
     and no gradient clipping the updated networks agree to float rounding."""
-    monkeypatch.setattr(ppo_module, "shuffled_minibatches", _fixed_order_minibatches)
-    monkeypatch.setattr(dna_module, "shuffled_minibatches", _fixed_order_minibatches)
+    monkeypatch.setattr(distributed, "shuffled_minibatches", _fixed_order_minibatches)  # PPO's and DNA's
     common = ["env.num_envs=4", "params.num_steps=64", "params.gamma=0.99", "params.lr=1e-3"]
     ppo_config = make_config("ppo", "CartPole-v1", overrides=[
         *FAST, *common, "params.gae_lambda=0.9", "params.num_epochs=3", "params.num_minibatches=4",
@@ -248,11 +248,11 @@ def test_each_phase_steps_its_own_adam_in_the_papers_order(monkeypatch):
     for name in ("policy", "value", "distil"):
         real = getattr(algo, f"_{name}_phase")
 
-        def phase(batch, measure_noise, name=name, real=real):
+        def phase(batch, measure_noise, valid, name=name, real=real):
             order.append(name)
             if name == "distil":
                 value_at_distil.append([p.detach().clone() for p in algo.value_net.parameters()])
-            return real(batch, measure_noise)
+            return real(batch, measure_noise, valid)
 
         monkeypatch.setattr(algo, f"_{name}_phase", phase)
     algo.iterate(envs)
@@ -355,7 +355,7 @@ def test_noise_scale_measures_each_loss_on_its_own_network_at_the_phase_start(mo
     for name in ("policy", "value", "distil"):
         real = getattr(algo, f"_{name}_phase")
 
-        def phase(batch, measure_noise, name=name, real=real):
+        def phase(batch, measure_noise, valid, name=name, real=real):
             obs = batch["obs"]
             if name == "policy":
                 loss = policy_phase_loss(algo.dist, algo.policy_net.dist_params(obs), batch["actions"],
@@ -370,7 +370,7 @@ def test_noise_scale_measures_each_loss_on_its_own_network_at_the_phase_start(mo
                 params, values = algo.policy_net(obs)
                 loss = distil_phase_loss(values, targets, algo.dist, old, params, p.distil_beta)[0]
                 expected[name] = (full_gradient_sq(loss, algo.policy_net), obs.shape[0])
-            return real(batch, measure_noise)
+            return real(batch, measure_noise, valid)
 
         monkeypatch.setattr(algo, f"_{name}_phase", phase)
     metrics = algo.iterate(envs)

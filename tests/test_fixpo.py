@@ -13,7 +13,6 @@ import torch
 from run_rows import metric_rows
 from torch import distributions as td
 
-from aclab.algos import fixpo as fixpo_module
 from aclab.algos.common import resolve_device
 from aclab.algos.fixpo import (
     FixPO,
@@ -214,14 +213,14 @@ def test_fixup_steps_on_the_kl_alone_so_it_works_even_with_beta_zero():
 # ---------------------------------------------------------------------------------------------- the phases' wiring
 def _watch_minibatches(monkeypatch, algo: FixPO, on_minibatch) -> None:
     """Call ``on_minibatch(mb)`` for every primary-phase minibatch, before the step taken on it."""
-    real = fixpo_module.shuffled_minibatches
+    real = algo.dp.minibatches
 
-    def minibatches(batch, num_minibatches, generator):
-        for mb in real(batch, num_minibatches, generator):
+    def minibatches(batch, num_minibatches, generator, valid):
+        for mb in real(batch, num_minibatches, generator, valid):
             on_minibatch(mb)
             yield mb
 
-    monkeypatch.setattr(fixpo_module, "shuffled_minibatches", minibatches)
+    monkeypatch.setattr(algo.dp, "minibatches", minibatches)
 
 
 @pytest.mark.parametrize("target", ["max", "mean"])
@@ -266,11 +265,11 @@ def test_fixup_phase_runs_when_due_steps_beta_and_leaves_the_critic_alone(monkey
             state["beta_stats"].append(float(stat))
         return real_beta_step(stat)
 
-    def fixup_phase(batch, steps_so_far):
+    def fixup_phase(batch, steps_so_far, valid=None):
         with torch.no_grad():
             values = algo.net.value(batch["obs"])
         state["in_fixup"], state["beta_stats"] = True, []
-        steps, terminated = real_fixup(batch, steps_so_far)
+        steps, terminated = real_fixup(batch, steps_so_far, valid)
         state["in_fixup"] = False
         with torch.no_grad():
             moved = float((algo.net.value(batch["obs"]) - values).abs().max())

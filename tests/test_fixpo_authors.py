@@ -184,12 +184,12 @@ def test_the_kl_before_the_fixup_is_logged_and_the_fixup_acts_exactly_when_it_ex
     recorded: list[float] = []
     original = algo._fixup_phase
 
-    def spy(batch, steps_so_far):
+    def spy(batch, steps_so_far, valid=None):
         with torch.no_grad():
             logits = algo.net.dist_params(batch["obs"])
             kl = td.kl_divergence(td.Categorical(logits=batch["old_params"]), td.Categorical(logits=logits))
         recorded.append(float(kl.max()))
-        return original(batch, steps_so_far)
+        return original(batch, steps_so_far, valid)
 
     algo._fixup_phase = spy
     needed = []

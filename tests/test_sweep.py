@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +21,16 @@ from aclab.evaluate.runs_io import expand_run_dirs, load_run
 
 # A stand-in for `python -m aclab`: understands `train ALGO --env E --seed S --run-dir D [...]` and
 # `train --resume D`, writes a tiny finished run directory, and appends one JSON line per invocation
-# (argv, start and end times) to $FAKE_TRAINER_LOG. $FAKE_TRAINER_SLEEP: seconds to sleep;
-# $FAKE_TRAINER_FAIL_SEED: exit 1 (status "failed") for that seed.
+# (argv, pid, start and end times, how it ended) to $FAKE_TRAINER_LOG. $FAKE_TRAINER_SLEEP: seconds to sleep;
+# $FAKE_TRAINER_FAIL_SEED: exit 1 (status "failed") for that seed. The same settings can come from
+# settings.json beside the script (Ray tasks run with their node's environment, not the test's). SIGTERM
+# stops it as it stops aclab train: status "interrupted" with a checkpoint, exit code 0.
 FAKE_TRAINER = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, signal, sys, time
     start = time.time()
+    settings = os.path.join(os.path.dirname(os.path.abspath(__file__)), "settings.json")
+    if os.path.exists(settings):
+        os.environ.update(json.load(open(settings)))
     argv = sys.argv[1:]
     assert argv[0] == "train", argv
     if argv[1] == "--resume":
@@ -31,6 +43,18 @@ FAKE_TRAINER = textwrap.dedent("""
         config = {"algo": argv[1], "seed": int(opts["--seed"]), "total_steps": 100,
                   "env": {"id": opts["--env"]}}
         json.dump(config, open(os.path.join(run_dir, "config.json"), "w"))
+    def log_call(how):
+        with open(os.environ["FAKE_TRAINER_LOG"], "a") as f:
+            f.write(json.dumps({"argv": argv, "pid": os.getpid(), "start": start, "end": time.time(),
+                                "how": how}) + "\\n")
+    def stop(signum, frame):
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        open(os.path.join(run_dir, "checkpoints", "ckpt_000000000050.pt"), "w").close()
+        json.dump({"status": "interrupted"}, open(os.path.join(run_dir, "summary.json"), "w"))
+        log_call("sigterm")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    log_call("start")
     time.sleep(float(os.environ.get("FAKE_TRAINER_SLEEP", "0")))
     failed = str(config["seed"]) == os.environ.get("FAKE_TRAINER_FAIL_SEED")
     with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
@@ -38,8 +62,7 @@ FAKE_TRAINER = textwrap.dedent("""
     summary = {"algo": config["algo"], "env_id": config["env"]["id"], "seed": config["seed"], "steps": 100,
                "status": "failed" if failed else "finished"}
     json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"))
-    with open(os.environ["FAKE_TRAINER_LOG"], "a") as f:
-        f.write(json.dumps({"argv": argv, "start": start, "end": time.time()}) + "\\n")
+    log_call("done")
     print("fake trainer done", run_dir)
     sys.exit(1 if failed else 0)
 """)
@@ -54,8 +77,9 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.delenv("FAKE_TRAINER_SLEEP", raising=False)
     monkeypatch.delenv("FAKE_TRAINER_FAIL_SEED", raising=False)
 
-    def invocations() -> list[dict]:
-        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    def invocations(how: str = "done") -> list[dict]:
+        calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return [c for c in calls if c["how"] == how]
 
     return [sys.executable, str(script)], invocations
 
@@ -300,17 +324,140 @@ def test_max_parallel_argument_overrides_spec(tmp_path, fake, monkeypatch):
         sw.run_sweep(spec_path, command_prefix=prefix, max_parallel=0, log=None)
 
 
-def test_ray_backend_without_ray(tmp_path, fake):
-    try:
-        import ray  # noqa: F401
-
-        pytest.skip("ray is installed")
-    except ImportError:
-        pass
+def test_ray_backend_without_ray(tmp_path, fake, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
     prefix, _ = fake
     spec_path = write_spec(tmp_path, 'algos=["ppo"]\nenvs=["e"]\nseeds=[0]\nout_dir="runs"\nbackend="ray"\n')
     with pytest.raises(sw.SweepError, match="needs the ray package"):
         sw.run_sweep(spec_path, command_prefix=prefix, log=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray: a head started here (as `ray start --head` on a cluster's first machine), sweeps join it
+# ----------------------------------------------------------------------------------------------
+# Ray's token authentication (its default for `ray start`): a driver that joins by an explicit address
+# sends the token (~/.ray/auth_token) only with RAY_AUTH_MODE=token in its environment.
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
+def _ray_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True,
+                          env=RAY_ENV, **kwargs)
+
+
+def _sweep_cli(spec_path: Path, **kwargs):
+    """``aclab sweep SPEC`` as a user runs it, in its own process."""
+    return subprocess.Popen([sys.executable, "-m", "aclab", "sweep", str(spec_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=RAY_ENV, **kwargs)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of this machine's processes whose command line contains ``text``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head with 2 CPUs on this machine (one per module); its address, for ``ray_address``. Torn down by
+    stopping the processes it started (found by its own temp dir; other Ray instances are left alone)."""
+    pytest.importorskip("ray")
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = _ray_cli("start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                       "--disable-usage-stats", f"--temp-dir={temp_dir}", timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield f"127.0.0.1:{port}"
+    for _ in range(3):
+        pids = _processes_mentioning(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM if _ == 0 else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not pids:
+            break
+        time.sleep(2)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ray_spec(tmp_path: Path, address: str, seeds: str, **settings) -> Path:
+    """A sweep spec on the Ray head; the fake trainer's settings go beside it (Ray tasks do not see the
+    test's environment variables)."""
+    script = tmp_path / "fake_trainer.py"
+    (tmp_path / "settings.json").write_text(json.dumps({"FAKE_TRAINER_LOG": os.environ["FAKE_TRAINER_LOG"],
+                                                        **{k: str(v) for k, v in settings.items()}}))
+    return write_spec(tmp_path, f"""
+        algos = ["ppo"]
+        envs = ["CartPole-v1"]
+        seeds = {seeds}
+        out_dir = "runs"
+        max_parallel = 2
+        backend = "ray"
+        ray_address = "{address}"
+        command_prefix = ["{sys.executable}", "{script}"]
+    """)
+
+
+def test_ray_sweep_on_a_head_runs_in_parallel_fails_one_and_skips_a_finished_one(tmp_path, fake, ray_head):
+    _, invocations = fake
+    spec_path = _ray_spec(tmp_path, ray_head, "[0, 1, 2, 3]", FAKE_TRAINER_SLEEP=1.0, FAKE_TRAINER_FAIL_SEED=2)
+    finished = tmp_path / "runs" / "ppo__CartPole-v1__seed0"
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text(json.dumps({"status": "finished"}))
+    sweep = _sweep_cli(spec_path)
+    output, _ = sweep.communicate(timeout=300)
+    assert sweep.returncode == 3, output  # one cell failed
+    table = {line.split()[1]: line.split()[0] for line in output.splitlines() if line.startswith(
+        ("finished ", "skipped ", "failed "))}
+    assert table == {"ppo__CartPole-v1__seed0": "skipped", "ppo__CartPole-v1__seed1": "finished",
+                     "ppo__CartPole-v1__seed2": "failed", "ppo__CartPole-v1__seed3": "finished"}, output
+    assert "exit code 1" in output and "1 failed" in output and output.count("to ray") == 3
+    calls = invocations()
+    assert sorted(c["argv"][5] for c in calls) == ["1", "2", "3"]  # the finished seed 0 never ran
+    assert _max_overlap(calls) == 2  # two at a time on the head's 2 CPUs
+    assert (tmp_path / "runs" / ".logs" / "ppo__CartPole-v1__seed1.log").exists()
+
+
+def test_ray_sweep_stopped_by_a_signal_stops_its_runs_and_resumes_without_duplicates(tmp_path, fake, ray_head):
+    """SIGTERM to the sweep cancels its Ray tasks, which stop their runs with SIGTERM (they checkpoint, status
+    interrupted) and start no others; running the sweep again resumes those runs and trains the rest, so each
+    cell is trained from scratch once and finished once."""
+    _, invocations = fake
+    spec_path = _ray_spec(tmp_path, ray_head, "[0, 1, 2]", FAKE_TRAINER_SLEEP=120)
+    sweep = _sweep_cli(spec_path)
+    deadline = time.monotonic() + 120
+    while len(invocations("start")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    started = invocations("start")
+    assert len(started) == 2, sweep.stdout.read() if sweep.poll() is not None else "runs did not start"
+    sweep.send_signal(signal.SIGTERM)
+    output, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == 3, output
+    stopped = invocations("sigterm")
+    assert sorted(c["pid"] for c in stopped) == sorted(c["pid"] for c in started), output
+    assert not any(Path(f"/proc/{c['pid']}").exists() for c in started)
+    assert "stopped with the sweep" in output and "not started: the sweep was stopped" in output
+    first = {c["argv"][5] for c in started}
+
+    (tmp_path / "settings.json").write_text(json.dumps({"FAKE_TRAINER_LOG": os.environ["FAKE_TRAINER_LOG"]}))
+    again = _sweep_cli(spec_path)
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0 and "3 finished" in output, output
+    resumed = [c for c in invocations() if c["argv"][1] == "--resume"]
+    fresh = [c for c in invocations() if c["argv"][1] != "--resume"]
+    assert sorted(Path(c["argv"][2]).name[-1] for c in resumed) == sorted(first)
+    assert [c["argv"][5] for c in fresh] == sorted({"0", "1", "2"} - first)
+    assert len(invocations("start")) == 2 + 3  # no cell ran twice in the second sweep
 
 
 SLEEPER = textwrap.dedent("""

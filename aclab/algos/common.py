@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from aclab import distributed
 from aclab.config import ConfigError
 
 
@@ -36,13 +37,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_finite(named_values: dict[str, torch.Tensor], where: str) -> None:
-    """Raise NonFiniteLossError naming every non-finite entry (one host sync for all of them)."""
+    """Raise NonFiniteLossError naming every non-finite entry (one host sync for all of them). In a
+    data-parallel run every rank raises when one rank's values are not finite (they stop together)."""
     names = list(named_values)
     stacked = torch.stack([v.detach().float().reshape(()) for v in named_values.values()])
     finite = torch.isfinite(stacked)
+    message = None
     if not bool(finite.all()):
         bad = [f"{n}={stacked[i].item()}" for i, n in enumerate(names) if not bool(finite[i])]
-        raise NonFiniteLossError(f"non-finite loss in {where}: {', '.join(bad)}")
+        message = f"non-finite loss in {where}: {', '.join(bad)}"
+    if distributed.current().any(message is not None):
+        raise NonFiniteLossError(message or f"non-finite loss in {where} on another rank")
 
 
 def make_adam(params, lr: float, eps: float = 1e-8, **kwargs) -> torch.optim.Adam:

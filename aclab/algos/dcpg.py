@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from aclab import distributed
 from aclab.algos.common import Entry, check_finite, make_adam, policy_actions
 from aclab.algos.phasic import (
     DynamicsModel,
@@ -53,7 +54,7 @@ from aclab.algos.phasic import (
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector, shuffled_minibatches
+from aclab.data.rollout import RolloutCollector
 
 
 @dataclass
@@ -77,6 +78,7 @@ class DCPGConfig(PhasicConfig):
 
 class DCPG:
     Config = DCPGConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config
@@ -109,7 +111,9 @@ class DCPG:
         self.aux_optimizer = make_adam(aux_parameters, lr=self.aux_lr, eps=p.adam_eps)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
+        self.dp = distributed.current()  # several ranks: each steps num_envs / world_size envs
         num_envs = config.env.num_envs
+        local_envs = self.dp.local_envs(num_envs)
         self.batch_size = num_envs * p.num_steps
         self.num_iterations = max(config.total_steps // self.batch_size, 1)
         self.aux_envs_per_minibatch = max(num_envs // p.aux_num_minibatches, 1)
@@ -123,11 +127,11 @@ class DCPG:
                 fields["actions"] = ((), torch.int64)
                 if p.dynamics_resets == "authors":
                     fields["ends"] = ((), torch.bool)
-            self.buffer = make_aux_buffer(p, env_spec, num_envs, device, fields)
+            self.buffer = make_aux_buffer(p, env_spec, local_envs, device, fields)
         critics = ["value"] + (["separate_value"] if self.value_net is not None else [])
-        self.analyses = TrainingAnalyses(p, num_envs, critics, config.seed)
+        self.analyses = TrainingAnalyses(p, local_envs, critics, config.seed)
         # Separate DCPG: V_theta's rollout-time predictions, written by the collector's callbacks
-        self._theta_values = np.zeros((p.num_steps + 1, num_envs), dtype=np.float32)
+        self._theta_values = np.zeros((p.num_steps + 1, local_envs), dtype=np.float32)
         self._theta_step = 0
         self.steps = 0
         self.iteration = 0
@@ -251,17 +255,17 @@ class DCPG:
         if returns_phi is not None:
             batch["returns_phi"] = returns_phi.reshape(-1)[idx]
         if p.norm_adv == "batch":
-            batch["advantages"] = losses.normalize(batch["advantages"])
+            batch["advantages"] = self.dp.normalize(batch["advantages"])
         params_list = [q for group in self.policy_optimizer.param_groups for q in group["params"]]
         value_epochs = p.value_epochs if self.value_net is not None else 0
         zero = torch.zeros((), device=self.device)
         stats = []
         for epoch in range(max(p.policy_epochs, value_epochs)):
             train_policy, train_phi = epoch < p.policy_epochs, epoch < value_epochs
-            for mb in shuffled_minibatches(batch, p.num_minibatches, self.generator):
+            for mb in self.dp.minibatches(batch, p.num_minibatches, self.generator, rollout.valid):
                 dist_params, values = self.net(mb["obs"])
                 log_probs = self.dist.log_prob(dist_params, mb["actions"])
-                mb_adv = losses.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
+                mb_adv = self.dp.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
                 pg_loss, approx_kl, clip_frac = losses.clipped_surrogate_loss(
                     log_probs, mb["old_log_probs"], mb_adv, p.clip_coef)
                 entropy = self.dist.entropy(dist_params).mean()
@@ -272,11 +276,12 @@ class DCPG:
                     phi_loss = losses.value_loss(self.value_net(mb["obs"]), mb["returns_phi"])
                     loss = loss + p.vf_coef * phi_loss
                 self.policy_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.dp.backward(loss, params_list, mb.weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
                 self.policy_optimizer.step()
-                stats.append(torch.stack([pg_loss.detach(), entropy.detach(), value_anchor.detach(),
-                                          phi_loss.detach(), approx_kl, clip_frac, grad_norm]))
+                if mb.weight:  # a rank holding none of this minibatch (several ranks) adds no row
+                    stats.append(torch.stack([pg_loss.detach(), entropy.detach(), value_anchor.detach(),
+                                              phi_loss.detach(), approx_kl, clip_frac, grad_norm]))
         table = torch.stack(stats)
         self.last_policy_phase_stats = table
         names = ["loss/policy", "entropy", "loss/value_anchor", "loss/separate_value", "approx_kl",
@@ -301,14 +306,16 @@ class DCPG:
         params_list = [q for group in self.aux_optimizer.param_groups for q in group["params"]]
         stats = []
         for _epoch in range(p.aux_epochs):
-            for ids in buffer.trajectory_minibatches(self.aux_envs_per_minibatch, self.generator):
+            for ids in self.dp.trajectory_minibatches(buffer, self.aux_envs_per_minibatch, self.generator):
                 mb = buffer.gather(ids, names, self.device, with_next_obs=self.dynamics is not None)
-                loss, parts = self.aux_loss(mb)
+                weight = self.dp.share(mb["valid"].sum())  # the losses are means over valid states
+                loss, parts = self.aux_loss(mb) if ids.numel() else (None, None)
                 self.aux_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.dp.backward(loss, params_list, weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
                 self.aux_optimizer.step()
-                stats.append(torch.cat([parts, grad_norm.reshape(1)]))
+                if parts is not None:
+                    stats.append(torch.cat([parts, grad_norm.reshape(1)]))
         table = torch.stack(stats)
         names = ["aux/value_loss", "aux/kl", "aux/separate_value_loss", "aux/dynamics_loss",
                  "aux/dynamics_accuracy", "aux/grad_norm"]

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from aclab import distributed
 from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
 from aclab.algos.ppo import PPO, PPOConfig
 from aclab.analysis.noise_scale import GradientNoiseScale, measure_noise_scale
@@ -49,7 +50,7 @@ from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import Categorical, DiagGaussian, make_distribution, normal_split
 from aclab.core.returns import gae, td_lambda_returns
-from aclab.data.rollout import RolloutCollector, shuffled_minibatches
+from aclab.data.rollout import RolloutCollector
 from aclab.nets.agents import ActorCritic, build_encoder
 from aclab.nets.encoders import init_linear
 from aclab.runs import check_stop
@@ -296,15 +297,18 @@ def random_actions(env_spec, num_envs: int, np_rng: np.random.Generator) -> np.n
     return np_rng.uniform(low, high, size=(num_envs, *space.shape)).astype(np.float32)
 
 
-def random_warmup(envs, act_fn, random_fn, np_rng: np.random.Generator, max_steps: int, device) -> int:
+def random_warmup(envs, act_fn, random_fn, np_rng: np.random.Generator, max_steps: int, device,
+                  lockstep=int) -> int:
     """DNA paper, Appendix A: env b first takes n_b ~ U(1, W) uniformly random actions (``random_fn()``).
 
     The envs step in lockstep, so env b then acts with the current (untrained) policy ``act_fn`` until the
-    longest warm-up ends; nothing is learned from these steps. Returns the number of lockstep steps.
+    longest warm-up ends; nothing is learned from these steps. With several data-parallel ranks,
+    ``lockstep`` (the ranks' maximum) makes every rank's envs step the same number of times.
+    Returns the number of lockstep steps.
     """
     num_envs = envs.num_envs
     per_env = np_rng.integers(1, max_steps + 1, size=num_envs)
-    length = int(per_env.max())
+    length = int(lockstep(int(per_env.max())))
     for t in range(length):
         check_stop()
         actions = random_fn()
@@ -338,6 +342,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # ----------------------------------------------------------------------------------------------
 class DNA:
     Config = DNAConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config
@@ -368,8 +373,9 @@ class DNA:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
         self.np_rng = np.random.default_rng(config.seed)
-        self.num_envs = config.env.num_envs
-        self.batch_size = self.num_envs * p.num_steps
+        self.dp = distributed.current()  # several ranks: each steps num_envs / world_size envs
+        self.num_envs = self.dp.local_envs(config.env.num_envs)
+        self.batch_size = config.env.num_envs * p.num_steps
         self.num_iterations = max(config.total_steps // self.batch_size, 1)
         self.minibatch_sizes = p.minibatch_sizes()
         self.steps = 0
@@ -411,8 +417,8 @@ class DNA:
     def _warmup(self, envs) -> int:
         """DNA paper, Appendix A (:func:`random_warmup`); the steps count towards ``steps``."""
         length = random_warmup(envs, self._act, self._random_actions, self.np_rng, self.params.warmup_max_steps,
-                               self.device)
-        self.steps += self.num_envs * length
+                               self.device, self.dp.max_int)
+        self.steps += self.num_envs * self.dp.world_size * length
         self.warmed_up = True
         return length
 
@@ -471,13 +477,13 @@ class DNA:
         }
         old_values = rollout.values[:-1].reshape(-1)[idx]
         if p.norm_adv == "batch":
-            batch["advantages"] = losses.normalize(batch["advantages"])
+            batch["advantages"] = self.dp.normalize(batch["advantages"])
         measure_noise = p.noise_scale_every > 0 and self.iteration % p.noise_scale_every == 0
         metrics: dict[str, float] = {}
-        metrics.update(self._policy_phase(batch, measure_noise))
-        metrics.update(self._value_phase(batch, measure_noise))
+        metrics.update(self._policy_phase(batch, measure_noise, rollout.valid))
+        metrics.update(self._value_phase(batch, measure_noise, rollout.valid))
         if p.distil_epochs > 0:
-            metrics.update(self._distil_phase(batch, measure_noise))
+            metrics.update(self._distil_phase(batch, measure_noise, rollout.valid))
         with torch.no_grad():
             targets = batch["value_targets"]
             var_targets = targets.var()
@@ -485,10 +491,11 @@ class DNA:
         metrics["explained_variance"] = float(explained)
         return metrics
 
-    def _step(self, name: str, loss: torch.Tensor, parameters: list[torch.Tensor]) -> torch.Tensor:
+    def _step(self, name: str, loss: torch.Tensor, parameters: list[torch.Tensor], weight: float = 1.0) -> torch.Tensor:
+        """One step of phase ``name``'s optimiser (``weight``: this rank's share of the minibatch)."""
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.dp.backward(loss, parameters, weight)
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.params.max_grad_norm, foreach=True)
         optimizer.step()
         return grad_norm
@@ -500,7 +507,8 @@ class DNA:
         check_finite(dict(zip(names, table.sum(0))), f"DNA {phase} phase, iteration {self.iteration}")
         return dict(zip(names, table.mean(0).tolist()))
 
-    def _policy_phase(self, batch: dict[str, torch.Tensor], measure_noise: bool) -> dict[str, float]:
+    def _policy_phase(self, batch: dict[str, torch.Tensor], measure_noise: bool,
+                      valid: torch.Tensor | None = None) -> dict[str, float]:
         p = self.params
         fields = ("obs", "actions", "old_log_probs", "advantages")
         if p.ratio_clip == "per_dim":
@@ -519,17 +527,19 @@ class DNA:
         num_minibatches = _num_minibatches(self.batch_size, self.minibatch_sizes["policy"])
         stats = []
         for _ in range(p.policy_epochs):
-            for mb in shuffled_minibatches(data, num_minibatches, self.generator):
+            for mb in self.dp.minibatches(data, num_minibatches, self.generator, valid):
                 dist_params = self.policy_net.dist_params(mb["obs"])
-                advantages = losses.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
+                advantages = self.dp.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
                 loss, mb_stats = policy_phase_loss(self.dist, dist_params, mb["actions"], mb["old_log_probs"],
                                                    advantages, p.clip_coef, p.ent_coef, mb.get("old_params"))
-                mb_stats["grad_norm/policy"] = self._step("policy", loss, parameters)
-                stats.append(mb_stats)
+                mb_stats["grad_norm/policy"] = self._step("policy", loss, parameters, mb.weight)
+                if mb.weight:  # a rank holding none of this minibatch (several ranks) adds no row
+                    stats.append(mb_stats)
         metrics.update(self._summarise("policy", stats))
         return metrics
 
-    def _value_phase(self, batch: dict[str, torch.Tensor], measure_noise: bool) -> dict[str, float]:
+    def _value_phase(self, batch: dict[str, torch.Tensor], measure_noise: bool,
+                     valid: torch.Tensor | None = None) -> dict[str, float]:
         p = self.params
         data = {"obs": batch["obs"], "value_targets": batch["value_targets"]}
         parameters = list(self.value_net.parameters())
@@ -542,10 +552,11 @@ class DNA:
         num_minibatches = _num_minibatches(self.batch_size, self.minibatch_sizes["value"])
         stats = []
         for _ in range(p.value_epochs):
-            for mb in shuffled_minibatches(data, num_minibatches, self.generator):
+            for mb in self.dp.minibatches(data, num_minibatches, self.generator, valid):
                 loss = value_phase_loss(self.value_net(mb["obs"]), mb["value_targets"], p.value_loss_coef)
-                grad_norm = self._step("value", loss, parameters)
-                stats.append({"loss/value": loss.detach(), "grad_norm/value": grad_norm})
+                grad_norm = self._step("value", loss, parameters, mb.weight)
+                if mb.weight:
+                    stats.append({"loss/value": loss.detach(), "grad_norm/value": grad_norm})
         metrics.update(self._summarise("value", stats))
         return metrics
 
@@ -554,7 +565,8 @@ class DNA:
         size = self.params.forward_chunk_size
         return torch.cat([fn(obs[i:i + size]) for i in range(0, obs.shape[0], size)])
 
-    def _distil_phase(self, batch: dict[str, torch.Tensor], measure_noise: bool) -> dict[str, float]:
+    def _distil_phase(self, batch: dict[str, torch.Tensor], measure_noise: bool,
+                      valid: torch.Tensor | None = None) -> dict[str, float]:
         p = self.params
         data = {
             "obs": batch["obs"],
@@ -573,13 +585,14 @@ class DNA:
         num_minibatches = _num_minibatches(self.batch_size, self.minibatch_sizes["distil"])
         stats = []
         for _ in range(p.distil_epochs):
-            for mb in shuffled_minibatches(data, num_minibatches, self.generator):
+            for mb in self.dp.minibatches(data, num_minibatches, self.generator, valid):
                 params, values = self.policy_net(mb["obs"])
                 loss, mse, constraint = distil_phase_loss(values, mb["targets"], self.dist, mb["old_params"], params,
                                                           p.distil_beta, p.distil_constraint, p.distil_value_coef)
-                grad_norm = self._step("distil", loss, parameters)
-                stats.append({"loss/distil": loss.detach(), "loss/distil_value": mse.detach(),
-                              "loss/distil_constraint": constraint.detach(), "grad_norm/distil": grad_norm})
+                grad_norm = self._step("distil", loss, parameters, mb.weight)
+                if mb.weight:
+                    stats.append({"loss/distil": loss.detach(), "loss/distil_value": mse.detach(),
+                                  "loss/distil_constraint": constraint.detach(), "grad_norm/distil": grad_norm})
         metrics.update(self._summarise("distil", stats))
         return metrics
 
@@ -719,7 +732,7 @@ class PPO2x(PPO):
             self.optimizer = make_adam(net.parameters(), lr=params.lr, eps=params.adam_eps)
         require(params.repeat_action_penalty == 0 or env_spec.discrete, "params.repeat_action_penalty",
                 params.repeat_action_penalty, "0 for continuous actions (the penalty counts repeated discrete actions)")
-        self.num_envs = config.env.num_envs
+        self.num_envs = self.dp.local_envs(config.env.num_envs)  # this rank's envs
         self.warmed_up = params.warmup_max_steps == 0
         self.repeat_last_action = np.full(self.num_envs, -1, dtype=np.int64)
         self.repeat_run_length = np.zeros(self.num_envs, dtype=np.int64)
@@ -728,10 +741,11 @@ class PPO2x(PPO):
         metrics: dict[str, float] = {}
         if not self.warmed_up:  # DNA paper, Appendix A
             length = random_warmup(envs, self._act, self._random_actions, self.np_rng, self.params.warmup_max_steps,
-                                   self.device)
-            self.steps += self.num_envs * length
+                                   self.device, self.dp.max_int)
+            warmup_steps = self.num_envs * self.dp.world_size * length
+            self.steps += warmup_steps
             self.warmed_up = True
-            metrics["warmup_steps"] = float(self.num_envs * length)
+            metrics["warmup_steps"] = float(warmup_steps)
         metrics.update(super().iterate(envs))
         return metrics
 

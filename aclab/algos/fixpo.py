@@ -50,13 +50,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from aclab import distributed
 from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
 from aclab.core.distributions_extra import Beta, make_extra_distribution
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector, shuffled_minibatches
+from aclab.data.rollout import RolloutCollector
 from aclab.envs.normalize import RunningMeanStd
 from aclab.nets.agents import ActorCritic
 from aclab.runs import check_stop
@@ -138,12 +139,13 @@ def squared_error_value_loss(
     return 2.0 * losses.value_loss(values, returns, old_values, clip)
 
 
-def kl_statistic(kl: torch.Tensor, target: str) -> torch.Tensor:
-    """The per-state KLs [N] reduced as FixPO constrains them: ``max`` (the paper) or ``mean`` (ablation)."""
+def kl_statistic(kl: torch.Tensor, target: str, dp=None) -> torch.Tensor:
+    """The per-state KLs [N] reduced as FixPO constrains them: ``max`` (the paper) or ``mean`` (ablation).
+    ``dp`` (an :class:`aclab.distributed.DataParallel`): over the states of every rank."""
     if target == "max":
-        return kl.max()
+        return kl.max() if dp is None else dp.max(kl)
     if target == "mean":
-        return kl.mean()
+        return kl.mean() if dp is None else dp.mean(kl)
     raise ValueError(f"unknown kl_target {target!r}; expected 'max' or 'mean'")
 
 
@@ -208,6 +210,7 @@ def build_distribution(kind: str, action_space):
 
 class FixPO:
     Config = FixPOConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config
@@ -224,6 +227,7 @@ class FixPO:
         self.beta_optimizer = make_adam([self.beta], lr=p.beta_lr)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
+        self.dp = distributed.current()  # several ranks: each steps num_envs / world_size envs
         self.batch_size = config.env.num_envs * p.num_steps
         self.num_iterations = max(config.total_steps // self.batch_size, 1)
         self.raise_on_violation = p.trust_region_check == "raise" or (
@@ -303,7 +307,7 @@ class FixPO:
             "returns": returns.reshape(-1)[idx],
         }
         if p.norm_adv == "batch":
-            batch["advantages"] = losses.normalize(batch["advantages"])
+            batch["advantages"] = self.dp.normalize(batch["advantages"])
         num_minibatches = max(self.batch_size // p.minibatch_size, 1)
         value_clip = p.value_clip_coef if p.clip_value_loss else None
         parameters = list(self.net.parameters())
@@ -314,22 +318,23 @@ class FixPO:
         pre_fixup: list[float] = []
         checks: list[tuple[float, float]] = []
         for epoch in range(p.num_epochs):
-            for mb in shuffled_minibatches(batch, num_minibatches, self.generator):
+            for mb in self.dp.minibatches(batch, num_minibatches, self.generator, rollout.valid):
                 dist_params, values = self.net(mb["obs"])
                 log_probs = self.dist.log_prob(dist_params, mb["actions"])
                 kl = self.dist.kl(mb["old_params"], dist_params)
                 entropy = self.dist.entropy(dist_params)
-                advantages = losses.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
+                advantages = self.dp.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
                 value_loss = squared_error_value_loss(values, mb["returns"], mb["old_values"], value_clip)
                 loss, policy_loss = primary_loss(log_probs, mb["old_log_probs"], advantages, value_loss, entropy, kl,
                                                  self.beta, p.vf_coef, p.ent_coef)
-                grad_norm = self._theta_step(loss, parameters)
-                self._beta_step(kl_statistic(kl.detach(), p.kl_target))
-                stats.append(torch.stack([policy_loss.detach(), value_loss.detach(), entropy.detach().mean(),
-                                          kl.detach().mean(), kl.detach().max(), grad_norm]))
+                grad_norm = self._theta_step(loss, parameters, mb.weight)
+                self._beta_step(kl_statistic(kl.detach(), p.kl_target, self.dp))
+                if mb.weight:  # a rank holding none of this minibatch (several ranks) adds no row
+                    stats.append(torch.stack([policy_loss.detach(), value_loss.detach(), entropy.detach().mean(),
+                                              kl.detach().mean(), kl.detach().max(), grad_norm]))
             if p.fixup == "every_epoch" or (p.fixup == "last_epoch" and epoch == p.num_epochs - 1):
-                pre_fixup.append(float(self.batch_kl(batch).max()))
-                steps, terminated = self._fixup_phase(batch, fixup_steps)
+                pre_fixup.append(float(self.dp.max(self.batch_kl(batch))))
+                steps, terminated = self._fixup_phase(batch, fixup_steps, rollout.valid)
                 fixup_steps += steps
                 if not terminated:
                     if snapshot is None:
@@ -386,9 +391,10 @@ class FixPO:
         self.net.load_state_dict(snapshot["net"])
         self.optimizer.load_state_dict(snapshot["optimizer"])
 
-    def _theta_step(self, loss: torch.Tensor, parameters: list[torch.Tensor]) -> torch.Tensor:
+    def _theta_step(self, loss: torch.Tensor, parameters: list[torch.Tensor], weight: float = 1.0) -> torch.Tensor:
+        """One Adam step on ``loss`` (``weight``: this rank's share of the minibatch)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.dp.backward(loss, parameters, weight)
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.params.max_grad_norm, foreach=True)
         self.optimizer.step()
         return grad_norm
@@ -404,26 +410,26 @@ class FixPO:
         with torch.no_grad():
             self.beta.clamp_(min=0.0, max=p.beta_max)
 
-    def _fixup_phase(self, batch: dict[str, torch.Tensor], steps_so_far: int) -> tuple[int, bool]:
+    def _fixup_phase(self, batch: dict[str, torch.Tensor], steps_so_far: int,
+                     valid: torch.Tensor | None = None) -> tuple[int, bool]:
         """Repeat passes over the batch (minibatches of B_fix, shuffled); step on mean D (or sg(beta) mean D)
         and on L_beta wherever the constraint is violated; stop after a clean pass. Returns (the steps taken,
         whether it terminated: False once the update's steps reach ``max_fixup_steps``)."""
         p = self.params
-        n = batch["obs"].shape[0]
+        states = {"obs": batch["obs"], "old_params": batch["old_params"]}
         parameters = list(self.net.parameters())
         steps = 0
         while True:
             clean = True
-            order = torch.randperm(n, generator=self.generator, device=self.generator.device)
-            for chunk in torch.split(order, p.fixup_minibatch_size):
+            for chunk in self.dp.chunks(states, p.fixup_minibatch_size, self.generator, valid):
                 check_stop()
-                kl = self.dist.kl(batch["old_params"][chunk], self.net.dist_params(batch["obs"][chunk]))
-                stat = kl_statistic(kl.detach(), p.kl_target)
+                kl = self.dist.kl(chunk["old_params"], self.net.dist_params(chunk["obs"]))
+                stat = kl_statistic(kl.detach(), p.kl_target, self.dp)
                 if float(stat) <= p.eps_kl:  # one host sync per minibatch: the exit test needs it
                     continue
                 clean = False
                 fixup_loss = kl.mean() if p.fixup_loss == "kl" else self.beta.detach() * kl.mean()
-                self._theta_step(fixup_loss, parameters)
+                self._theta_step(fixup_loss, parameters, chunk.weight)
                 self._beta_step(stat)
                 steps += 1
                 if steps_so_far + steps >= p.max_fixup_steps:
@@ -447,7 +453,7 @@ class FixPO:
     def _check_trust_region(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
         """The postcondition, recomputed independently of the fixup loop: (max KL, mean KL) over the batch."""
         kl = self.batch_kl(batch)
-        max_kl, mean_kl = float(kl.max()), float(kl.mean())
+        max_kl, mean_kl = float(self.dp.max(kl)), float(self.dp.mean(kl))
         if self.raise_on_violation and self._violates(max_kl, mean_kl):
             p = self.params
             raise TrustRegionViolation(

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from aclab import distributed
 from aclab.algos.common import Entry, check_finite, linear_schedule
 from aclab.config import ConfigError, require
 from aclab.core.distributions import (
@@ -45,7 +46,14 @@ from aclab.core.distributions import (
     tanh_normal_log_prob,
 )
 from aclab.core.returns import leaky_vtrace
-from aclab.data.actors import Chunk, TrajectoryCollector, concat_chunks, make_actor_pool, make_actor_specs
+from aclab.data.actors import (
+    Chunk,
+    FailureBudget,
+    TrajectoryCollector,
+    concat_chunks,
+    make_actor_pool,
+    make_actor_specs,
+)
 from aclab.nets.encoders import MLP, make_encoder
 
 ACTOR_MODES = ("sync", "thread", "process", "ray")
@@ -108,6 +116,11 @@ class ImpalaConfig:
     ray_num_cpus: int | None = None  # for a local runtime started here
     ray_cpus_per_actor: float = 1.0
     actor_timeout_s: float = 300.0
+    # actors that survive (not in the paper): see aclab.data.actors and docs/scaling.md
+    wait_for_actors: bool = True  # the first update waits until every actor has built its envs
+    max_policy_lag: int | None = 5  # drop chunks collected more than this many updates ago (None: keep all)
+    actor_failure_limit: int = 5  # stop the run (failed, after a checkpoint) at this many actor failures ...
+    actor_failure_window_s: float = 300.0  # ... within this many seconds
 
     def validate(self) -> None:
         require(self.num_steps >= 1, "params.num_steps", self.num_steps, "an integer >= 1")
@@ -186,6 +199,21 @@ class ImpalaConfig:
             "an integer >= 1",
         )
         require(self.actor_timeout_s > 0, "params.actor_timeout_s", self.actor_timeout_s, "a number > 0")
+        require(
+            self.max_policy_lag is None or self.max_policy_lag >= 0,
+            "params.max_policy_lag",
+            self.max_policy_lag,
+            "an integer >= 0 or None (keep every chunk)",
+        )
+        require(
+            self.actor_failure_limit >= 1, "params.actor_failure_limit", self.actor_failure_limit, "an integer >= 1"
+        )
+        require(
+            self.actor_failure_window_s > 0,
+            "params.actor_failure_window_s",
+            self.actor_failure_window_s,
+            "a number of seconds > 0",
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,6 +723,7 @@ class Impala:
     """
 
     Config = ImpalaConfig
+    DATA_PARALLEL = True  # torchrun: several learner ranks, see aclab.distributed
 
     def __init__(self, config, env_spec, device: torch.device):
         p: ImpalaConfig = config.params
@@ -711,6 +740,8 @@ class Impala:
         self.acting = ImpalaActingPolicy(self.net, self.generator, env_spec.action_space)
         self.loss_settings = LossSettings.from_config(p, env_spec.discrete)
         self.batch_size = config.env.num_envs
+        self.dp = distributed.current()  # several ranks: each learns from m / world_size trajectories
+        self.local_batch_size = self.dp.local_envs(self.batch_size)
         self.steps_per_update = self.batch_size * (p.num_steps - p.overlap)
         self.num_updates = max(math.ceil(config.total_steps / self.steps_per_update), 1)
         self.steps = 0
@@ -718,11 +749,12 @@ class Impala:
         self.last_episode_returns = np.zeros(0)
         self._eval_state: Tensor | None = None
         self._pool = None
+        self.dropped_chunks = 0  # chunks older than max_policy_lag (this process)
         action_shape = () if env_spec.discrete else (env_spec.action_dim,)
         action_dtype = np.int64 if env_spec.discrete else np.float32
         if p.actor_mode == "sync":
             self.collector: TrajectoryCollector | None = TrajectoryCollector(
-                self.batch_size,
+                self.local_batch_size,
                 env_spec.obs_shape,
                 env_spec.obs_dtype,
                 p.num_steps,
@@ -733,11 +765,11 @@ class Impala:
             )
         else:
             self.collector = None
-            per_actor = p.envs_per_actor or max(self.batch_size // p.num_actors, 1)
-            if self.batch_size % per_actor:
+            per_actor = p.envs_per_actor or max(self.local_batch_size // p.num_actors, 1)
+            if self.local_batch_size % per_actor:
                 raise ConfigError(
                     f"invalid value params.envs_per_actor={per_actor}: env.num_envs="
-                    f"{self.batch_size} (the batch size m) must be a multiple of it"
+                    f"{self.batch_size} (the batch size m, per rank {self.local_batch_size}) must be a multiple of it"
                 )
             if config.env.normalize_obs or config.env.normalize_reward:
                 raise ConfigError(
@@ -787,20 +819,35 @@ class Impala:
                 max_pending_per_actor=p.max_pending_per_actor,
                 ray_init_kwargs=ray_kwargs,
                 ray_num_cpus_per_actor=p.ray_cpus_per_actor,
+                budget=FailureBudget(p.actor_failure_limit, p.actor_failure_window_s),
             )
             self._finalizer = weakref.finalize(self, self._pool.close)
+            if p.wait_for_actors:
+                self._pool.wait_ready(p.actor_timeout_s)
             self._pool.publish(flat, self.iteration)
         return self._pool
 
+    def actor_pids(self) -> list[int | None]:
+        """Process ids of the actors (process and Ray modes; None for threads); [] before they start."""
+        return [] if self._pool is None else self._pool.pids()
+
     def next_chunk(self, envs) -> Chunk:
-        """The next batch of m trajectories (collected here in sync mode, else from the actors)."""
+        """The next batch of m trajectories (collected here in sync mode, else from the actors).
+
+        From actors, a chunk collected with parameters more than ``max_policy_lag`` updates old is
+        dropped (counted in ``actors/dropped_chunks``): the learner never trains on staler data than that.
+        """
         if self.collector is not None:
             self.net.eval()
             return self.collector.collect(envs, self.acting, self.iteration)
         pool = self._ensure_pool()
+        max_lag = self.params.max_policy_lag
         chunks, count = [], 0
-        while count < self.batch_size:
+        while count < self.local_batch_size:
             chunk = pool.get(timeout=self.params.actor_timeout_s)
+            if max_lag is not None and self.iteration - chunk.version > max_lag:
+                self.dropped_chunks += 1
+                continue
             chunks.append(chunk)
             count += chunk.num_envs
         return concat_chunks(chunks)
@@ -818,10 +865,13 @@ class Impala:
         metrics["policy_lag_mean"] = float(lag[valid].mean()) if valid.any() else 0.0
         metrics["policy_lag_max"] = float(lag.max())
         metrics["lr"] = lr
+        if self._pool is not None:
+            metrics.update(self._pool.stats())
+            metrics["actors/dropped_chunks"] = float(self.dropped_chunks)
         self.iteration += 1
         if self._pool is not None:
             self._pool.publish(flat_state(self.net), self.iteration)
-        self.steps += chunk.env_steps
+        self.steps += self.dp.sum_int(chunk.env_steps)
         self.last_episode_returns = chunk.episode_returns
         self.last_episode_lengths = chunk.episode_lengths
         if chunk.episode_returns.size:
@@ -829,6 +879,11 @@ class Impala:
             metrics["episode_length"] = float(chunk.episode_lengths.mean())
             metrics["episodes"] = float(chunk.episode_returns.size)
         return metrics
+
+    def gradient_share(self, batch: Batch) -> float:
+        """This rank's weight when the ranks' gradients are summed: 1 for the summed loss of Eq. (1) (the
+        batch's loss is the sum of the ranks'), its share of the valid steps for ``loss_reduction="mean"``."""
+        return 1.0 if self.loss_settings.reduction == "sum" else self.dp.share(batch.weights.sum())
 
     def head_weights(self) -> list[LossWeights]:
         return [outer_weights(self.params)] * self.params.num_heads
@@ -841,6 +896,7 @@ class Impala:
             self.dist, dist_params, values, batch, self.head_weights(), self.loss_settings
         )
         grads = torch.autograd.grad(loss, self.param_list)
+        grads = self.dp.reduce_gradients(list(grads), self.param_list, self.gradient_share(batch))
         grads, grad_norm = clip_by_global_norm(list(grads), p.max_grad_norm)
         with torch.no_grad():
             new_params, self.square_avgs = rmsprop_step(

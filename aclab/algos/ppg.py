@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from aclab import distributed
 from aclab.algos.common import Entry, check_finite, make_adam, policy_actions
 from aclab.algos.phasic import (
     DynamicsModel,
@@ -52,7 +53,7 @@ from aclab.algos.phasic import (
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector, shuffled_minibatches
+from aclab.data.rollout import RolloutCollector
 from aclab.nets.agents import FusedMLPActorCritic
 from aclab.nets.encoders import init_linear
 from aclab.nets.numpy_policy import NumpyActorCritic
@@ -109,6 +110,7 @@ def discount_regularised_gamma(gamma: float, horizon_ratio: float) -> float:
 
 class PPG:
     Config = PPGConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config
@@ -142,7 +144,9 @@ class PPG:
         if use_numpy and isinstance(self.net, FusedMLPActorCritic) and device.type == "cpu":
             self.numpy_actor = NumpyActorCritic(self.net)
         self.np_rng = np.random.default_rng(config.seed)
+        self.dp = distributed.current()  # several ranks: each steps num_envs / world_size envs
         num_envs = config.env.num_envs
+        local_envs = self.dp.local_envs(num_envs)
         self.batch_size = num_envs * p.num_steps
         self.num_iterations = max(config.total_steps // self.batch_size, 1)
         self.aux_envs_per_minibatch = max(num_envs // p.aux_num_minibatches, 1)
@@ -154,8 +158,8 @@ class PPG:
                 fields["actions"] = ((), torch.int64)
                 if p.dynamics_resets == "authors":
                     fields["ends"] = ((), torch.bool)
-            self.buffer = make_aux_buffer(p, env_spec, num_envs, device, fields)
-        self.analyses = TrainingAnalyses(p, num_envs, ["value"], config.seed)
+            self.buffer = make_aux_buffer(p, env_spec, local_envs, device, fields)
+        self.analyses = TrainingAnalyses(p, local_envs, ["value"], config.seed)
         self.steps = 0
         self.iteration = 0
         self.num_aux_phases = 0
@@ -259,15 +263,15 @@ class PPG:
             "returns": targets.reshape(-1)[idx],
         }
         if p.norm_adv == "batch":
-            batch["advantages"] = losses.normalize(batch["advantages"])
+            batch["advantages"] = self.dp.normalize(batch["advantages"])
         params_list = list(self.net.parameters())
         stats = []
         for epoch in range(max(p.policy_epochs, p.value_epochs)):
             train_policy, train_value = epoch < p.policy_epochs, epoch < p.value_epochs
-            for mb in shuffled_minibatches(batch, p.num_minibatches, self.generator):
+            for mb in self.dp.minibatches(batch, p.num_minibatches, self.generator, rollout.valid):
                 dist_params, values = self.net(mb["obs"])
                 log_probs = self.dist.log_prob(dist_params, mb["actions"])
-                mb_adv = losses.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
+                mb_adv = self.dp.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
                 pg_loss, approx_kl, clip_frac = losses.clipped_surrogate_loss(
                     log_probs, mb["old_log_probs"], mb_adv, p.clip_coef)
                 v_loss = losses.value_loss(values, mb["returns"])
@@ -282,11 +286,12 @@ class PPG:
                 else:
                     loss = p.vf_coef * v_loss
                 self.policy_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.dp.backward(loss, params_list, mb.weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
                 self.policy_optimizer.step()
-                stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), approx_kl,
-                                          clip_frac, grad_norm, activation.detach()]))
+                if mb.weight:  # a rank holding none of this minibatch (several ranks) adds no row
+                    stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), approx_kl,
+                                              clip_frac, grad_norm, activation.detach()]))
         table = torch.stack(stats)
         names = ["loss/policy", "loss/value", "entropy", "approx_kl", "clip_fraction", "grad_norm",
                  "value_activation"]
@@ -310,14 +315,16 @@ class PPG:
         params_list = [q for group in self.aux_optimizer.param_groups for q in group["params"]]
         stats = []
         for _epoch in range(p.aux_epochs):
-            for ids in buffer.trajectory_minibatches(self.aux_envs_per_minibatch, self.generator):
+            for ids in self.dp.trajectory_minibatches(buffer, self.aux_envs_per_minibatch, self.generator):
                 mb = buffer.gather(ids, names, self.device, with_next_obs=self.dynamics is not None)
-                loss, parts = self.aux_loss(mb)
+                weight = self.dp.share(mb["valid"].sum())  # the losses are means over valid states
+                loss, parts = self.aux_loss(mb) if ids.numel() else (None, None)
                 self.aux_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.dp.backward(loss, params_list, weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
                 self.aux_optimizer.step()
-                stats.append(torch.cat([parts, grad_norm.reshape(1)]))
+                if parts is not None:
+                    stats.append(torch.cat([parts, grad_norm.reshape(1)]))
         table = torch.stack(stats)
         names = ["aux/aux_value_loss", "aux/value_loss", "aux/kl", "aux/dynamics_loss", "aux/dynamics_accuracy",
                  "aux/grad_norm"]

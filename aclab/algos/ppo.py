@@ -17,12 +17,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from aclab import distributed
 from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector, shuffled_minibatches
+from aclab.data.rollout import RolloutCollector
 from aclab.nets.agents import FusedMLPActorCritic, make_actor_critic
 from aclab.nets.numpy_policy import NumpyActorCritic
 
@@ -99,6 +100,7 @@ def minibatch_indices(valid: torch.Tensor, num_minibatches: int, generator: torc
 
 class PPO:
     Config = PPOConfig
+    DATA_PARALLEL = True  # torchrun: several ranks, see aclab.distributed
 
     def __init__(self, config: Config, env_spec, device: torch.device):
         self.config = config
@@ -117,6 +119,7 @@ class PPO:
         if use_numpy and isinstance(self.net, FusedMLPActorCritic) and device.type == "cpu":
             self.numpy_actor = NumpyActorCritic(self.net)
         self.np_rng = np.random.default_rng(config.seed)
+        self.dp = distributed.current()  # several ranks: each steps num_envs / world_size envs
         self.batch_size = config.env.num_envs * self.params.num_steps
         self.num_iterations = max(config.total_steps // self.batch_size, 1)
         self.steps = 0
@@ -197,31 +200,33 @@ class PPO:
             "returns": returns.reshape(-1)[idx],
         }
         if p.norm_adv == "batch":
-            batch["advantages"] = losses.normalize(batch["advantages"])
+            batch["advantages"] = self.dp.normalize(batch["advantages"])
         value_clip = None
         if p.clip_value_loss:
             value_clip = p.value_clip_coef if p.value_clip_coef is not None else p.clip_coef
         params_list = list(self.net.parameters())
         stats = []
         for _epoch in range(p.num_epochs):
-            epoch_kl = []
-            for mb in shuffled_minibatches(batch, p.num_minibatches, self.generator):
+            epoch_kl, weights = [], []
+            for mb in self.dp.minibatches(batch, p.num_minibatches, self.generator, rollout.valid):
                 dist_params, values = self.net(mb["obs"])
                 log_probs = self.dist.log_prob(dist_params, mb["actions"])
-                mb_adv = losses.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
+                mb_adv = self.dp.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
                 pg_loss, approx_kl, clip_frac = losses.clipped_surrogate_loss(
                     log_probs, mb["old_log_probs"], mb_adv, p.clip_coef)
                 v_loss = losses.value_loss(values, mb["returns"], mb["old_values"], value_clip)
                 entropy = self.dist.entropy(dist_params).mean()
                 loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * entropy
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.dp.backward(loss, params_list, mb.weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
                 self.optimizer.step()
-                stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), approx_kl,
-                                          clip_frac, grad_norm]))
+                if mb.weight:  # a rank holding none of this minibatch (several ranks) adds no row
+                    stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), approx_kl,
+                                              clip_frac, grad_norm]))
                 epoch_kl.append(approx_kl)
-            if p.target_kl is not None and float(torch.stack(epoch_kl).mean()) > p.target_kl:
+                weights.append(mb.weight)
+            if p.target_kl is not None and float(self.dp.minibatch_mean(epoch_kl, weights)) > p.target_kl:
                 break
         table = torch.stack(stats)
         names = ["loss/policy", "loss/value", "entropy", "approx_kl", "clip_fraction", "grad_norm"]

@@ -224,6 +224,7 @@ def meta_objective(
     s: MetaSettings,
     create_graph: bool = True,
     held: HeldConstants | None = None,
+    reduce_grads=None,
 ) -> MetaResult:
     """The outer loss after one differentiable inner step (Algorithm 2 lines 10-14), as a function of eta.
 
@@ -236,6 +237,9 @@ def meta_objective(
     loss); autograd ignores that dependence. Passing ``held`` (a previous result's ``held``) fixes them
     at those values, which makes the outer loss an ordinary function of eta whose derivative is the
     meta-gradient: the float64 finite-difference test uses this.
+
+    ``reduce_grads`` (a data-parallel learner): maps this rank's inner gradient to the batch's (the sum
+    over ranks, differentiably), so that ``theta'`` is the single learner's (see :mod:`aclab.distributed`).
     """
     buffers = dict(net.named_buffers())
     weights = inner_loss_weights(logits, s.names, s.tuned, s.outer)
@@ -259,6 +263,8 @@ def meta_objective(
     )
     names = list(params)
     grads = torch.autograd.grad(inner_loss, [params[n] for n in names], create_graph=create_graph)
+    if reduce_grads is not None:
+        grads = reduce_grads(list(grads))
     grads, grad_norm = clip_by_global_norm(list(grads), s.max_grad_norm)
     new_list, new_avgs = rmsprop_step(
         [params[n] for n in names],
@@ -343,6 +349,7 @@ class Stac(Impala):
             max_grad_norm=p.max_grad_norm,
             gamma_embedding=p.gamma_embedding > 0,
         )
+        self.last_meta_grad: torch.Tensor | None = None  # grad_eta of the outer loss at the latest update
         self._sync_gamma_input()
 
     def _sync_gamma_input(self) -> None:
@@ -365,12 +372,22 @@ class Stac(Impala):
     def learner_step(self, batch: Batch, lr: float) -> dict[str, float]:
         any_tuned = any(self.tuned)
         params = {name: q.detach().requires_grad_(True) for name, q in self.net.named_parameters()}
+        share, reduce_grads = self.gradient_share(batch), None
+        if self.dp.enabled:  # theta' from the whole batch's inner gradient, differentiably in eta
+            like = list(params.values())
+
+            def reduce_grads(grads):
+                return self.dp.reduce_gradients(grads, like, share, differentiable=True)
+
         outer_loss, new_params, new_avgs, inner_stats, outer_stats, _ = meta_objective(
-            self.net, params, self.square_avgs, self.logits, batch, lr, self.meta, create_graph=any_tuned
+            self.net, params, self.square_avgs, self.logits, batch, lr, self.meta, create_graph=any_tuned,
+            reduce_grads=reduce_grads,
         )
         stats = {**inner_stats, **outer_stats}
         if any_tuned:
-            (meta_grad,) = torch.autograd.grad(outer_loss, self.logits)
+            (meta_grad,) = torch.autograd.grad(outer_loss if share == 1.0 else share * outer_loss, self.logits)
+            meta_grad = self.dp.all_sum(meta_grad)  # the whole batch's outer loss is the sum of the ranks'
+            self.last_meta_grad = meta_grad.detach()
             stats["meta_grad_norm"] = meta_grad.norm()
             check_finite(stats, f"STAC update {self.iteration}")
             self.meta_optimizer.zero_grad(set_to_none=True)

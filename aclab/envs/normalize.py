@@ -30,24 +30,38 @@ __all__ = ["RunningMeanStd", "ObsNormalizer", "RewardScaler"]
 
 
 class RunningMeanStd:
-    """Running per-element mean and variance of batches ``x: [N, *shape]`` (float64, Chan et al.)."""
+    """Running per-element mean and variance of batches ``x: [N, *shape]`` (float64, Chan et al.).
+
+    ``reducer``: None, or ``(batch_mean, batch_var, n) -> (mean, var, n)`` that merges the batch with
+    the batches other processes see at the same step (a data-parallel run's ranks, see
+    :meth:`aclab.distributed.DataParallel.merge_moments`); it is called at every update, also with an
+    empty batch, so that every process takes part.
+    """
 
     def __init__(self, shape: tuple[int, ...] = ()) -> None:
         self.shape = tuple(shape)
         self.mean = np.zeros(self.shape, dtype=np.float64)
         self.var = np.ones(self.shape, dtype=np.float64)
         self.count = 0.0
+        self.reducer = None
 
     def update(self, x: np.ndarray) -> None:
-        """Merge a batch ``x`` of shape ``[N, *shape]`` (N >= 1) into the statistics."""
+        """Merge a batch ``x`` of shape ``[N, *shape]`` into the statistics (N = 0: nothing changes)."""
         x = np.asarray(x, dtype=np.float64)
         n = x.shape[0]
         if n == 0:
-            return
-        # ufunc reductions: np.mean / np.var cost several microseconds of Python overhead per call.
-        batch_mean = np.add.reduce(x, axis=0) / n
-        diff = x - batch_mean
-        batch_var = np.add.reduce(diff * diff, axis=0) / n
+            if self.reducer is None:
+                return
+            batch_mean, batch_var = np.zeros(self.shape), np.zeros(self.shape)
+        else:
+            # ufunc reductions: np.mean / np.var cost several microseconds of Python overhead per call.
+            batch_mean = np.add.reduce(x, axis=0) / n
+            diff = x - batch_mean
+            batch_var = np.add.reduce(diff * diff, axis=0) / n
+        if self.reducer is not None:
+            batch_mean, batch_var, n = self.reducer(batch_mean, batch_var, n)
+            if n == 0:
+                return
         self.update_from_moments(batch_mean, batch_var, n)
 
     def update_from_moments(self, batch_mean: np.ndarray, batch_var: np.ndarray, batch_count: float) -> None:

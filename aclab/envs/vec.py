@@ -283,6 +283,13 @@ class VecEnv:
             if norm is not None:
                 norm.update = bool(update)
 
+    def set_statistics_reducer(self, reducer) -> None:
+        """Merge the normalisers' batch statistics with other processes at every step (``reducer``: see
+        :class:`aclab.envs.normalize.RunningMeanStd`; None: this env's batches only)."""
+        for norm in (self.obs_normalizer, self.reward_scaler):
+            if norm is not None:
+                norm.rms.reducer = reducer
+
     def copy_normalization_from(self, other: VecEnv, freeze: bool = True) -> None:
         """Copy ``other``'s observation / reward statistics into this env (e.g. train -> eval)."""
         copy_normalization(other, self, freeze=freeze)
