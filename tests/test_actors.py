@@ -331,15 +331,17 @@ def _record_chunks(monkeypatch) -> list:
     return recorded
 
 
-def _check_policy_lag(rows, recorded, bound: int) -> None:
-    """Each row's policy lag is (learner version - acting version) over that batch's real transitions, and
-    the bounded queue keeps it below ``bound``: actors load the parameters the learner publishes."""
+def _check_policy_lag(rows, recorded, bound: int = 5) -> None:
+    """Each row's policy lag is (learner version - acting version) over that batch's real transitions;
+    actors load the parameters the learner publishes (lag >= 0), and the chunk's new steps (its last row)
+    are at most ``bound`` = params.max_policy_lag updates old: the learner drops older chunks. How far
+    below the bound the lag stays depends on the machine's load, so only the bound is asserted."""
     assert len(rows) == len(recorded)
     for row, (iteration, versions, valid) in zip(rows, recorded):
         lag = iteration - versions
         assert float(row["policy_lag_mean"]) == pytest.approx(float(lag[valid].mean()), rel=1e-5)  # CSV: 6 digits
         assert float(row["policy_lag_max"]) == float(lag.max())
-        assert lag.min() >= 0 and lag.max() <= bound, lag
+        assert lag.min() >= 0 and lag[-1].max() <= bound, lag
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
@@ -349,7 +351,7 @@ def test_async_local_run_end_to_end(tmp_path, mode, monkeypatch):
     assert summary["status"] == "finished" and summary["steps"] >= 480
     rows = _metric_rows(tmp_path / mode)
     assert len(rows) == 15
-    _check_policy_lag(rows, recorded, bound=2 * (2 + 2))  # queue of 1 per actor, 2 actors
+    _check_policy_lag(rows, recorded)
     gc.collect()
     assert not [t for t in threading.enumerate() if t.name.startswith("aclab-actor")]
 
@@ -361,7 +363,7 @@ def test_ray_run_end_to_end(tmp_path, ray_runtime, monkeypatch):
     assert summary["status"] == "finished" and summary["steps"] >= 480
     rows = _metric_rows(tmp_path / "ray")
     assert len(rows) == 15
-    _check_policy_lag(rows, recorded, bound=2 * (2 + 2))  # one request in flight per actor, 2 actors
+    _check_policy_lag(rows, recorded)
     assert ray_runtime.is_initialized()  # the run did not shut down a runtime it did not start
 
 
