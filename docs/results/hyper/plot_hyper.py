@@ -15,6 +15,7 @@ stratified-bootstrap 95% CIs (rliable via aclab.evaluate.stats), and P(arm > MLP
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -37,14 +38,22 @@ def _read(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open())) if path.exists() else []
 
 
+def _finished(run: Path) -> bool:
+    """Only runs that reached their total steps (a run stopped early has another status)."""
+    summary = run / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
+
+
 def collect(root: Path, out: Path) -> None:
     evals, grads = [], []
     for run_dir in sorted(root.glob("*-s*")):
-        if not (run_dir / "summary.json").exists():
+        if not _finished(run_dir):
             continue
         arm, seed = run_dir.name.rsplit("-s", 1)
+        seen = set()
         for r in _read(run_dir / "evals.csv"):
-            if r["split"] == "test":
+            if r["split"] == "test" and r["step"] not in seen:  # older versions logged the final evaluation twice
+                seen.add(r["step"])
                 evals.append({"arm": arm, "seed": seed, "step": r["step"], "mean_return": r["mean_return"]})
         for r in _read(run_dir / "metrics.csv"):
             if r.get("grad_cs/mean", "") != "":

@@ -41,10 +41,16 @@ CURVES_CSV, CURVES_PNG = "maml_fwd_back_5seeds.csv", "maml_fwd_back_5seeds.png"
 COLOURS = {"maml": "tab:gray", "maml-context": "tab:blue", "maml-hyper": "tab:red"}
 
 
+def _finished(run: Path) -> bool:
+    """Only runs that reached their total steps (a run stopped early has another status)."""
+    summary = run / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
+
+
 def collect(root: Path, out: Path) -> None:
     curves, noise = [], []
     for run in sorted(root.glob("*-s*")):
-        if not run.is_dir() or not (run / "summary.json").exists():
+        if not run.is_dir() or not _finished(run):
             continue
         algo, seed = run.name.rsplit("-s", 1)
         for row in csv.DictReader((run / "metrics.csv").open()):
