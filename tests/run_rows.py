@@ -36,3 +36,15 @@ def assert_same_state(a, b, path: str = "algo") -> None:
         assert np.isnan(b), path
     else:
         assert a == b, path
+
+
+def assert_resumed_like_uninterrupted(full_dir: Path, split_dir: Path) -> None:
+    """An interrupted-then-resumed run (``split_dir``) ends exactly as the uninterrupted one (``full_dir``):
+    the whole algorithm state of the last checkpoints (networks, optimisers, buffers, RNGs, schedules) bit for
+    bit, and the same metrics rows."""
+    from aclab.runs import load_latest_checkpoint
+
+    full = load_latest_checkpoint(Path(full_dir) / "checkpoints")["algo"]
+    split = load_latest_checkpoint(Path(split_dir) / "checkpoints")["algo"]
+    assert_same_state(full, split)
+    assert metric_rows(full_dir) == metric_rows(split_dir)

@@ -557,3 +557,26 @@ def test_too_many_actor_failures_stop_the_run_failed_with_a_checkpoint(tmp_path)
     assert summary["status"] == "failed" and "2 actor failures within 300 s" in summary["error"], summary
     checkpoint = load_latest_checkpoint(tmp_path / "process" / "checkpoints")
     assert checkpoint is not None and checkpoint["step"] == summary["steps"] == int(rows[-1]["step"])
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_wait_for_actors_starts_learning_when_every_actor_is_ready(tmp_path, monkeypatch, wait):
+    """params.wait_for_actors: with it the first update waits for an actor that takes 3 s to build its policy
+    (the first metrics row sees both actors alive); without it learning starts on the fast actor's chunks."""
+    from aclab.algos import impala
+
+    slow_seed = 2 * 7919  # actor 1's env seed offset (make_actor_specs)
+
+    def slow_second_actor(config, env_spec, seed):
+        if seed == config.seed + slow_seed:
+            time.sleep(3.0)
+        return make_acting_policy(config, env_spec, seed)
+
+    monkeypatch.setattr(impala, "make_acting_policy", slow_second_actor)
+    config = _impala_config("params.actor_mode=thread", "params.num_actors=2", "total_steps=160",
+                            "checkpoint_every_iterations=0", "params.max_policy_lag=None",
+                            f"params.wait_for_actors={str(wait).lower()}")
+    summary = train(config, tmp_path / "run")
+    assert summary["status"] == "finished"
+    alive = [float(row["actors/alive"]) for row in _metric_rows(tmp_path / "run")]
+    assert alive[0] == (2.0 if wait else 1.0), alive

@@ -9,14 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from run_rows import metric_rows
+from run_rows import assert_resumed_like_uninterrupted
 
 from aclab import registry
 from aclab.algos.common import resolve_device
 from aclab.algos.daac import advantage_loss, episode_pairs, order_classifier_loss, order_confusion_loss
 from aclab.core.returns import gae
 from aclab.envs import build_envs
-from aclab.runs import load_latest_checkpoint
 from aclab.train import make_config, train
 
 FAST = ["progress=false", "eval.episodes=0", "env.backend=gymnasium"]
@@ -188,12 +187,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert first["status"] == "interrupted"
     resumed = train(make_config("idaac", "CartPole-v1", overrides=overrides), tmp_path / "split", resume=True)
     assert resumed["status"] == "finished" and resumed["resumed_with_exact_env_state"] is True
-    full = load_latest_checkpoint(tmp_path / "full" / "checkpoints")["algo"]
-    split = load_latest_checkpoint(tmp_path / "split" / "checkpoints")["algo"]
-    for part in ("policy", "value_net", "discriminator"):
-        for key in full[part]:
-            assert torch.equal(full[part][key], split[part][key]), (part, key)
-    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
+    assert_resumed_like_uninterrupted(tmp_path / "full", tmp_path / "split")
 
 
 def test_idaac_runs_on_tiny_procgen(tmp_path):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from run_rows import assert_resumed_like_uninterrupted
 
 from aclab import analyze as run_analysis
 from aclab import registry
@@ -417,18 +417,7 @@ def test_resume_mid_phase_equals_uninterrupted(tmp_path, name):
     assert first["status"] == "interrupted"
     assert load_latest_checkpoint(tmp_path / "split" / "checkpoints")["algo"]["buffer"]["size"] == 1
     train(make_config(name, "CartPole-v1", overrides=overrides), tmp_path / "split", resume=True)
-    full = load_latest_checkpoint(tmp_path / "full" / "checkpoints")["algo"]
-    split = load_latest_checkpoint(tmp_path / "split" / "checkpoints")["algo"]
-    for part in ("net", "value_net", "dynamics"):
-        if full[part] is not None:
-            for key in full[part]:
-                assert torch.equal(full[part][key], split[part][key]), (part, key)
-
-    def rows(run: Path):
-        return [{k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")}
-                for r in csv.DictReader((run / "metrics.csv").open())]
-
-    assert rows(tmp_path / "full") == rows(tmp_path / "split")
+    assert_resumed_like_uninterrupted(tmp_path / "full", tmp_path / "split")
 
 
 @pytest.mark.parametrize("name", ["dcpg", "sdcpg"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from run_rows import assert_same_state, metric_rows
+from run_rows import assert_resumed_like_uninterrupted, assert_same_state, metric_rows
 
 from aclab import registry
 from aclab.algos import phasic
@@ -435,12 +435,7 @@ def test_resume_mid_phase_equals_uninterrupted(tmp_path):
     assert state["buffer"]["size"] == 2
     resumed = train(make_config("dppg", "CartPole-v1", overrides=overrides), tmp_path / "split", resume=True)
     assert resumed["status"] == "finished" and resumed["resumed_with_exact_env_state"] is True
-    full = load_latest_checkpoint(tmp_path / "full" / "checkpoints")["algo"]
-    split = load_latest_checkpoint(tmp_path / "split" / "checkpoints")["algo"]
-    for part in ("net", "aux_value_head", "dynamics"):
-        for key in full[part]:
-            assert torch.equal(full[part][key], split[part][key]), (part, key)
-    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
+    assert_resumed_like_uninterrupted(tmp_path / "full", tmp_path / "split")
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -10,7 +10,7 @@ import torch
 from aclab import registry
 from aclab.algos.common import resolve_device
 from aclab.core import losses
-from aclab.data.rollout import shuffled_minibatches
+from aclab.data.rollout import shuffled_minibatches, valid_transitions
 from aclab.envs import build_envs
 from aclab.train import make_config, train
 
@@ -50,6 +50,20 @@ def test_shuffled_minibatches_cover_each_item_once_per_epoch():
     assert len(set(seen.tolist())) == 9
     for p in parts:
         assert torch.equal(p["y"], p["x"] * 2)
+
+
+def test_valid_transitions_keeps_real_steps_in_time_major_order():
+    """Against a loop over t then b: only valid steps, in the order t * B + b, every trailing shape kept."""
+    T, B = 3, 4
+    valid = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    obs = torch.randn(T, B, 2, 5)
+    logp = torch.randn(T, B)
+    params = torch.randn(T, B, 6)
+    batch = valid_transitions(valid, obs=obs, old_log_probs=logp, old_params=params)
+    keep = [(t, b) for t in range(T) for b in range(B) if valid[t, b]]
+    assert torch.equal(batch["obs"], torch.stack([obs[t, b] for t, b in keep]))
+    assert torch.equal(batch["old_log_probs"], torch.stack([logp[t, b] for t, b in keep]))
+    assert torch.equal(batch["old_params"], torch.stack([params[t, b] for t, b in keep]))
 
 
 def _algo(overrides):

@@ -36,7 +36,7 @@ from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import Categorical
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector, shuffled_minibatches
+from aclab.data.rollout import RolloutCollector, shuffled_minibatches, valid_transitions
 from aclab.nets.agents import build_encoder
 from aclab.nets.encoders import MLP, init_linear
 
@@ -263,20 +263,16 @@ class DAAC:
     def make_batch(self, rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
         """The rollout's valid transitions, advantages normalised over all of them; IDAAC adds each state's
         partner observation and order label (:func:`episode_pairs`)."""
-        idx = torch.nonzero(rollout.valid.reshape(-1)).squeeze(1)
-        obs = rollout.obs.reshape(-1, *rollout.obs.shape[2:])
-        batch = {
-            "obs": obs[idx],
-            "actions": rollout.actions.reshape(-1)[idx],
-            "old_log_probs": rollout.log_probs.reshape(-1)[idx],
-            "old_values": rollout.values[:-1].reshape(-1)[idx],
-            "advantages": losses.normalize(advantages.reshape(-1)[idx]),
-            "returns": returns.reshape(-1)[idx],
-        }
+        batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
+                                  old_log_probs=rollout.log_probs, old_values=rollout.values[:-1],
+                                  advantages=advantages, returns=returns)
+        batch["advantages"] = losses.normalize(batch["advantages"])
         if self.discriminator is not None:
             partner, label, _ = episode_pairs(rollout.valid, rollout.ends, self.generator)
-            batch["other_obs"] = obs[partner[idx]]
-            batch["order"] = label[idx]
+            pairs = valid_transitions(rollout.valid, partner=partner.view(rollout.valid.shape),
+                                      order=label.view(rollout.valid.shape))
+            batch["other_obs"] = rollout.obs.reshape(-1, *rollout.obs.shape[2:])[pairs["partner"]]
+            batch["order"] = pairs["order"]
         return batch
 
     def policy_loss(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

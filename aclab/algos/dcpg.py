@@ -54,7 +54,7 @@ from aclab.algos.phasic import (
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector
+from aclab.data.rollout import RolloutCollector, valid_transitions
 
 
 @dataclass
@@ -243,17 +243,11 @@ class DCPG:
         C_V) for inspection.
         """
         p = self.params
-        valid = rollout.valid.reshape(-1)
-        idx = torch.nonzero(valid).squeeze(1)
-        batch = {
-            "obs": rollout.obs.reshape(-1, *rollout.obs.shape[2:])[idx],
-            "actions": rollout.actions.reshape(-1, *rollout.actions.shape[2:])[idx],
-            "old_log_probs": rollout.log_probs.reshape(-1)[idx],
-            "old_values": theta_values[:-1].reshape(-1)[idx],  # V_old: rollout-time V_theta, never recomputed
-            "advantages": advantages.reshape(-1)[idx],
-        }
-        if returns_phi is not None:
-            batch["returns_phi"] = returns_phi.reshape(-1)[idx]
+        extra = {} if returns_phi is None else {"returns_phi": returns_phi}
+        batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
+                                  old_log_probs=rollout.log_probs,
+                                  old_values=theta_values[:-1],  # V_old: rollout-time V_theta, never recomputed
+                                  advantages=advantages, **extra)
         if p.norm_adv == "batch":
             batch["advantages"] = self.dp.normalize(batch["advantages"])
         params_list = [q for group in self.policy_optimizer.param_groups for q in group["params"]]

@@ -50,7 +50,7 @@ from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import Categorical, DiagGaussian, make_distribution, normal_split
 from aclab.core.returns import gae, td_lambda_returns
-from aclab.data.rollout import RolloutCollector
+from aclab.data.rollout import RolloutCollector, valid_transitions
 from aclab.nets.agents import ActorCritic, build_encoder
 from aclab.nets.encoders import init_linear
 from aclab.runs import check_stop
@@ -466,16 +466,10 @@ class DNA:
         """The three phases on one rollout. advantages = GAE(lambda_pi), value_targets = TD(lambda_V),
         both [T, B]; only valid (non-dummy) transitions are used."""
         p = self.params
-        idx = torch.nonzero(rollout.valid.reshape(-1)).squeeze(1)
-        batch = {
-            "obs": rollout.obs.reshape(-1, *rollout.obs.shape[2:])[idx],
-            "actions": rollout.actions.reshape(-1, *rollout.actions.shape[2:])[idx],
-            "old_log_probs": rollout.log_probs.reshape(-1)[idx],
-            "old_params": rollout.dist_params.reshape(-1, rollout.dist_params.shape[-1])[idx],
-            "advantages": advantages.reshape(-1)[idx],
-            "value_targets": value_targets.reshape(-1)[idx],
-        }
-        old_values = rollout.values[:-1].reshape(-1)[idx]
+        batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
+                                  old_log_probs=rollout.log_probs, old_params=rollout.dist_params,
+                                  advantages=advantages, value_targets=value_targets)
+        old_values = valid_transitions(rollout.valid, values=rollout.values[:-1])["values"]
         if p.norm_adv == "batch":
             batch["advantages"] = self.dp.normalize(batch["advantages"])
         measure_noise = p.noise_scale_every > 0 and self.iteration % p.noise_scale_every == 0

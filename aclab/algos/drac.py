@@ -31,7 +31,7 @@ from aclab.algos.ppo import PPO, PPOConfig
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.data.augmentations import AUGMENTATION_NAMES, AUGMENTATIONS, to_unit_float
-from aclab.data.rollout import shuffled_minibatches
+from aclab.data.rollout import shuffled_minibatches, valid_transitions
 
 
 @dataclass
@@ -163,16 +163,9 @@ class DrAC(PPO):
 
     def update(self, rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         p: DrACConfig = self.params
-        valid = rollout.valid.reshape(-1)
-        idx = torch.nonzero(valid).squeeze(1)
-        batch = {
-            "obs": rollout.obs.reshape(-1, *rollout.obs.shape[2:])[idx],
-            "actions": rollout.actions.reshape(-1, *rollout.actions.shape[2:])[idx],
-            "old_log_probs": rollout.log_probs.reshape(-1)[idx],
-            "old_values": rollout.values[:-1].reshape(-1)[idx],
-            "advantages": advantages.reshape(-1)[idx],
-            "returns": returns.reshape(-1)[idx],
-        }
+        batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
+                                  old_log_probs=rollout.log_probs, old_values=rollout.values[:-1],
+                                  advantages=advantages, returns=returns)
         arm = self.choose_augmentation(float(batch["returns"].mean()))
         augment = AUGMENTATIONS[self.arms[arm]]
         if p.norm_adv == "batch":

@@ -57,7 +57,7 @@ from aclab.core import losses
 from aclab.core.distributions import make_distribution
 from aclab.core.distributions_extra import Beta, make_extra_distribution
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector
+from aclab.data.rollout import RolloutCollector, valid_transitions
 from aclab.envs.normalize import RunningMeanStd
 from aclab.nets.agents import ActorCritic
 from aclab.runs import check_stop
@@ -296,16 +296,9 @@ class FixPO:
     def update(self, rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         """Primary and fixup phases on one rollout; advantages and returns [T, B]; valid transitions only."""
         p = self.params
-        idx = torch.nonzero(rollout.valid.reshape(-1)).squeeze(1)
-        batch = {
-            "obs": rollout.obs.reshape(-1, *rollout.obs.shape[2:])[idx],
-            "actions": rollout.actions.reshape(-1, *rollout.actions.shape[2:])[idx],
-            "old_log_probs": rollout.log_probs.reshape(-1)[idx],
-            "old_params": rollout.dist_params.reshape(-1, rollout.dist_params.shape[-1])[idx],
-            "old_values": rollout.values[:-1].reshape(-1)[idx],
-            "advantages": advantages.reshape(-1)[idx],
-            "returns": returns.reshape(-1)[idx],
-        }
+        batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
+                                  old_log_probs=rollout.log_probs, old_params=rollout.dist_params,
+                                  old_values=rollout.values[:-1], advantages=advantages, returns=returns)
         if p.norm_adv == "batch":
             batch["advantages"] = self.dp.normalize(batch["advantages"])
         num_minibatches = max(self.batch_size // p.minibatch_size, 1)

@@ -53,7 +53,7 @@ from aclab.algos.phasic import (
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector
+from aclab.data.rollout import RolloutCollector, valid_transitions
 from aclab.nets.agents import FusedMLPActorCritic
 from aclab.nets.encoders import init_linear
 from aclab.nets.numpy_policy import NumpyActorCritic
@@ -252,16 +252,9 @@ class PPG:
         """E_pi epochs of ``L_clip - c_e H`` on pi_theta and E_V epochs of ``c_v J_V`` on V_phi, on the same
         shuffled minibatches of the rollout's valid transitions (Algorithm 1, lines 5-7)."""
         p = self.params
-        valid = rollout.valid.reshape(-1)
-        idx = torch.nonzero(valid).squeeze(1)
-        batch = {  # valid transitions only: dummy autoreset steps never enter the losses
-            "obs": rollout.obs.reshape(-1, *rollout.obs.shape[2:])[idx],
-            "actions": rollout.actions.reshape(-1, *rollout.actions.shape[2:])[idx],
-            "old_log_probs": rollout.log_probs.reshape(-1)[idx],
-            "old_values": rollout.values[:-1].reshape(-1)[idx],
-            "advantages": advantages.reshape(-1)[idx],
-            "returns": targets.reshape(-1)[idx],
-        }
+        batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
+                                  old_log_probs=rollout.log_probs, old_values=rollout.values[:-1],
+                                  advantages=advantages, returns=targets)
         if p.norm_adv == "batch":
             batch["advantages"] = self.dp.normalize(batch["advantages"])
         params_list = list(self.net.parameters())

@@ -23,7 +23,7 @@ from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
 from aclab.core.returns import gae
-from aclab.data.rollout import RolloutCollector
+from aclab.data.rollout import RolloutCollector, valid_transitions
 from aclab.nets.agents import FusedMLPActorCritic, make_actor_critic
 from aclab.nets.numpy_policy import NumpyActorCritic
 
@@ -189,16 +189,9 @@ class PPO:
 
     def update(self, rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         p = self.params
-        valid = rollout.valid.reshape(-1)
-        idx = torch.nonzero(valid).squeeze(1)
-        batch = {  # valid transitions only: dummy autoreset steps never enter the losses
-            "obs": rollout.obs.reshape(-1, *rollout.obs.shape[2:])[idx],
-            "actions": rollout.actions.reshape(-1, *rollout.actions.shape[2:])[idx],
-            "old_log_probs": rollout.log_probs.reshape(-1)[idx],
-            "old_values": rollout.values[:-1].reshape(-1)[idx],
-            "advantages": advantages.reshape(-1)[idx],
-            "returns": returns.reshape(-1)[idx],
-        }
+        batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
+                                  old_log_probs=rollout.log_probs, old_values=rollout.values[:-1],
+                                  advantages=advantages, returns=returns)
         if p.norm_adv == "batch":
             batch["advantages"] = self.dp.normalize(batch["advantages"])
         value_clip = None

@@ -125,6 +125,14 @@ class RolloutCollector:
         return rollout, returns, lengths
 
 
+def valid_transitions(valid: torch.Tensor, **per_step: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch an update trains on: each ``[T, B, ...]`` tensor of ``per_step`` flattened time-major to
+    ``[N, ...]``, keeping only the N real transitions (``valid`` [T, B] True). Dummy autoreset steps
+    never enter a loss. Pass ``values[:-1]`` (not the bootstrap row) for rollout-time values."""
+    idx = torch.nonzero(valid.reshape(-1)).squeeze(1)
+    return {name: x.reshape(-1, *x.shape[2:])[idx] for name, x in per_step.items()}
+
+
 def shuffled_minibatches(
     batch: dict[str, torch.Tensor], num_minibatches: int, generator: torch.Generator
 ) -> Iterator[dict[str, torch.Tensor]]:
