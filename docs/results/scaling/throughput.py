@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -82,18 +81,14 @@ def sweep_once(backend: str, parallel: int, steps: int) -> dict:
     out = ROOT / f"sweep-{backend}-{parallel}-{time.time_ns()}"
     out.mkdir(parents=True)
     head = RayHead(parallel) if backend == "ray" else None
-    extra = f'ray_address = "{head.address}"\nray_num_cpus = 1\n' if head else ""
+    lines = ["algos = [\"ppo\"]", "envs = [\"CartPole-v1\"]", "seeds = 4", "out_dir = \"runs\"",
+             f"max_parallel = {parallel}", f"backend = \"{backend}\""]
+    if head is not None:
+        lines += [f"ray_address = \"{head.address}\"", "ray_num_cpus = 1"]
+    lines += ["[overrides]", f"total_steps = {steps}", "\"env.backend\" = \"gymnasium\"", "\"eval.episodes\" = 0",
+              "torch_threads = 1", "checkpoint_every_iterations = 0", "progress = false"]
     spec = out / "sweep.toml"
-    spec.write_text(textwrap.dedent(f"""
-        algos = ["ppo"]
-        envs = ["CartPole-v1"]
-        seeds = 4
-        out_dir = "runs"
-        max_parallel = {parallel}
-        backend = "{backend}"
-        overrides = {{ total_steps = {steps}, "env.backend" = "gymnasium", "eval.episodes" = 0,
-                      torch_threads = 1, checkpoint_every_iterations = 0, progress = false }}
-    """) + extra)
+    spec.write_text("\n".join(lines) + "\n")
     load = os.getloadavg()[0]
     start = time.monotonic()
     try:
