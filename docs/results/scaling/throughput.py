@@ -49,6 +49,10 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+# A driver joining a head by address sends Ray's auth token only with RAY_AUTH_MODE=token (docs/scaling.md).
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
 class RayHead:
     """``ray start --head --num-cpus=K`` on this machine; stopped by pid (only the processes it started)."""
 
@@ -61,7 +65,7 @@ class RayHead:
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
                         f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
                         f"--temp-dir={self.temp_dir}", "--node-ip-address=127.0.0.1"], check=True,
-                       capture_output=True)
+                       capture_output=True, env=RAY_ENV)
 
     def stop(self) -> None:
         for attempt in range(3):
@@ -92,7 +96,8 @@ def sweep_once(backend: str, parallel: int, steps: int) -> dict:
     load = os.getloadavg()[0]
     start = time.monotonic()
     try:
-        result = subprocess.run([sys.executable, "-m", "aclab", "sweep", str(spec)], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "aclab", "sweep", str(spec)], capture_output=True, text=True,
+                                env=RAY_ENV if head is not None else None)
     finally:
         if head is not None:
             head.stop()
