@@ -220,3 +220,15 @@ def test_other_bad_inputs():
     with pytest.raises(stats.StatsError, match="reps"):
         stats.aggregate_intervals({"a": [[1.0]]}, reps=0)
     assert isinstance(stats.StatsError("x"), ValueError)
+
+
+def test_one_task_helpers_give_the_mean_and_p_of_improvement_of_plain_run_lists():
+    """mean_interval / improvement_interval take [runs] lists (the results scripts' use): the point is the plain
+    mean and the Mann-Whitney P(X > Y) counted by hand; the interval holds the point."""
+    x, y = [3.0, 1.0, 4.0, 1.0, 5.0], [2.0, 2.0, 0.5, 6.0]
+    mean = stats.mean_interval(x)
+    assert mean.point == pytest.approx(np.mean(x)) and mean.lower <= mean.point <= mean.upper
+    by_hand = np.mean([(a > b) + 0.5 * (a == b) for a in x for b in y])
+    poi = stats.improvement_interval(x, y)
+    assert poi.point == pytest.approx(by_hand) and poi.lower <= poi.point <= poi.upper
+    assert poi.text(".2f") == f"{poi.point:.2f} [{poi.lower:.2f}, {poi.upper:.2f}]" and str(mean).count("[") == 1

@@ -52,7 +52,11 @@ class Interval:
     upper: float
 
     def __str__(self) -> str:
-        return f"{self.point:.3g} [{self.lower:.3g}, {self.upper:.3g}]"
+        return self.text(".3g")
+
+    def text(self, fmt: str) -> str:
+        """``"point [lower, upper]"`` with each number formatted by ``fmt`` (e.g. ``".2f"``)."""
+        return f"{self.point:{fmt}} [{self.lower:{fmt}}, {self.upper:{fmt}}]"
 
 
 @dataclass
@@ -189,6 +193,12 @@ def aggregate_intervals(
     }
 
 
+def mean_interval(values: Any, *, reps: int = 2000, seed: int = 0) -> Interval:
+    """The mean of one set of runs on one task (``values`` [runs]) with its 95% bootstrap CI."""
+    return aggregate_intervals({"x": np.asarray(values, float)[:, None]}, metrics=("mean",), reps=reps,
+                               seed=seed)["x"]["mean"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Probability of improvement
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +260,12 @@ def probability_of_improvement_intervals(
         )
         for x, y in pairs
     }
+
+
+def improvement_interval(x: Any, y: Any, *, reps: int = 2000, seed: int = 0) -> Interval:
+    """``P(X > Y)`` for two sets of runs on one task (``x`` [runs_x], ``y`` [runs_y]) with its 95% bootstrap CI."""
+    return probability_of_improvement_intervals(
+        {"x": np.asarray(x, float)[:, None], "y": np.asarray(y, float)[:, None]}, reps=reps, seed=seed)[("x", "y")]
 
 
 # ----------------------------------------------------------------------------------------------

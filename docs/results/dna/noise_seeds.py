@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aclab.evaluate import stats
+
 OUT = Path(__file__).resolve().parent
 SEEDS = (1, 2, 3, 4, 5)
 STEPS = 150_000
@@ -100,19 +102,11 @@ def resmoothed_sigma_median(rows: list[dict], loss: str, alpha: float = 0.9, flo
 
 
 def mean_ci(values) -> str:
-    from aclab.evaluate import stats
-
-    iv = stats.aggregate_intervals({"x": np.asarray(values, float)[:, None]}, metrics=("mean",), reps=2000,
-                                   seed=0)["x"]["mean"]
-    return f"{iv.point:.3g} [{iv.lower:.3g}, {iv.upper:.3g}]"
+    return str(stats.mean_interval(values))
 
 
 def poi(x, y) -> str:
-    from aclab.evaluate import stats
-
-    iv = stats.probability_of_improvement_intervals(
-        {"x": np.asarray(x, float)[:, None], "y": np.asarray(y, float)[:, None]}, reps=2000, seed=0)[("x", "y")]
-    return f"{iv.point:.2f} [{iv.lower:.2f}, {iv.upper:.2f}]"
+    return stats.improvement_interval(x, y).text(".2f")
 
 
 def cmd_summarize(args) -> None:

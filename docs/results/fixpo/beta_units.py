@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aclab.evaluate import stats
+
 OUT = Path(__file__).resolve().parent
 ENVS = ("mujoco:Hopper-v4", "mujoco:HalfCheetah-v4")
 SEEDS = (1, 2, 3, 4, 5)
@@ -92,19 +94,11 @@ def run_stats(path: Path, condition: str, env: str, seed: int) -> dict:
 
 
 def mean_ci(values) -> str:
-    from aclab.evaluate import stats
-
-    values = np.asarray(values, dtype=float)[:, None]
-    iv = stats.aggregate_intervals({"x": values}, metrics=("mean",), reps=2000, seed=0)["x"]["mean"]
-    return f"{iv.point:.3g} [{iv.lower:.3g}, {iv.upper:.3g}]"
+    return str(stats.mean_interval(values))
 
 
 def poi(x, y) -> str:
-    from aclab.evaluate import stats
-
-    iv = stats.probability_of_improvement_intervals(
-        {"x": np.asarray(x, float)[:, None], "y": np.asarray(y, float)[:, None]}, reps=2000, seed=0)[("x", "y")]
-    return f"{iv.point:.2f} [{iv.lower:.2f}, {iv.upper:.2f}]"
+    return stats.improvement_interval(x, y).text(".2f")
 
 
 def cmd_summarize(args) -> None:
