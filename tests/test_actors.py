@@ -17,6 +17,7 @@ import torch
 from aclab import registry
 from aclab.algos.impala import flat_state, make_acting_policy
 from aclab.data.actors import (
+    ACTOR_SEED_STRIDE,
     ActorFailureLimit,
     ActorWorker,
     Chunk,
@@ -565,7 +566,7 @@ def test_wait_for_actors_starts_learning_when_every_actor_is_ready(tmp_path, mon
     (the first metrics row sees both actors alive); without it learning starts on the fast actor's chunks."""
     from aclab.algos import impala
 
-    slow_seed = 2 * 7919  # actor 1's env seed offset (make_actor_specs)
+    slow_seed = ACTOR_SEED_STRIDE * 2  # actor 1's env seed offset (make_actor_specs)
 
     def slow_second_actor(config, env_spec, seed):
         if seed == config.seed + slow_seed:

@@ -7,19 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_fixpo import CPU, FAST, OVERSHOOT  # a primary phase that overshoots (high lr, beta 0, small eps_KL)
 from torch import distributions as td
 
-from aclab.algos.common import resolve_device
 from aclab.algos.fixpo import FixPO, normalized_value_targets
 from aclab.envs import build_envs
 from aclab.envs.normalize import RunningMeanStd
 from aclab.train import make_config, train
-
-CPU = resolve_device("cpu")
-FAST = ["progress=false", "eval.episodes=0", "env.backend=gymnasium"]
-OVERSHOOT = ["env.num_envs=4", "params.num_steps=64", "params.minibatch_size=64", "params.fixup_minibatch_size=128",
-             "params.num_epochs=8", "params.lr=0.01", "params.anneal_lr=false", "params.beta_init=0",
-             "params.eps_kl=0.05"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 

@@ -263,16 +263,16 @@ class DAAC:
     def make_batch(self, rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
         """The rollout's valid transitions, advantages normalised over all of them; IDAAC adds each state's
         partner observation and order label (:func:`episode_pairs`)."""
-        batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
-                                  old_log_probs=rollout.log_probs, old_values=rollout.values[:-1],
-                                  advantages=advantages, returns=returns)
-        batch["advantages"] = losses.normalize(batch["advantages"])
+        pairs = {}
         if self.discriminator is not None:
             partner, label, _ = episode_pairs(rollout.valid, rollout.ends, self.generator)
-            pairs = valid_transitions(rollout.valid, partner=partner.view(rollout.valid.shape),
-                                      order=label.view(rollout.valid.shape))
-            batch["other_obs"] = rollout.obs.reshape(-1, *rollout.obs.shape[2:])[pairs["partner"]]
-            batch["order"] = pairs["order"]
+            pairs = {"partner": partner.view(rollout.valid.shape), "order": label.view(rollout.valid.shape)}
+        batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
+                                  old_log_probs=rollout.log_probs, old_values=rollout.values[:-1],
+                                  advantages=advantages, returns=returns, **pairs)
+        batch["advantages"] = losses.normalize(batch["advantages"])
+        if pairs:
+            batch["other_obs"] = rollout.obs.reshape(-1, *rollout.obs.shape[2:])[batch.pop("partner")]
         return batch
 
     def policy_loss(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

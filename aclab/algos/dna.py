@@ -468,8 +468,8 @@ class DNA:
         p = self.params
         batch = valid_transitions(rollout.valid, obs=rollout.obs, actions=rollout.actions,
                                   old_log_probs=rollout.log_probs, old_params=rollout.dist_params,
-                                  advantages=advantages, value_targets=value_targets)
-        old_values = valid_transitions(rollout.valid, values=rollout.values[:-1])["values"]
+                                  advantages=advantages, value_targets=value_targets, old_values=rollout.values[:-1])
+        old_values = batch.pop("old_values")  # for explained variance only: no phase trains on it
         if p.norm_adv == "batch":
             batch["advantages"] = self.dp.normalize(batch["advantages"])
         measure_noise = p.noise_scale_every > 0 and self.iteration % p.noise_scale_every == 0
