@@ -12,9 +12,9 @@ Per run (data/<task>.json, written by collect.py from the sweep folders):
 * stiffness: mean over training of the logged cosine (paper's quantity) and cosine_grad_v (sign-free).
 
 Intervals: 95% stratified-bootstrap confidence intervals of the mean over seeds and of the probability
-of improvement P(X > Y) (:mod:`aclab.evaluate.stats`, rliable; 2000 / 1000 replicates, seed 0). A
-difference is called supported only when the two mean intervals do not overlap, or the interval of
-P(X > Y) excludes 0.5.
+of improvement P(X > Y) (:mod:`aclab.evaluate.stats`, rliable; 2000 / 1000 replicates, seed 0), each
+P(X > Y) in its own column. A difference is called supported ("differs") only when the interval of
+P(X > Y) excludes 0.5; otherwise the cell says "n.s." (no difference shown).
 """
 
 from __future__ import annotations
@@ -77,24 +77,31 @@ def table(task: str, runs: dict[str, list[dict]], pairs: list[tuple[str, str]]) 
     for algo in scores:
         metrics += [m for m in scores[algo][0] if m not in metrics]
     env = runs[next(iter(runs))][0]["env"]
+    header = list(runs) + [f"P({x} > {y})" for x, y in pairs]
     lines = [f"**{env}** ({', '.join(f'{a}: {len(r)} seeds' for a, r in runs.items())}; mean over seeds "
-             "[95% bootstrap CI])", "", "| metric | " + " | ".join(runs) + " |",
-             "|---|" + "---|" * len(runs)]
+             "[95% bootstrap CI]; P(X > Y) with its interval)", "", "| metric | " + " | ".join(header) + " |",
+             "|---|" + "---|" * len(header)]
     for metric in metrics:
         cells = []
         matrices = {a: np.array([[s[metric]] for s in scores[a]]) for a in scores if metric in scores[a][0]}
         intervals = aggregate_intervals(matrices, metrics=["mean"]) if matrices else {}
         for algo in runs:
             cells.append(str(intervals[algo]["mean"]) if algo in intervals else "n/a")
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
         for x, y in pairs:
-            if x in matrices and y in matrices:
-                poi = probability_of_improvement_intervals(matrices, [(x, y)])[(x, y)]
-                verdict = "supported" if poi.lower > 0.5 or poi.upper < 0.5 else "not supported"
-                lines.append(f"| &nbsp;&nbsp;P({x} > {y}) | {poi} ({verdict}) |" + " |" * (len(runs) - 1))
+            cells.append(poi_cell(matrices, x, y))
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     wall = {a: float(np.mean([r["wall_time_s"] for r in rs])) for a, rs in runs.items()}
-    lines.append("| wall time per run (s, shared machine) | " + " | ".join(f"{wall[a]:.0f}" for a in runs) + " |")
+    lines.append("| wall time per run (s, shared machine) | " + " | ".join(f"{wall[a]:.0f}" for a in runs)
+                 + " |" * (len(pairs) + 1))
     return lines
+
+
+def poi_cell(matrices: dict[str, np.ndarray], x: str, y: str) -> str:
+    """``P(x > y) [lo, hi] (differs | n.s.)``; "n/a" when either has no score for the metric."""
+    if x not in matrices or y not in matrices:
+        return "n/a"
+    poi = probability_of_improvement_intervals(matrices, [(x, y)])[(x, y)]
+    return f"{poi} ({'differs' if poi.lower > 0.5 or poi.upper < 0.5 else 'n.s.'})"
 
 
 def band(ax, runs: list[dict], series: str, name: str, label: str, color: str, linestyle: str = "-") -> None:
@@ -149,9 +156,9 @@ def plots(task: str, runs: dict[str, list[dict]]) -> None:
 def procgen(task: str) -> list[str]:
     runs = load(task)
     lines = [f"**{task}**: per algorithm, mean over seeds [95% bootstrap CI]", "",
-             "| algo | seeds | train-levels return | unseen-levels return | OOD actions, raw 15 "
+             "| algo | seeds | train-levels return | unseen-levels return | P(train > unseen) | OOD actions, raw 15 "
              "| OOD actions, distinct |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for algo, rs in runs.items():
         cols = {"train": [], "unseen": [], "raw": [], "distinct": []}
         for r in rs:
@@ -162,16 +169,14 @@ def procgen(task: str) -> list[str]:
                 cols["distinct"].append([r["analysis"]["mean_distinct"]])
         ints = aggregate_intervals({k: np.array(v) for k, v in cols.items() if v}, metrics=["mean"])
         cells = [str(ints[k]["mean"]) if k in ints else "n/a" for k in ("train", "unseen", "raw", "distinct")]
+        cells.insert(2, poi_cell({k: np.array(cols[k]) for k in ("train", "unseen") if cols[k]}, "train", "unseen"))
         lines.append(f"| {algo} | {len(rs)} | " + " | ".join(cells) + " |")
-        if cols["train"]:
-            gap = probability_of_improvement_intervals({"train": np.array(cols["train"]),
-                                                        "unseen": np.array(cols["unseen"])})[("train", "unseen")]
-            lines.append(f"| &nbsp;&nbsp;P(train > unseen) | {gap} | | | | |")
     return lines
 
 
 if __name__ == "__main__":
-    for task, pairs in (("cartpole", [("dcpg", "ppg"), ("ddcpg", "dcpg")]), ("acrobot", [("dcpg", "ppg")])):
+    pairs = [("dcpg", "ppg"), ("ddcpg", "dcpg")]
+    for task in ("cartpole", "acrobot"):
         if (HERE / "data" / f"{task}.json").exists():
             runs = load(task)
             print("\n".join(table(task, runs, pairs)) + "\n")
