@@ -210,6 +210,14 @@ def test_tanh_gaussian_adapter_passes_every_argument_through():
     far = torch.tensor([[20.0, 0.3, -0.2]], dtype=torch.float64)
     exact = normal.log_prob(far).sum(-1) - (2 * (np.log(2) - far - torch.nn.functional.softplus(-2 * far))).sum(-1)
     torch.testing.assert_close(dist.log_prob(params, torch.tanh(far), pre_tanh=far), exact)
+    # actions exactly at -1 / +1 without pre_tanh: atanh of the action clamped one epsilon inside
+    edge = 1 - float(torch.finfo(torch.float64).eps)
+    for sign in (-1.0, 1.0):
+        at_edge = torch.full((1, 3), sign, dtype=torch.float64)
+        inside = torch.full((1, 3), sign * edge, dtype=torch.float64)
+        value = dist.log_prob(params, at_edge)
+        assert bool(torch.isfinite(value).all())
+        torch.testing.assert_close(value, dist.log_prob(params, inside, pre_tanh=torch.atanh(inside)))
     one_draw = tanh_normal_entropy_estimate(params, 1, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(dist.entropy(params, generator=torch.Generator().manual_seed(4)), one_draw)
 
@@ -299,3 +307,18 @@ def test_gamma_sampler_is_marsaglia_tsang_in_float64_draw_for_draw():
     single = gamma_sample(torch.tensor(k, dtype=torch.float32), torch.Generator().manual_seed(21))
     assert single.dtype == torch.float32
     torch.testing.assert_close(single, out.float(), rtol=0, atol=0)
+
+
+def test_n_step_returns_keep_the_rewards_dtype_whatever_the_episode_ends_dtype():
+    """Episode-end flags given as float64 (or bool) mark where the sum stops; they never change the returns'
+    dtype (float32 rewards give float32 returns, equal to the float64 computation)."""
+    generator = torch.Generator().manual_seed(4)
+    rewards, values = torch.randn(5, 2, generator=generator), torch.randn(6, 2, generator=generator)
+    discounts = torch.full((5, 2), 0.9)
+    ends = torch.zeros(5, 2, dtype=torch.float64)
+    ends[1, 0] = ends[3, 1] = 1.0
+    reference = n_step_returns(rewards.double(), values.double(), discounts.double(), 3, ends)
+    for flags in (ends, ends.bool()):
+        out = n_step_returns(rewards, values, discounts, 3, flags)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, reference.float())

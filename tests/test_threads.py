@@ -31,6 +31,18 @@ def test_default_threads(monkeypatch):
     assert default_threads((3, 64, 64)) == 1
 
 
+def test_default_threads_for_images_read_a_positive_omp_budget_and_else_take_every_core(monkeypatch):
+    import aclab.core.threads as threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 7)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.default_threads((3, 64, 64)) == 7 and threads.default_threads((4,)) == 1
+    for budget, expected in (("1", 1), ("3", 3), ("0", 7), ("", 7), ("two", 7), ("-2", 7)):
+        monkeypatch.setenv("OMP_NUM_THREADS", budget)
+        assert threads.default_threads((3, 64, 64)) == expected, budget
+        assert threads.default_threads((64, 64)) == 1 and threads.default_threads((1, 3, 8, 8)) == 1
+
+
 def test_available_cores_counts_the_affinity_mask_and_else_the_cpu_count(monkeypatch):
     """The cores this process may run on (a container or `taskset` narrows them), at least 1; where the
     OS has no affinity call, os.cpu_count(), and 1 when that is unknown."""
