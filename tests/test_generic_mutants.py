@@ -48,6 +48,8 @@ def test_normalize_gives_zero_mean_unit_unbiased_std():
     x = torch.tensor([1.0, 2.0, 4.0, 9.0], dtype=torch.float64)
     out = normalize(x)
     torch.testing.assert_close(out, (x - 4.0) / float(np.std([1, 2, 4, 9], ddof=1)), rtol=1e-7, atol=1e-9)
+    # eps is added to the std (a near-constant batch is not blown up)
+    torch.testing.assert_close(normalize(x, eps=0.5), (x - 4.0) / (float(np.std([1, 2, 4, 9], ddof=1)) + 0.5))
 
 
 def test_leaky_vtrace_defaults_are_vtrace_and_shapes_are_checked():
@@ -169,7 +171,7 @@ def test_make_distribution_accepts_categorical_for_discrete_and_rejects_it_for_b
     from aclab.core.distributions import Categorical, make_distribution
 
     assert isinstance(make_distribution(gymnasium.spaces.Discrete(3), "categorical"), Categorical)
-    with pytest.raises(ValueError, match="kind 'categorical' does not apply to a Box action space"):
+    with pytest.raises(ValueError, match=r"^kind 'categorical' does not apply to a Box action space$"):
         make_distribution(gymnasium.spaces.Box(-1, 1, (2,)), "categorical")
     with pytest.raises(ValueError, match=r"supported are gymnasium.spaces.Discrete \(Categorical\)"):
         make_distribution(gymnasium.spaces.MultiBinary(2))

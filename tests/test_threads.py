@@ -76,8 +76,19 @@ def test_set_threads_uses_a_positive_request_and_else_the_default():
     torch.set_num_threads(2)
     assert set_threads(0, obs_shape=(4,)) == 1 and torch.get_num_threads() == 1
     assert set_threads(3, obs_shape=(4,)) == 3 and torch.get_num_threads() == 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"threads must be >= 1 or 0/None for the default, got -1"):
         set_threads(-1)
+
+
+def test_set_threads_passes_the_observation_shape_and_the_device_to_the_default(monkeypatch):
+    import aclab.core.threads as threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(1)
+    assert threads.set_threads(None, obs_shape=(3, 8, 8)) == 3 and torch.get_num_threads() == 3
+    assert threads.set_threads(0, obs_shape=(3, 8, 8), device="meta") == 1 and torch.get_num_threads() == 1
+    assert threads.set_threads(None) == 1
 
 
 def test_every_entry_point_sets_threads(tmp_path, capsys):
