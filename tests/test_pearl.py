@@ -281,6 +281,19 @@ def test_value_and_policy_losses_of_one_step_match_a_slow_reference():
     for optimizer in (algo.qf_optimizer, algo.context_optimizer):
         for group in optimizer.param_groups:
             group["lr"] = 0.0
+    # randomly initialised twins can have one below the other on every sampled state, and then a policy
+    # step that used that twin alone would match the reference: shift twin 0 by -1 on even rows and +1 on
+    # odd rows of the actor's Q (and of the reference), so that each twin is the minimum on half the states
+    rows = 4 * algo.params.batch_size
+    offset = torch.ones(rows)
+    offset[::2] = -1.0
+    q_for_actor = algo.qf.q_for_actor
+
+    def q_for_actor_shifted(obs, z, actions):
+        q = q_for_actor(obs, z, actions)
+        return torch.stack([q[0] + offset, q[1]])
+
+    algo.qf.q_for_actor = q_for_actor_shifted
     p = algo.params
     task_ids = np.array([1, 1, 4, 2])
     k_tasks, b = len(task_ids), p.batch_size
@@ -300,7 +313,9 @@ def test_value_and_policy_losses_of_one_step_match_a_slow_reference():
             log_pi = (Normal(mean.double(), log_std.double().exp()).log_prob(u.double())
                       - torch.log1p(-torch.tanh(u.double()) ** 2)).sum(-1)
             zs = z[None].expand(b, -1)
-            min_q = algo.qf(obs, zs, action).double().min(dim=0).values
+            twins = algo.qf(obs, zs, action).double()
+            twins[0] += offset[k * b:(k + 1) * b].double()
+            min_q = twins.min(dim=0).values
             v = algo.vf(obs, zs)[0].double()
             v_sq += float(((v - (min_q - log_pi)) ** 2).sum())
             policy_sum += float((log_pi - min_q).sum())

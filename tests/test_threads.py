@@ -31,12 +31,64 @@ def test_default_threads(monkeypatch):
     assert default_threads((3, 64, 64)) == 1
 
 
+def test_default_threads_for_images_read_a_positive_omp_budget_and_else_take_every_core(monkeypatch):
+    import aclab.core.threads as threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 7)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.default_threads((3, 64, 64)) == 7 and threads.default_threads((4,)) == 1
+    for budget, expected in (("1", 1), ("3", 3), ("0", 7), ("", 7), ("two", 7), ("-2", 7)):
+        monkeypatch.setenv("OMP_NUM_THREADS", budget)
+        assert threads.default_threads((3, 64, 64)) == expected, budget
+        assert threads.default_threads((64, 64)) == 1 and threads.default_threads((1, 3, 8, 8)) == 1
+
+
+def test_available_cores_counts_the_affinity_mask_and_else_the_cpu_count(monkeypatch):
+    """The cores this process may run on (a container or `taskset` narrows them), at least 1; where the
+    OS has no affinity call, os.cpu_count(), and 1 when that is unknown."""
+    import aclab.core.threads as threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert threads.available_cores() == 1
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert threads.available_cores() == 3
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(), raising=False)
+    assert threads.available_cores() == 1
+    monkeypatch.delattr(threads.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 6)
+    assert threads.available_cores() == 6
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: None)
+    assert threads.available_cores() == 1
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 1)
+    assert threads.available_cores() == 1
+
+
+def test_restore_process_default_gives_back_torchs_count_from_import_time(monkeypatch):
+    import aclab.core.threads as threads
+
+    monkeypatch.setattr(threads, "_PROCESS_DEFAULT", 3)
+    torch.set_num_threads(1)
+    threads.restore_process_default()
+    assert torch.get_num_threads() == 3
+
+
 def test_set_threads_uses_a_positive_request_and_else_the_default():
     torch.set_num_threads(2)
     assert set_threads(0, obs_shape=(4,)) == 1 and torch.get_num_threads() == 1
     assert set_threads(3, obs_shape=(4,)) == 3 and torch.get_num_threads() == 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"threads must be >= 1 or 0/None for the default, got -1"):
         set_threads(-1)
+
+
+def test_set_threads_passes_the_observation_shape_and_the_device_to_the_default(monkeypatch):
+    import aclab.core.threads as threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(1)
+    assert threads.set_threads(None, obs_shape=(3, 8, 8)) == 3 and torch.get_num_threads() == 3
+    assert threads.set_threads(0, obs_shape=(3, 8, 8), device="meta") == 1 and torch.get_num_threads() == 1
+    assert threads.set_threads(None) == 1
 
 
 def test_every_entry_point_sets_threads(tmp_path, capsys):
