@@ -141,6 +141,8 @@ def test_return_estimators_check_the_value_shape():
                    lambda v: discounted_returns(rewards, discounts, torch.zeros(2), torch.zeros(4, 2), values=v)):
             with pytest.raises(ValueError):
                 fn(bad)
+    with pytest.raises(ValueError, match=r"^values must be \[T \+ 1, B\] = \(5, 2\), got \(4, 2\)$"):
+        gae(rewards, torch.zeros(4, 2), discounts, 0.9)
     with pytest.raises(ValueError, match=r"time-major \[T, B\], got shape \(4,\)"):
         gae(torch.zeros(4), torch.zeros(5), torch.zeros(4), 0.9)
     gen = torch.Generator().manual_seed(1)
