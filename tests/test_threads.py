@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import aclab.core.threads as threads
 from aclab import sweep as sw
 from aclab.cli import main
 from aclab.core.threads import available_cores, default_threads, set_threads
@@ -32,8 +33,6 @@ def test_default_threads(monkeypatch):
 
 
 def test_default_threads_for_images_read_a_positive_omp_budget_and_else_take_every_core(monkeypatch):
-    import aclab.core.threads as threads
-
     monkeypatch.setattr(threads, "available_cores", lambda: 7)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert threads.default_threads((3, 64, 64)) == 7 and threads.default_threads((4,)) == 1
@@ -46,8 +45,6 @@ def test_default_threads_for_images_read_a_positive_omp_budget_and_else_take_eve
 def test_available_cores_counts_the_affinity_mask_and_else_the_cpu_count(monkeypatch):
     """The cores this process may run on (a container or `taskset` narrows them), at least 1; where the
     OS has no affinity call, os.cpu_count(), and 1 when that is unknown."""
-    import aclab.core.threads as threads
-
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert threads.available_cores() == 1
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
@@ -59,13 +56,9 @@ def test_available_cores_counts_the_affinity_mask_and_else_the_cpu_count(monkeyp
     assert threads.available_cores() == 6
     monkeypatch.setattr(threads.os, "cpu_count", lambda: None)
     assert threads.available_cores() == 1
-    monkeypatch.setattr(threads.os, "cpu_count", lambda: 1)
-    assert threads.available_cores() == 1
 
 
 def test_restore_process_default_gives_back_torchs_count_from_import_time(monkeypatch):
-    import aclab.core.threads as threads
-
     monkeypatch.setattr(threads, "_PROCESS_DEFAULT", 3)
     torch.set_num_threads(1)
     threads.restore_process_default()
@@ -81,8 +74,6 @@ def test_set_threads_uses_a_positive_request_and_else_the_default():
 
 
 def test_set_threads_passes_the_observation_shape_and_the_device_to_the_default(monkeypatch):
-    import aclab.core.threads as threads
-
     monkeypatch.setattr(threads, "available_cores", lambda: 3)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     torch.set_num_threads(1)
