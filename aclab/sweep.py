@@ -52,7 +52,9 @@ same Python environment with aclab at the path of the sweep's ``sys.executable``
 path (the tasks write the run directories and ``.logs/`` there). A task's child gets ``OMP_NUM_THREADS``
 = ``ray_num_cpus`` (unless the sweep's environment sets it) and otherwise the environment of the node it
 runs on. Stopping the sweep (SIGINT or SIGTERM) cancels its tasks: each stops its run with SIGTERM (the
-run checkpoints and exits, status ``interrupted``) and the sweep reports the cells as failed; running
+run checkpoints and exits, status ``interrupted``; Ray can lose a cancel, so a task still running
+``RAY_CANCEL_GRACE_S`` later is force-cancelled: its worker dies and the kernel sends its run SIGTERM)
+and the sweep reports the cells as failed; running
 the sweep again resumes them (tested against a Ray head started by the tests,
 ``tests/test_sweep.py``).
 """
@@ -438,6 +440,7 @@ class _Children:
 
 CHILDREN = _Children()
 STOP_GRACE_S = 60.0  # after SIGTERM, a run gets this long to checkpoint and exit before SIGKILL
+RAY_CANCEL_GRACE_S = STOP_GRACE_S + 15.0  # a cancelled Ray task still running after this is force-cancelled
 
 
 def _stop_child(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
@@ -630,6 +633,8 @@ def _run_ray(
     results: dict[int, JobResult] = {}
     queue = list(range(len(jobs)))
     cancelled = 0  # the number of stop signals acted on
+    cancelled_at: float | None = None  # when the first cancel went out
+    forced = False
     try:
         with _StopFlag() as stop:
             while queue or pending:
@@ -645,16 +650,29 @@ def _run_ray(
                     queue = []
                     for ref in pending:  # first signal: KeyboardInterrupt in the task, which stops its run with
                         ray.cancel(ref, force=stop.requested > 1)  # SIGTERM; a second: kill the task's worker
-                    cancelled = stop.requested
+                    cancelled, forced = stop.requested, forced or stop.requested > 1
+                    cancelled_at = time.monotonic() if cancelled_at is None else cancelled_at
+                if pending and not forced and cancelled_at is not None \
+                        and time.monotonic() - cancelled_at > RAY_CANCEL_GRACE_S:
+                    # Ray can lose a cancel (the interrupt reaches a task between two of its steps, or a worker
+                    # too busy to take it): kill the workers still running; their runs get SIGTERM from the kernel
+                    # (die_with_parent) and checkpoint as they would have.
+                    log(f"[sweep] {len(pending)} run(s) still running {RAY_CANCEL_GRACE_S:.0f} s after the "
+                        f"cancel: killing their Ray workers")
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    forced = True
                 if not pending:
                     break
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                stopped_errors = (ray.exceptions.TaskCancelledError,  # a forced cancel can also end in a crash
+                                  *((ray.exceptions.WorkerCrashedError,) if forced else ()))
                 for ref in done:
                     index = pending.pop(ref)
                     job, log_path = jobs[index], log_dir / f"{jobs[index].run_dir.name}.log"
                     try:
                         code, seconds = ray.get(ref)
-                    except ray.exceptions.TaskCancelledError:
+                    except stopped_errors:
                         results[index] = JobResult(job, "failed", None, 0.0, log_path,
                                                    "stopped with the sweep: the run was sent SIGTERM; run the sweep "
                                                    "again to resume it")

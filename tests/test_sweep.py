@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ FAKE_TRAINER = textwrap.dedent("""
     settings = os.path.join(os.path.dirname(os.path.abspath(__file__)), "settings.json")
     if os.path.exists(settings):
         os.environ.update(json.load(open(settings)))
+    from aclab.sweep import die_with_parent
+    die_with_parent()  # as aclab train does: SIGTERM when the process that started it dies
     argv = sys.argv[1:]
     assert argv[0] == "train", argv
     if argv[1] == "--resume":
@@ -441,7 +444,7 @@ def test_ray_sweep_stopped_by_a_signal_stops_its_runs_and_resumes_without_duplic
     started = invocations("start")
     assert len(started) == 2, sweep.stdout.read() if sweep.poll() is not None else "runs did not start"
     sweep.send_signal(signal.SIGTERM)
-    output, _ = sweep.communicate(timeout=120)
+    output, _ = sweep.communicate(timeout=sw.RAY_CANCEL_GRACE_S + 120)  # a lost cancel is forced after the grace
     assert sweep.returncode == 3, output
     stopped = invocations("sigterm")
     assert sorted(c["pid"] for c in stopped) == sorted(c["pid"] for c in started), output
@@ -506,3 +509,57 @@ def test_a_stopped_or_killed_sweep_stops_its_children(tmp_path, sig):
     while any(_alive(pid) for pid in children) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in children)
+
+
+class _LossyRay(types.SimpleNamespace):
+    """Just enough of ``ray`` for ``_run_ray``: tasks never finish on their own, a plain cancel is lost (as
+    Ray can lose one) and a forced cancel ends the task; SIGTERM reaches the sweep on its third wait."""
+
+    def __init__(self):
+        class RayError(Exception):
+            pass
+
+        errors = {name: type(name, (RayError,), {}) for name in ("TaskCancelledError", "WorkerCrashedError")}
+        super().__init__(cancels=[], waits=0, finished=set(),
+                         exceptions=types.SimpleNamespace(RayError=RayError, **errors))
+
+    def is_initialized(self):
+        return True
+
+    def remote(self, **_options):
+        return lambda function: types.SimpleNamespace(remote=lambda *args: object())
+
+    def cancel(self, ref, force=False):
+        self.cancels.append((time.monotonic(), force))
+        if force:
+            self.finished.add(ref)
+
+    def wait(self, refs, num_returns, timeout):
+        self.waits += 1
+        if self.waits == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.waits > 1000:
+            raise RuntimeError("the sweep did not stop its tasks")
+        time.sleep(0.01)
+        return [r for r in refs if r in self.finished][:num_returns], []
+
+    def get(self, ref):
+        raise self.exceptions.WorkerCrashedError()  # what a task whose worker was killed can give
+
+
+def test_a_ray_task_whose_cancel_was_lost_is_force_cancelled_after_the_grace(tmp_path, monkeypatch):
+    """A stopped Ray sweep cancels each task (its run gets SIGTERM); a task still running RAY_CANCEL_GRACE_S
+    later is force-cancelled (its worker dies and the kernel sends the run SIGTERM), so the sweep stops even
+    when Ray loses a cancel."""
+    fake_ray = _LossyRay()
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setattr(sw, "RAY_CANCEL_GRACE_S", 0.5)
+    spec = write_spec(tmp_path, 'algos=["ppo"]\nenvs=["CartPole-v1"]\nseeds=2\nout_dir="runs"\nmax_parallel=2\n'
+                                'backend="ray"\n')
+    lines: list[str] = []
+    results = sw.run_sweep(spec, command_prefix=["true"], log=lines.append)
+    assert [force for _, force in fake_ray.cancels] == [False, False, True, True], fake_ray.cancels
+    waited = fake_ray.cancels[2][0] - fake_ray.cancels[0][0]
+    assert 0.5 < waited < 5.0, waited
+    assert all(r.status == "failed" and "stopped with the sweep" in r.message for r in results), results
+    assert any("killing their Ray workers" in line for line in lines), lines
