@@ -10,7 +10,7 @@ import torch
 from aclab import registry
 from aclab.algos.common import resolve_device
 from aclab.core import losses
-from aclab.data.rollout import shuffled_minibatches, valid_transitions
+from aclab.data.rollout import LARGE_ITEM_ELEMENTS, shuffled_minibatches, valid_transitions
 from aclab.envs import build_envs
 from aclab.train import make_config, train
 
@@ -50,6 +50,24 @@ def test_shuffled_minibatches_cover_each_item_once_per_epoch():
     assert len(set(seen.tolist())) == 9
     for p in parts:
         assert torch.equal(p["y"], p["x"] * 2)
+
+
+def test_shuffled_minibatches_gather_large_items_per_minibatch_as_one_shuffle():
+    """Image-sized items are gathered per minibatch, small ones sliced from one shuffle: every minibatch
+    equals the straightforward reference ``v[perm][i * size:(i + 1) * size]`` of the same permutation,
+    so frames stay aligned with their actions."""
+    n = 23
+    frames = torch.randint(0, 256, (n, 3, 16, 32), dtype=torch.uint8)  # 1,536 elements per item: large
+    batch = {"obs": frames, "actions": torch.arange(n), "params": torch.randn(n, 5)}
+    assert frames[0].numel() >= LARGE_ITEM_ELEMENTS > batch["params"][0].numel()
+    parts = list(shuffled_minibatches(batch, 4, torch.Generator().manual_seed(3)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    size = n // 4
+    assert len(parts) == 4
+    for i, part in enumerate(parts):
+        for k, v in batch.items():
+            assert torch.equal(part[k], v[perm][i * size:(i + 1) * size]), (i, k)
+        assert torch.equal(part["obs"], frames[part["actions"]])
 
 
 def test_valid_transitions_keeps_real_steps_in_time_major_order():
