@@ -132,9 +132,12 @@ class LoggingConfig:
     the output is not a terminal (nohup, batch jobs), print a plain progress line this often (0: every
     iteration). ``wandb``: mirror metrics and evaluations to Weights & Biases (``pip install 'aclab[wandb]'``);
     ``wandb_mode = "offline"`` writes the W&B files under the run directory without a network.
+    ``learning_curve``: draw ``learning_curve.png`` when the run ends (matplotlib: ~27 MB more resident memory
+    at the end of a MuJoCo run; ``aclab.plots.plot_learning_curve(run_dir)`` draws it later).
     """
 
     episodes: bool = True
+    learning_curve: bool = True
     progress_every_s: float = 30.0
     wandb: bool = False
     wandb_project: str = "aclab"

@@ -553,12 +553,13 @@ def _train_run(run: Run, point: ResumePoint, config: Config, envs, algo, device,
                                   for split, r in levels.items()}
         summary["eval_seeding"] = config.eval.seeding
     run.write_summary(summary)
-    try:
-        from aclab.plots import plot_learning_curve
+    if config.logging.learning_curve:
+        try:
+            from aclab.plots import plot_learning_curve
 
-        plot_learning_curve(run.path)
-    except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose a finished run
-        summary["plot_error"] = str(exc)
+            plot_learning_curve(run.path)
+        except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose a finished run
+            summary["plot_error"] = str(exc)
     return summary
 
 

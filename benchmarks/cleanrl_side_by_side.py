@@ -69,8 +69,9 @@ WORKLOADS: dict[str, dict] = {
                   "49152"],
     },
 }
+# equal work: CleanRL's scripts evaluate nothing, checkpoint nothing and draw no plot at the end
 ACLAB_COMMON = ["--quiet", "--set", "eval.episodes=0", "--set", "checkpoint_every_iterations=0", "--set",
-                "device=cpu"]
+                "logging.learning_curve=false", "--set", "device=cpu"]
 SPS = re.compile(r"SPS:\s*([0-9.]+)")
 
 

@@ -10,7 +10,7 @@ Two micro-workloads, each timed interleaved (best of ``--repeats`` wall times pe
   (256-256 MLP critic pair and actor on HalfCheetah shapes, batch 256: forward, backward, Adam), at
   1 and 2 threads, quiet and with one competing busy process (``--load``) at the same priority.
 
-    /work/bin/cpuslot --all .venv/bin/python benchmarks/cpu_layout_threads.py \\
+    .venv/bin/python benchmarks/cpu_layout_threads.py \\
         --json docs/results/performance/cpu_layout_threads.json
 
 Layouts are switched through ``aclab.nets.encoders`` (``CPU_CHUNK_FRAMES`` and a patched image

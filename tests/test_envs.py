@@ -648,3 +648,29 @@ def test_a_mujoco_run_of_few_envs_never_imports_envpool():
             "envs = build_envs(c); envs.reset(); print(envs.spec.obs_shape, 'envpool' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[-1] == "False", out
+
+
+def test_evaluation_envs_keep_the_training_envs_backend():
+    """build_envs with another num_envs (evaluation: 5 envs; the analyses) builds on the backend that
+    'auto' picked for the training envs: a 1-env MuJoCo run evaluates on Gymnasium (no EnvPool import,
+    ~120 MB), an 8-env one on EnvPool even with 1 env; an explicit backend and rendering are left alone."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from aclab.config import Config; from aclab.envs import build_envs; "
+            "c = Config(algo='ppo'); c.env.id = 'mujoco:HalfCheetah-v4'; c.env.num_envs = 1; "
+            "envs = build_envs(c, num_envs=5, seed=3); envs.reset(); "
+            "print(envs.num_envs, type(envs._backend).__name__, 'envpool' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-3:] == ["5", "GymnasiumBackend", "False"], out
+
+    from aclab.config import Config
+    from aclab.envs import build_envs
+    from aclab.envs.make import resolve_backend
+
+    config = Config(algo="ppo")
+    config.env.id, config.env.num_envs = "mujoco:HalfCheetah-v4", 8
+    assert resolve_backend(config.env.id, 8) == "envpool" and resolve_backend(config.env.id, 1) == "gymnasium"
+    assert type(build_envs(config, num_envs=1)._backend).__name__ == "EnvPoolBackend"
+    config.env.num_envs, config.env.backend = 1, "envpool"
+    assert type(build_envs(config, num_envs=1)._backend).__name__ == "EnvPoolBackend"

@@ -46,6 +46,17 @@ def test_run_directory_contents(tmp_path):
     assert evals[-1]["num_episodes"] == "3" and len(evals[-1]["returns"].split()) == 3
 
 
+def test_learning_curve_off_draws_no_plot_and_never_imports_matplotlib(tmp_path):
+    """logging.learning_curve=false (equal work in the side-by-side benchmark, where CleanRL draws no plot)."""
+    code = ("import sys; from aclab.train import make_config, train; "
+            "c = make_config('ppo', 'CartPole-v1', overrides=['progress=false', 'eval.episodes=0', 'total_steps=256', "
+            "'env.backend=gymnasium', 'params.num_steps=32', 'logging.learning_curve=false']); "
+            f"s = train(c, {str(tmp_path / 'run')!r}); print(s['status'], 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["finished", "False"], out
+    assert (tmp_path / "run" / "metrics.csv").exists() and not (tmp_path / "run" / "learning_curve.png").exists()
+
+
 def test_existing_run_dir_is_not_overwritten(tmp_path):
     train(_cartpole(256), tmp_path / "run")
     with pytest.raises(FileExistsError, match="already exists"):

@@ -267,6 +267,31 @@ def calibrate_critic_on_replay(params: OffPolicyConfig, critic: nn.Module, criti
     return True
 
 
+class RunningSums:
+    """Per-update statistics of one iteration, summed in place into one float64 ``[size]`` tensor (float32 on
+    MPS) on the learner's device, with their count: no host sync per update, and no per-update tensor kept
+    alive until the iteration ends (thousands of tiny tensors pinned among the freed activations fragment the CPU heap:
+    TD3 on HalfCheetah grew by ~85 KB of RSS per update that way, ~170 MB over 2,000 updates)."""
+
+    def __init__(self, size: int, device: torch.device):
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.total = torch.zeros(size, dtype=dtype, device=device)
+        self.count = 0
+
+    def add(self, values: Tensor) -> None:
+        """Add one update's ``[size]`` statistics."""
+        self.total.add_(values)
+        self.count += 1
+
+    def means(self) -> list[float]:
+        """The mean of each statistic over the updates added since the last :meth:`reset` (one host sync)."""
+        return (self.total / self.count).tolist()
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.count = 0
+
+
 def polyak_update(targets: list[Tensor], sources: list[Tensor], tau: float) -> None:
     """``target <- (1 - tau) target + tau source`` for every pair, in one multi-tensor call."""
     torch._foreach_lerp_(targets, sources, tau)

@@ -39,6 +39,7 @@ from aclab.algos.offpolicy import (
     NumpyMLP,
     OffPolicyConfig,
     OffPolicyLoop,
+    RunningSums,
     TanhGaussianActor,
     actor_only_step,
     build_critic,
@@ -122,8 +123,9 @@ class SAC:
         self.numpy_actor = NumpyMLP(self.actor.layers) if use_numpy_acting(p.acting, device) else None
         self.critic_updates = 0
         self.last_episode_returns = np.zeros(0)
-        self._critic_stats: list[torch.Tensor] = []
-        self._actor_stats: list[torch.Tensor] = []
+        self._critic_stats = RunningSums(2, device)  # loss, mean Q
+        self._actor_stats = RunningSums(3, device)  # actor loss, alpha loss, entropy estimate
+        self._last_alpha: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -188,7 +190,7 @@ class SAC:
             next_actions, next_log_prob = tanh_normal_sample_and_log_prob(self.actor(batch.next_obs), self.generator)
             next_q = self.critic_target(batch.next_obs, next_actions)
             target = soft_targets(batch.rewards, batch.terminated, next_q, next_log_prob, alpha, p.gamma)
-        self._critic_stats.append(twin_critic_step(self.critic, self.critic_optimizer, batch.obs, batch.actions,
+        self._critic_stats.add(twin_critic_step(self.critic, self.critic_optimizer, batch.obs, batch.actions,
                                                    target))
         self.critic_updates += 1
         if self.critic_updates % p.policy_frequency == 0:
@@ -206,28 +208,27 @@ class SAC:
                     self.alpha_optimizer.step()
                 else:
                     alpha_loss = torch.zeros((), device=self.device)
-                self._actor_stats.append(torch.stack([actor_loss.detach(), alpha_loss.detach(), -log_prob.mean(),
-                                                      alpha]))
+                self._actor_stats.add(torch.stack([actor_loss.detach(), alpha_loss.detach(), -log_prob.mean()]))
+                self._last_alpha = alpha
         if self.critic_updates % p.target_frequency == 0:
             polyak_update(self._critic_target_params, self._critic_params, p.tau)
 
     def iterate(self, envs) -> dict[str, float]:
         updates, returns, lengths = self.loop.run(envs, self._explore, self.update)
         metrics: dict[str, float] = {"updates": float(updates), "buffer_size": float(len(self.loop.buffer))}
-        if self._critic_stats:
-            critic = torch.stack(self._critic_stats)
-            named = {"loss/critic": critic[:, 0].sum()}
-            actor = torch.stack(self._actor_stats) if self._actor_stats else None
-            if actor is not None:
-                named["loss/actor"] = actor[:, 0].sum()
-                named["loss/alpha"] = actor[:, 1].sum()
+        critic, actor = self._critic_stats, self._actor_stats
+        if critic.count:
+            named = {"loss/critic": critic.total[0]}
+            if actor.count:
+                named["loss/actor"] = actor.total[0]
+                named["loss/alpha"] = actor.total[1]
             check_finite(named, f"SAC iteration {self.loop.iteration}")
-            metrics["loss/critic"], metrics["q_mean"] = critic.mean(0).tolist()
-            if actor is not None:
-                values = actor.mean(0).tolist()
-                metrics["loss/actor"], metrics["loss/alpha"], metrics["entropy"] = values[:3]
-                metrics["alpha"] = float(actor[-1, 3])
-        self._critic_stats, self._actor_stats = [], []
+            metrics["loss/critic"], metrics["q_mean"] = critic.means()
+            if actor.count:
+                metrics["loss/actor"], metrics["loss/alpha"], metrics["entropy"] = actor.means()
+                metrics["alpha"] = float(self._last_alpha)
+        critic.reset()
+        actor.reset()
         metrics.update(episode_metrics(returns, lengths))
         self.last_episode_returns = returns
         if self.loop.gradient_accuracy_due():

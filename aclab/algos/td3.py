@@ -35,6 +35,7 @@ from aclab.algos.offpolicy import (
     NumpyMLP,
     OffPolicyConfig,
     OffPolicyLoop,
+    RunningSums,
     actor_only_step,
     build_critic,
     calibrate_critic_on_replay,
@@ -98,8 +99,8 @@ class TD3:
         self.numpy_actor = NumpyMLP(self.actor.layers) if use_numpy_acting(p.acting, device) else None
         self.critic_updates = 0
         self.last_episode_returns = np.zeros(0)
-        self._critic_stats: list[torch.Tensor] = []
-        self._actor_stats: list[torch.Tensor] = []
+        self._critic_stats = RunningSums(2, device)  # loss, mean Q
+        self._actor_stats = RunningSums(1, device)  # loss
 
     # ------------------------------------------------------------------ contract attributes
     @property
@@ -142,7 +143,7 @@ class TD3:
             next_actions = (self.actor_target(batch.next_obs) + noise).clamp_(-1.0, 1.0)
             target = td3_targets(batch.rewards, batch.terminated,
                                  self.critic_target(batch.next_obs, next_actions), p.gamma)
-        self._critic_stats.append(twin_critic_step(self.critic, self.critic_optimizer, batch.obs, batch.actions,
+        self._critic_stats.add(twin_critic_step(self.critic, self.critic_optimizer, batch.obs, batch.actions,
                                                    target))
         self.critic_updates += 1
         if self.critic_updates % p.policy_delay == 0:
@@ -150,22 +151,22 @@ class TD3:
             actor_only_step(actor_loss, self._actor_params, self.actor_optimizer)
             polyak_update(self._actor_target_params, self._actor_params, p.tau)
             polyak_update(self._critic_target_params, self._critic_params, p.tau)
-            self._actor_stats.append(actor_loss.detach())
+            self._actor_stats.add(actor_loss.detach())
 
     def iterate(self, envs) -> dict[str, float]:
         updates, returns, lengths = self.loop.run(envs, self._explore, self.update)
         metrics: dict[str, float] = {"updates": float(updates), "buffer_size": float(len(self.loop.buffer))}
-        if self._critic_stats:
-            critic = torch.stack(self._critic_stats)
-            named = {"loss/critic": critic[:, 0].sum()}
-            if self._actor_stats:
-                named["loss/actor"] = torch.stack(self._actor_stats).sum()
+        critic, actor = self._critic_stats, self._actor_stats
+        if critic.count:
+            named = {"loss/critic": critic.total[0]}
+            if actor.count:
+                named["loss/actor"] = actor.total[0]
             check_finite(named, f"TD3 iteration {self.loop.iteration}")
-            means = critic.mean(0).tolist()
-            metrics["loss/critic"], metrics["q_mean"] = means
-            if self._actor_stats:
-                metrics["loss/actor"] = float(torch.stack(self._actor_stats).mean())
-        self._critic_stats, self._actor_stats = [], []
+            metrics["loss/critic"], metrics["q_mean"] = critic.means()
+            if actor.count:
+                metrics["loss/actor"] = actor.means()[0]
+        critic.reset()
+        actor.reset()
         metrics.update(episode_metrics(returns, lengths))
         self.last_episode_returns = returns
         if self.loop.gradient_accuracy_due():

@@ -63,7 +63,7 @@ from aclab.envs.registry import EnvIdError, check_option_keys, coerce_option, pa
 from aclab.envs.spec import EnvSpec
 from aclab.envs.vec import VecEnv
 
-__all__ = ["make_env", "check_level_control", "ATARI_SETTING_CONFIGS", "BACKENDS"]
+__all__ = ["make_env", "resolve_backend", "check_level_control", "ATARI_SETTING_CONFIGS", "BACKENDS"]
 
 BACKENDS = ("auto", "envpool", "gymnasium")
 _ATARI_FRAME_CAP = 108_000
@@ -242,6 +242,18 @@ def _plan(env_id: str, options: dict[str, Any], backend: str, num_envs: int = 1)
     if family == "atari":
         return _plan_atari(env_id, name, options, backend)
     return _plan_simulated(env_id, family, name, options, backend, num_envs)
+
+
+def resolve_backend(env_id: str | Callable[[], gymnasium.Env], num_envs: int, backend: str = "auto",
+                    options: dict[str, Any] | None = None) -> str:
+    """The backend (``"envpool"`` or ``"gymnasium"``) that ``make_env(env_id, num_envs, ..., backend=backend,
+    options=options)`` builds. ``"auto"`` can pick differently for different ``num_envs`` (MuJoCo: Gymnasium
+    up to ``GYMNASIUM_MUJOCO_MAX_ENVS`` envs, else EnvPool), so :func:`aclab.envs.build_envs` gives
+    evaluation and analysis envs the training envs' backend: the same simulator, and no second backend
+    imported (EnvPool alone adds ~120 MB of RSS to a MuJoCo run on Gymnasium)."""
+    if callable(env_id) and not isinstance(env_id, str):
+        return "gymnasium"
+    return _plan(env_id, dict(options or {}), backend, num_envs).backend
 
 
 def _vector_entry_accepts(gym_id: str, kwargs: dict[str, Any]) -> bool:

@@ -2,7 +2,7 @@
 
 Run from the repository root on a quiet machine (the numbers in docs/scaling.md):
 
-    /work/bin/cpuslot --all .venv/bin/python docs/results/scaling/actor_restart.py --kills 5
+    .venv/bin/python docs/results/scaling/actor_restart.py --kills 5
 
 For each mode (process, Ray), a pool of 2 actors (CartPole, 2 envs each, the tests' tiny network) delivers
 chunks to a loop that takes them as a learner would; every ``--every`` chunks actor 0 is killed with

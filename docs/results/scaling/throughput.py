@@ -2,8 +2,8 @@
 
 Run from the repository root on a quiet machine (the numbers in docs/scaling.md):
 
-    /work/bin/cpuslot --all .venv/bin/python docs/results/scaling/throughput.py sweep --repeats 2
-    /work/bin/cpuslot --all .venv/bin/python docs/results/scaling/throughput.py ddp --repeats 3
+    .venv/bin/python docs/results/scaling/throughput.py sweep --repeats 2
+    .venv/bin/python docs/results/scaling/throughput.py ddp --repeats 3
 
 ``sweep``: a Ray head is started here (``ray start --head --num-cpus=K``, its processes stopped by pid
 afterwards) for K = 1 and 2 in turn (interleaved over repeats), and a sweep of 4 short PPO CartPole runs
