@@ -42,18 +42,19 @@ WORKLOADS = {
             "--set", "params.policy_minibatch_size=512", "--set", "params.value_minibatch_size=256",
             "--set", "params.distil_minibatch_size=128", *SHRINK],
 }
+def _phasic_parts(algo: str) -> list[tuple[str, str, str]]:
+    """PPG and DCPG report the same parts, each from its own module."""
+    own = f"algos/{algo}.py"
+    return [(own, "iterate", "cum"), (own, "auxiliary_phase", "cum"), (own, "aux_loss", "cum"),
+            ("algos/phasic.py", "dist_params_over_buffer", "cum"), ("algos/phasic.py", "mean_kl_over_buffer", "cum"),
+            ("algos/phasic.py", "gather", "cum"), (own, "policy_phase", "cum"), ("data/rollout.py", "collect", "cum"),
+            (own, "_act", "cum")]
+
+
 # (file suffix or "~" for builtins, function name, column): the parts reported
 PARTS = {
-    "ppg": [("algos/ppg.py", "iterate", "cum"), ("algos/ppg.py", "auxiliary_phase", "cum"),
-            ("algos/ppg.py", "aux_loss", "cum"), ("algos/phasic.py", "dist_params_over_buffer", "cum"),
-            ("algos/phasic.py", "mean_kl_over_buffer", "cum"), ("algos/phasic.py", "gather", "cum"),
-            ("algos/ppg.py", "policy_phase", "cum"), ("data/rollout.py", "collect", "cum"),
-            ("algos/ppg.py", "_act", "cum")],
-    "dcpg": [("algos/dcpg.py", "iterate", "cum"), ("algos/dcpg.py", "auxiliary_phase", "cum"),
-             ("algos/dcpg.py", "aux_loss", "cum"), ("algos/phasic.py", "dist_params_over_buffer", "cum"),
-             ("algos/phasic.py", "mean_kl_over_buffer", "cum"), ("algos/phasic.py", "gather", "cum"),
-             ("algos/dcpg.py", "policy_phase", "cum"), ("data/rollout.py", "collect", "cum"),
-             ("algos/dcpg.py", "_act", "cum")],
+    "ppg": _phasic_parts("ppg"),
+    "dcpg": _phasic_parts("dcpg"),
     "dna": [("algos/dna.py", "iterate", "cum"), ("algos/dna.py", "update", "cum"),
             ("algos/dna.py", "_policy_phase", "cum"), ("algos/dna.py", "_value_phase", "cum"),
             ("algos/dna.py", "_distil_phase", "cum"), ("algos/dna.py", "_chunked", "cum"),
