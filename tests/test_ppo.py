@@ -108,17 +108,26 @@ def test_dummy_autoreset_steps_are_masked_and_truncation_bootstraps():
     assert truncated.any() and np.allclose(discounts[truncated], 0.99)
 
 
-def test_update_ignores_dummy_transitions(monkeypatch):
-    _, envs, algo = _algo(["env.num_envs=2", "params.num_steps=32", "env.options={\"max_episode_steps\": 5}"])
+@pytest.mark.parametrize("gradients", ["autograd", "analytic"])
+def test_update_ignores_dummy_transitions(monkeypatch, gradients):
+    from aclab.nets import analytic_ppo
+
+    _, envs, algo = _algo(["env.num_envs=2", "params.num_steps=32", "env.options={\"max_episode_steps\": 5}",
+                           f"params.gradients={gradients}"])
     rollout, _, _ = algo._collector_for(envs).collect(envs, algo._act, algo._value)
     seen = []
-    real_forward = algo.net.forward
+    real_forward, real_analytic = algo.net.forward, analytic_ppo.ppo_loss_and_grads
 
     def spy(obs):
         seen.append(obs.shape[0])
         return real_forward(obs)
 
+    def spy_analytic(net, obs, *args, **kwargs):
+        seen.append(obs.shape[0])
+        return real_analytic(net, obs, *args, **kwargs)
+
     monkeypatch.setattr(algo.net, "forward", spy)
+    monkeypatch.setattr(analytic_ppo, "ppo_loss_and_grads", spy_analytic)
     adv = torch.zeros_like(rollout.rewards)
     algo.update(rollout, adv, adv)
     n_valid = int(rollout.valid.sum())
@@ -174,17 +183,20 @@ def test_advantages_are_gae_and_returns_add_the_rollout_values():
                                atol=1e-5)
 
 
-def test_each_gradient_step_is_that_of_the_ppo_loss_written_out():
+@pytest.mark.parametrize("gradients", ["autograd", "analytic"])
+def test_each_gradient_step_is_that_of_the_ppo_loss_written_out(gradients):
     """With one minibatch, every step's (clipped) gradient equals that of
     L = -mean(min(r A, clip(r, 1 -+ eps) A)) + c_v 0.5 mean(max((V - R)^2, (V_clip - R)^2)) - c_e mean H,
     A normalised over the minibatch, computed here on a copy of the network with torch.distributions, then
-    clipped to a global norm of 0.5; the second epoch exercises the ratio and value clipping."""
+    clipped to a global norm of 0.5; the second epoch exercises the ratio and value clipping. Both ways of
+    computing the gradient (autograd, and the closed form that "auto" picks on CPU) are checked."""
     import copy
 
     from torch import distributions as td
 
     _, envs, algo = _algo(["env.num_envs=2", "params.num_steps=64", "params.num_minibatches=1",
-                           "params.num_epochs=3", "params.lr=0.01"])
+                           "params.num_epochs=3", "params.lr=0.01", f"params.gradients={gradients}"])
+    assert algo.analytic == (gradients == "analytic")
     p = algo.params
     assert (p.clip_value_loss, p.norm_adv, p.ent_coef, p.vf_coef, p.max_grad_norm) == (
         True, "minibatch", 0.01, 0.5, 0.5)

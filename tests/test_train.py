@@ -111,19 +111,26 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert json.loads((killed / "summary.json").read_text())["status"] == "finished"
 
 
-def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("gradients", ["autograd", "analytic"])
+def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, gradients):
     from aclab.core import losses
+    from aclab.nets import analytic_ppo
 
-    real = losses.value_loss
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        out = real(*args, **kwargs)
-        return out * float("nan") if calls["n"] > 4 * 4 * 3 else out  # from the 4th iteration on
+    def poison(real, nan_value):
+        def poisoned(*args, **kwargs):
+            calls["n"] += 1
+            out = real(*args, **kwargs)
+            return nan_value(out) if calls["n"] > 4 * 4 * 3 else out  # from the 4th iteration on
+        return poisoned
 
-    monkeypatch.setattr(losses, "value_loss", poisoned)
-    config = _cartpole(128 * 10, "checkpoint_every_iterations=1")
+    if gradients == "autograd":
+        monkeypatch.setattr(losses, "value_loss", poison(losses.value_loss, lambda v: v * float("nan")))
+    else:  # the closed form returns [pg_loss, v_loss, entropy, approx_kl, clip_fraction]
+        monkeypatch.setattr(analytic_ppo, "ppo_loss_and_grads", poison(
+            analytic_ppo.ppo_loss_and_grads, lambda stats: stats * torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])))
+    config = _cartpole(128 * 10, "checkpoint_every_iterations=1", f"params.gradients={gradients}")
     summary = train(config, tmp_path / "run")
     assert summary["status"] == "failed"
     assert "non-finite loss" in summary["error"] and "loss/value" in summary["error"]

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from aclab import distributed
-from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
+from aclab.algos.common import Entry, check_finite, clip_grad_norm, linear_schedule, make_adam, policy_actions
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
 from aclab.core.returns import gae
 from aclab.data.rollout import RolloutCollector, valid_transitions
+from aclab.nets import analytic_ppo
 from aclab.nets.agents import FusedMLPActorCritic, make_actor_critic
 from aclab.nets.numpy_policy import NumpyActorCritic
 
@@ -31,7 +32,10 @@ from aclab.nets.numpy_policy import NumpyActorCritic
 @dataclass
 class PPOConfig:
     """PPO hyperparameters (defaults: CleanRL's ppo.py on classic control). ``encoder_init``: the image
-    torso's initialisation (:func:`aclab.nets.encoders.init_torso`; the Procgen preset uses ``"xavier"``)."""
+    torso's initialisation (:func:`aclab.nets.encoders.init_torso`; the Procgen preset uses ``"xavier"``).
+    ``gradients``: how a minibatch's gradient is computed: ``"autograd"``, ``"analytic"`` (the closed form of
+    :mod:`aclab.nets.analytic_ppo`, for separate MLPs with a categorical or state-independent Gaussian
+    policy, one process), or ``"auto"`` (analytic where it applies on CPU, else autograd)."""
 
     num_steps: int = 128
     gamma: float = 0.99
@@ -57,6 +61,7 @@ class PPOConfig:
     action_dist: Literal["auto", "gaussian", "tanh_gaussian"] = "auto"
     log_std_init: float = 0.0
     acting: Literal["auto", "torch", "numpy"] = "auto"
+    gradients: Literal["auto", "autograd", "analytic"] = "auto"
 
     def validate(self) -> None:
         require(self.num_steps >= 1, "params.num_steps", self.num_steps, "an integer >= 1")
@@ -73,6 +78,11 @@ class PPOConfig:
                 "a number > 0 or None")
         require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes), "params.hidden_sizes",
                 self.hidden_sizes, "a non-empty list of positive integers")
+        require(self.gradients != "analytic" or (not self.shared_network and self.encoder in ("auto", "mlp")
+                                                  and self.action_dist != "tanh_gaussian"),
+                "params.gradients", self.gradients,
+                "'auto' or 'autograd' ('analytic' needs shared_network=false, encoder 'auto' or 'mlp' and "
+                "action_dist 'auto' or 'gaussian')")
 
 
 def build_actor_critic(params: PPOConfig, env_spec) -> torch.nn.Module:
@@ -120,6 +130,15 @@ class PPO:
             self.numpy_actor = NumpyActorCritic(self.net)
         self.np_rng = np.random.default_rng(config.seed)
         self.dp = distributed.current()  # several ranks: each steps num_envs / world_size envs
+        # minibatch gradients in closed form for small MLPs (see aclab.nets.analytic_ppo): no autograd overhead
+        analytic_ok = analytic_ppo.supports(self.net) and not self.dp.enabled
+        if self.params.gradients == "analytic" and not analytic_ok:
+            raise ValueError(
+                "params.gradients='analytic' needs separate MLP networks (params.shared_network=false, vector "
+                "observations) with a categorical or Gaussian (params.action_dist='auto') policy in one process; "
+                "use 'auto' or 'autograd'")
+        self.analytic = analytic_ok and (
+            self.params.gradients == "analytic" or (self.params.gradients == "auto" and device.type == "cpu"))
         self.batch_size = config.env.num_envs * self.params.num_steps
         self.num_iterations = max(config.total_steps // self.batch_size, 1)
         self.steps = 0
@@ -202,21 +221,28 @@ class PPO:
         for _epoch in range(p.num_epochs):
             epoch_kl, weights = [], []
             for mb in self.dp.minibatches(batch, p.num_minibatches, self.generator, rollout.valid):
-                dist_params, values = self.net(mb["obs"])
-                log_probs = self.dist.log_prob(dist_params, mb["actions"])
                 mb_adv = self.dp.normalize(mb["advantages"]) if p.norm_adv == "minibatch" else mb["advantages"]
-                pg_loss, approx_kl, clip_frac = losses.clipped_surrogate_loss(
-                    log_probs, mb["old_log_probs"], mb_adv, p.clip_coef)
-                v_loss = losses.value_loss(values, mb["returns"], mb["old_values"], value_clip)
-                entropy = self.dist.entropy(dist_params).mean()
-                loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * entropy
-                self.optimizer.zero_grad(set_to_none=True)
-                self.dp.backward(loss, params_list, mb.weight)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
+                if self.analytic:  # the same loss; p.grad set in closed form
+                    row = analytic_ppo.ppo_loss_and_grads(
+                        self.net, mb["obs"], mb["actions"], mb["old_log_probs"], mb_adv, mb["returns"],
+                        mb["old_values"], clip_coef=p.clip_coef, value_clip=value_clip, vf_coef=p.vf_coef,
+                        ent_coef=p.ent_coef)
+                    approx_kl = row[3]
+                else:
+                    dist_params, values = self.net(mb["obs"])
+                    log_probs = self.dist.log_prob(dist_params, mb["actions"])
+                    pg_loss, approx_kl, clip_frac = losses.clipped_surrogate_loss(
+                        log_probs, mb["old_log_probs"], mb_adv, p.clip_coef)
+                    v_loss = losses.value_loss(values, mb["returns"], mb["old_values"], value_clip)
+                    entropy = self.dist.entropy(dist_params).mean()
+                    loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * entropy
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.dp.backward(loss, params_list, mb.weight)
+                    row = torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), approx_kl, clip_frac])
+                grad_norm = clip_grad_norm(params_list, p.max_grad_norm)
                 self.optimizer.step()
                 if mb.weight:  # a rank holding none of this minibatch (several ranks) adds no row
-                    stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), approx_kl,
-                                              clip_frac, grad_norm]))
+                    stats.append(torch.cat([row, grad_norm.unsqueeze(0)]))
                 epoch_kl.append(approx_kl)
                 weights.append(mb.weight)
             if p.target_kl is not None and float(self.dp.minibatch_mean(epoch_kl, weights)) > p.target_kl:
