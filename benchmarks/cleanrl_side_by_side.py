@@ -128,6 +128,17 @@ def run_cleanrl(workload: dict, cleanrl: Path, python: str, threads: int, seed: 
     return {"steps_per_s": float(values[-1]), "peak_rss_mb": result["peak_rss_mb"], "wall_s": result["wall_s"]}
 
 
+PACKAGES = ("torch", "gymnasium", "mujoco", "numpy")
+
+
+def package_versions(python: str) -> dict[str, str | None]:
+    """The versions of :data:`PACKAGES` in the environment of ``python`` (None where one is not installed)."""
+    code = ("import importlib.metadata as m, json\n"
+            "def v(p):\n    try:\n        return m.version(p)\n    except m.PackageNotFoundError:\n        return None\n"
+            f"print(json.dumps({{p: v(p) for p in {PACKAGES!r}}}))")
+    return json.loads(subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout)
+
+
 def summarise(rows: list[dict]) -> dict[str, dict]:
     table: dict[str, dict] = {}
     for name in dict.fromkeys(r["workload"] for r in rows):
@@ -201,7 +212,8 @@ def main() -> None:
     text = markdown(table, args.threads)
     print(text)
     machine = {"cores": os.cpu_count(), "uname": " ".join(os.uname()), "date": time.strftime("%Y-%m-%d %H:%M"),
-               "command": " ".join(sys.argv)}
+               "command": " ".join(sys.argv),
+               "versions": {"aclab": package_versions(sys.executable), "cleanrl": package_versions(python)}}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine, "rows": rows, "summary": table}, indent=2) + "\n")

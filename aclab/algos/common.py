@@ -60,6 +60,30 @@ def make_adam(params, lr: float, eps: float = 1e-8, **kwargs) -> torch.optim.Ada
 
 
 @torch.no_grad()
+def adam_step(optimizer: torch.optim.Adam) -> None:
+    """``optimizer.step()`` for an Adam of :func:`make_adam` (fused, one parameter group): the same kernel
+    (``torch._fused_adam_``, after adding 1 to every step count, as ``torch.optim.Adam`` does) without
+    ``Optimizer.step``'s per-call Python (hooks, profiling scopes, grouping tensors by device): 17 us
+    instead of 48 us for PPO's CartPole network. Falls back to ``optimizer.step()`` where that would do
+    anything else: several groups, AMSGrad, decoupled weight decay, a parameter without a gradient or
+    without state yet (the first step creates it)."""
+    group = optimizer.param_groups[0]
+    params = group["params"]
+    state = optimizer.state
+    if (len(optimizer.param_groups) != 1 or not group.get("fused") or group["amsgrad"]
+            or group.get("decoupled_weight_decay") or any(p.grad is None or p not in state for p in params)):
+        optimizer.step()
+        return
+    states = [state[p] for p in params]
+    steps = [s["step"] for s in states]
+    beta1, beta2 = group["betas"]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+                       beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+
+@torch.no_grad()
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Scale the gradients of ``params`` (those with a ``.grad``, on one device and dtype) so that their global
     L2 norm is at most ``max_norm``; return the norm before clipping (a 0-d tensor). The same arithmetic as

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from aclab import distributed
-from aclab.algos.common import Entry, check_finite, clip_grad_norm, linear_schedule, make_adam, policy_actions
+from aclab.algos.common import (Entry, adam_step, check_finite, clip_grad_norm, linear_schedule, make_adam,
+                                policy_actions)
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
@@ -240,7 +241,7 @@ class PPO:
                     self.dp.backward(loss, params_list, mb.weight)
                     row = torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), approx_kl, clip_frac])
                 grad_norm = clip_grad_norm(params_list, p.max_grad_norm)
-                self.optimizer.step()
+                adam_step(self.optimizer)
                 if mb.weight:  # a rank holding none of this minibatch (several ranks) adds no row
                     stats.append(torch.cat([row, grad_norm.unsqueeze(0)]))
                 epoch_kl.append(approx_kl)
