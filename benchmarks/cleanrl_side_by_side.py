@@ -134,7 +134,8 @@ PACKAGES = ("torch", "gymnasium", "mujoco", "numpy")
 def package_versions(python: str) -> dict[str, str | None]:
     """The versions of :data:`PACKAGES` in the environment of ``python`` (None where one is not installed)."""
     code = ("import importlib.metadata as m, json\n"
-            "def v(p):\n    try:\n        return m.version(p)\n    except m.PackageNotFoundError:\n        return None\n"
+            "def v(p):\n    try:\n        return m.version(p)\n"
+            "    except m.PackageNotFoundError:\n        return None\n"
             f"print(json.dumps({{p: v(p) for p in {PACKAGES!r}}}))")
     return json.loads(subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout)
 

@@ -18,8 +18,15 @@ import numpy as np
 import torch
 
 from aclab import distributed
-from aclab.algos.common import (Entry, adam_step, check_finite, clip_grad_norm, linear_schedule, make_adam,
-                                policy_actions)
+from aclab.algos.common import (
+    Entry,
+    adam_step,
+    check_finite,
+    clip_grad_norm,
+    linear_schedule,
+    make_adam,
+    policy_actions,
+)
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
