@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from aclab.analysis.grad_accuracy import GradientAccuracyResult, GradientProbe, measure_gradient_accuracy
 from aclab.config import ConfigError, require
+from aclab.core.memory import trim_heap
 from aclab.data.replay import ReplayBatch, ReplayBuffer
 from aclab.nets.critics import BASELINE_INITS, CRITIC_KINDS, HYPER_CRITIC_KINDS, make_critic, xavier_init_linear
 from aclab.nets.hyper import HYPER_INITS, PRIMARY_INITS
@@ -67,6 +68,10 @@ class OffPolicyConfig:
     * ``actor_init``: the actor's layers, ``"torch"`` or ``"xavier"`` (the authors' SAC policy).
 
     ``critic_options`` entries override the keys these settings pass to the critic's constructor.
+
+    ``trim_heap_every``: give the heap's free pages back to the OS every that many updates
+    (:func:`aclab.core.memory.trim_heap`; 0: never): freed activations otherwise stay resident (TD3 on
+    HalfCheetah: peak RSS ~450 MB without, ~395 MB with, at the same speed; docs/performance.md).
     """
 
     buffer_size: int = 1_000_000
@@ -84,6 +89,7 @@ class OffPolicyConfig:
     critic: CriticKind = "mlp"
     critic_options: dict = field(default_factory=dict)
     acting: Literal["auto", "torch", "numpy"] = "auto"
+    trim_heap_every: int = 100
     grad_accuracy_every: int = 0
     grad_accuracy_states: int = 15
     grad_accuracy_actions: int = 15
@@ -108,6 +114,7 @@ class OffPolicyConfig:
         require(self.steps_per_iteration >= 1, "params.steps_per_iteration", self.steps_per_iteration,
                 "an integer >= 1")
         require(self.utd_ratio > 0, "params.utd_ratio", self.utd_ratio, "a number > 0")
+        require(self.trim_heap_every >= 0, "params.trim_heap_every", self.trim_heap_every, "an integer >= 0")
         for name in ("actor_lr", "critic_lr", "hyper_critic_lr", "adam_eps"):
             require(getattr(self, name) > 0, f"params.{name}", getattr(self, name), "a number > 0")
         require(len(self.actor_hidden) >= 1 and all(h >= 1 for h in self.actor_hidden), "params.actor_hidden",
@@ -409,6 +416,7 @@ class OffPolicyLoop:
         returns: list[np.ndarray] = []
         lengths: list[np.ndarray] = []
         updates = 0
+        trim_every = p.trim_heap_every
         for _ in range(vec_steps):
             check_stop()
             obs = envs.obs
@@ -430,6 +438,8 @@ class OffPolicyLoop:
                     update(buffer.sample(batch_size, rng, device))
                     self.update_credit -= 1.0
                     updates += 1
+                    if trim_every and (self.updates + updates) % trim_every == 0:
+                        trim_heap()  # freed activations back to the OS (see OffPolicyConfig)
         self.updates += updates
         self.iteration += 1
         return updates, _concat(returns), _concat(lengths)
