@@ -1,10 +1,10 @@
 """Giving freed heap memory back to the operating system.
 
 A learning step on a CPU allocates and frees activations of a few hundred KB each. glibc serves them from
-its heap once its dynamic mmap threshold has risen above their size, and keeps freed pages there: the
-resident memory of a TD3 run on HalfCheetah grows by ~120 MB over 7,000 updates that way, with no live
-object behind it (``docs/performance.md``, Memory). ``malloc_trim(0)`` returns every whole free page of
-the heap to the system (``madvise(MADV_DONTNEED)``); it costs under a millisecond at that heap size.
+its heap once its dynamic mmap threshold has risen above their size, and keeps freed pages there, resident
+with no live object behind them (``docs/performance.md``, Memory). ``malloc_trim(0)`` returns every whole
+free page of the heap to the system (``madvise(MADV_DONTNEED)``); it costs under a millisecond at the heap
+size of a MuJoCo run.
 """
 
 from __future__ import annotations
