@@ -242,7 +242,8 @@ def test_primary_beta_step_sees_the_minibatch_kl_statistic(monkeypatch, target):
         algo.iterate(envs)
     envs.close()
     assert len(seen) == len(expected) == 2 * 8 * 4
-    assert seen == pytest.approx(expected, rel=1e-4, abs=1e-8)
+    # abs: a KL near 0 (the first minibatch of an iteration, pi = pi_old) is float32 rounding, ~1e-7
+    assert seen == pytest.approx(expected, rel=1e-4, abs=1e-7)
     assert max(expected) > 0.05  # the statistic moved past eps_KL, so max and mean differ in what beta does
 
 

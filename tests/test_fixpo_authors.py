@@ -156,7 +156,9 @@ def test_a_fixup_that_does_not_terminate_falls_back_to_pi_old_and_the_run_goes_o
             for k, s in algo.optimizer.state_dict()["state"].items():
                 for n, t in adam_before.get(k, {}).items():
                     assert torch.equal(s[n], t)
-            assert metrics["trust_region/final_max_kl"] == 0.0 and metrics["trust_region/violations"] == 0
+            # KL(pi_old || pi_old): the rollout's stored parameters against the same network evaluated on the
+            # minibatch, zero up to float32 rounding (a different batch size may take another kernel)
+            assert metrics["trust_region/final_max_kl"] <= 1e-6 and metrics["trust_region/violations"] == 0
             assert metrics["fixup/steps"] == 3
         else:
             assert not same

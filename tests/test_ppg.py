@@ -57,13 +57,14 @@ def _trained_net(name: str, overrides: list[str], iterations: int) -> dict:
 
 def test_ppg_without_auxiliary_phase_equals_ppo_bit_for_bit():
     """E_aux = 0: PPG's policy phase is PPO with separate networks, 1 epoch, whole-rollout advantage
-    normalisation, unclipped value loss with weight 1 (same seed, same envs, annealed lr)."""
+    normalisation, unclipped value loss with weight 1 (same seed, same envs, annealed lr). PPO computes its
+    gradients with autograd here, as PPG does (its closed-form path equals autograd only to float rounding)."""
     common = [*TINY, "total_steps=1280", "env.normalize_reward=true", "params.lr=1e-3", "params.anneal_lr=true",
               "params.gae_lambda=0.95", "params.clip_coef=0.2", "params.ent_coef=0.01", "params.vf_coef=1.0",
               "params.max_grad_norm=0.5", "params.adam_eps=1e-5", "params.norm_adv=batch",
               "params.hidden_sizes=[64,64]", "params.activation=tanh"]
     ppo = _trained_net("ppo", [*common, "params.num_epochs=1", "params.clip_value_loss=false",
-                               "params.shared_network=false"], 6)
+                               "params.shared_network=false", "params.gradients=autograd"], 6)
     ppg = _trained_net("ppg", [*common, "params.aux_epochs=0", "params.policy_epochs=1", "params.value_epochs=1"], 6)
     assert ppo.keys() == ppg.keys()
     for key in ppo:
