@@ -7,6 +7,8 @@ import sys
 import pytest
 from offpolicy_common import build_algo, offpolicy_config
 
+from aclab.core import memory
+
 FRAGMENT = """
 import torch
 from aclab.core import memory
@@ -58,3 +60,11 @@ def test_trim_heap_every_is_validated():
 
     with pytest.raises(ConfigError, match="params.trim_heap_every"):
         offpolicy_config("td3", "params.trim_heap_every=-1")
+
+
+def test_trim_heap_calls_malloc_trim_with_zero_padding_and_says_when_it_cannot(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: calls.append)
+    assert memory.trim_heap() is True and calls == [0]  # pad 0: keep no slack at the heap's top
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: None)  # no glibc (musl, macOS)
+    assert memory.trim_heap() is False and calls == [0]
