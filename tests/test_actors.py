@@ -531,8 +531,9 @@ def _killing_run(tmp_path, mode: str, kills: dict[int, int], *extra: str) -> tup
                 _kill(info.algo.actor_pids()[kills[info.iteration]])
             elif info.iteration > max(kills) and (info.metrics["actors/restarts"] < len(kills)
                                                   or info.metrics["actors/alive"] < 2):
-                time.sleep(2.0)  # give the replacement time to start before the run ends (a Ray actor's
-                # new process takes 20-40 s to import and build its envs on a loaded 2-core machine)
+                time.sleep(4.0)  # give the replacement time to start before the run ends (a Ray actor's
+                # new process takes 20-40 s to import and build its envs on a loaded 2-core machine; 2 s per
+                # remaining iteration was once not enough during a full test run)
 
     config = _impala_config(f"params.actor_mode={mode}", "total_steps=1600", "checkpoint_every_iterations=0",
                             "params.num_actors=2", "params.max_policy_lag=3", *extra)
