@@ -529,11 +529,14 @@ def _killing_run(tmp_path, mode: str, kills: dict[int, int], *extra: str) -> tup
             seen.append(info.algo.actor_pids())
             if info.iteration in kills:
                 _kill(info.algo.actor_pids()[kills[info.iteration]])
-            elif info.iteration > max(kills) and (info.metrics["actors/restarts"] < len(kills)
-                                                  or info.metrics["actors/alive"] < 2):
-                time.sleep(4.0)  # give the replacement time to start before the run ends (a Ray actor's
-                # new process takes 20-40 s to import and build its envs on a loaded 2-core machine; 2 s per
-                # remaining iteration was once not enough during a full test run)
+            elif info.iteration > max(kills):
+                if info.metrics["actors/restarts"] < len(kills):
+                    time.sleep(2.0)  # the learner notices the failure on its next fetch
+                elif info.metrics["actors/alive"] < 2:
+                    # block until the replacement is ready, so that the run ends with it (a Ray actor's new
+                    # process takes 20-40 s to import and build its envs on a loaded 2-core machine: sleeping a
+                    # few seconds per remaining iteration was not always enough in a full test run)
+                    info.algo._pool.wait_ready(180.0)
 
     config = _impala_config(f"params.actor_mode={mode}", "total_steps=1600", "checkpoint_every_iterations=0",
                             "params.num_actors=2", "params.max_policy_lag=3", *extra)
