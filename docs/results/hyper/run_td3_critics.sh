@@ -6,7 +6,7 @@
 # One run per command, seeds interleaved; finished runs are skipped. Then:
 #   .venv/bin/python docs/results/hyper/plot_hyper.py collect ROOT docs/results/hyper
 #   .venv/bin/python docs/results/hyper/plot_hyper.py report docs/results/hyper
-# Usage: docs/results/hyper/run_td3_critics.sh ROOT [SEEDS...]   (WRAP="/path/cpuslot" to wrap each run)
+# Usage: docs/results/hyper/run_td3_critics.sh ROOT [SEEDS...]   (WRAP="/path/to/wrapper" to run each through a command of yours, e.g. a CPU-slot limiter)
 set -eu
 ROOT=${1:?run root}; shift
 SEEDS=${*:-1 2 3 4 5}

@@ -7,7 +7,7 @@
 # per test task. One run per command, seeds interleaved; finished runs are skipped. Then:
 #   .venv/bin/python docs/results/meta/compare_ci.py collect ROOT docs/results/meta
 #   .venv/bin/python docs/results/meta/compare_ci.py report docs/results/meta
-# Usage: docs/results/meta/run_maml_fwd_back.sh ROOT [SEEDS...]   (WRAP="/path/cpuslot" to wrap each run)
+# Usage: docs/results/meta/run_maml_fwd_back.sh ROOT [SEEDS...]   (WRAP="/path/to/wrapper" to run each through a command of yours, e.g. a CPU-slot limiter)
 set -eu
 ROOT=${1:?run root}; shift
 SEEDS=${*:-1 2 3 4 5}
