@@ -3,8 +3,8 @@
 A learning step on a CPU allocates and frees activations of a few hundred KB each. glibc serves them from
 its heap once its dynamic mmap threshold has risen above their size, and keeps freed pages there, resident
 with no live object behind them (``docs/performance.md``, Memory). ``malloc_trim(0)`` returns every whole
-free page of the heap to the system (``madvise(MADV_DONTNEED)``); it costs under a millisecond at the heap
-size of a MuJoCo run.
+free page of the heap to the system (``madvise(MADV_DONTNEED)``). Callers do it every so many steps
+(:class:`aclab.algos.offpolicy.OffPolicyConfig`, ``trim_heap_every``), not every step.
 """
 
 from __future__ import annotations

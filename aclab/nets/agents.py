@@ -140,12 +140,17 @@ class FusedMLPActorCritic(nn.Module):
         if not self.state_dependent_std:
             self.log_std = nn.Parameter(torch.full((out,), float(log_std_init)))
 
+    def layer_outputs(self, obs: torch.Tensor) -> list[torch.Tensor]:
+        """The input broadcast to both MLPs [2, N, D] followed by every hidden layer's output [2, N, H_k]
+        (index 0: policy, 1: value); :mod:`aclab.nets.analytic_ppo` backpropagates through them by hand."""
+        outputs = [obs.unsqueeze(0).expand(2, *obs.shape)]
+        for weight, bias in zip(self.weights, self.biases):
+            outputs.append(self.activation(torch.baddbmm(bias, outputs[-1], weight)))
+        return outputs
+
     def _hidden(self, obs: torch.Tensor) -> torch.Tensor:
         """Last hidden layer of both MLPs [2, N, H] (index 0: policy, 1: value)."""
-        h = obs.unsqueeze(0).expand(2, *obs.shape)
-        for weight, bias in zip(self.weights, self.biases):
-            h = self.activation(torch.baddbmm(bias, h, weight))
-        return h
+        return self.layer_outputs(obs)[-1]
 
     def _heads(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.head_bias, self._hidden(obs), self.head_weight)

@@ -3,7 +3,7 @@
 On CPU a PPO minibatch of CartPole or MuJoCo on two 64-unit MLPs is bound by per-operation overhead:
 autograd records ~30 graph nodes in the forward pass and the engine walks them back, which costs more
 than the arithmetic. This module computes the same loss and writes the same gradients into ``p.grad``
-with about fifty plain tensor operations: the loss's derivative with respect to the network outputs
+with a few dozen plain tensor operations and no graph: the loss's derivative with respect to the network outputs
 in closed form, then the backward pass of the fused MLP by hand (one ``bmm`` per weight gradient and
 per hidden-layer input gradient). :class:`aclab.algos.ppo.PPO` uses it where it applies
 (``params.gradients``: ``"auto"`` picks it on CPU for a fused MLP in one process); the tests compare
@@ -30,22 +30,17 @@ Derivatives with respect to the network outputs (per item, before the ``1 / N`` 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from aclab.core.distributions import Categorical, DiagGaussian
+from aclab.core.distributions import _LOG_SQRT_2PI, Categorical, DiagGaussian
 from aclab.nets.agents import FusedMLPActorCritic
-
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def supports(net) -> bool:
-    """Whether :func:`ppo_loss_and_grads` handles ``net``: a fused MLP with a categorical policy or a
-    diagonal Gaussian with a state-independent log std, tanh or ReLU hidden layers."""
-    return (isinstance(net, FusedMLPActorCritic) and type(net.dist) in (Categorical, DiagGaussian)
-            and net.activation_name in ("tanh", "relu"))
+    """Whether :func:`ppo_loss_and_grads` handles ``net``: a fused MLP (tanh or ReLU layers, a Gaussian's log
+    std state-independent) with a categorical or diagonal Gaussian policy (not the tanh-squashed one)."""
+    return isinstance(net, FusedMLPActorCritic) and type(net.dist) in (Categorical, DiagGaussian)
 
 
 @torch.no_grad()
@@ -75,10 +70,7 @@ def ppo_loss_and_grads(
     n = obs.shape[0]
     # ---- forward pass, keeping every layer's output (index 0: policy MLP, 1: value MLP)
     tanh = net.activation_name == "tanh"
-    hiddens = [obs.unsqueeze(0).expand(2, *obs.shape)]
-    for weight, bias in zip(net.weights, net.biases):
-        pre = torch.baddbmm(bias, hiddens[-1], weight)
-        hiddens.append(pre.tanh_() if tanh else pre.relu_())
+    hiddens = net.layer_outputs(obs)
     out = torch.baddbmm(net.head_bias, hiddens[-1], net.head_weight)  # [2, N, P']
     head, values = out[0], out[1, :, 0]
 
