@@ -7,7 +7,9 @@ fills its replay buffer with 10,000 random transitions and then, for each algori
 * ``profile``: torch.profiler's self CPU time per operator over 150 updates, and the share of the matrix
   products (``bmm``, ``baddbmm``, ``addmm``, ``mm``) in the total;
 * ``rss_mb``: the process's resident memory after 1, 100, 500, 1,000 and 2,000 updates run back to back as
-  one iteration, i.e. with the iteration's statistics accumulating (``aclab.algos.offpolicy.RunningSums``).
+  one iteration, i.e. with the iteration's statistics accumulating (``aclab.algos.offpolicy.RunningSums``);
+  ``heap_in_use_mb``: at the same points, the bytes malloc has handed out and not taken back
+  (``aclab.core.memory.heap_in_use``): growth there is a leak, growth of RSS alone is the allocator.
 
     .venv/bin/python benchmarks/offpolicy_anatomy.py --json docs/results/performance/offpolicy_anatomy.json
 
@@ -54,11 +56,18 @@ def measure(name: str, updates: int) -> dict:
     def batch():
         return algo.loop.buffer.sample(256, rng)
 
-    rss = {"0": _rss_mb()}
+    from aclab.core.memory import heap_in_use
+
+    def in_use_mb():
+        n_bytes = heap_in_use()
+        return None if n_bytes is None else n_bytes / 2**20
+
+    rss, in_use = {"0": _rss_mb()}, {"0": in_use_mb()}
     for i in range(1, 2001):  # one long iteration: statistics accumulate in between
         algo.update(batch())
         if i in (1, 100, 500, 1000, 2000):
             rss[str(i)] = _rss_mb()
+            in_use[str(i)] = in_use_mb()
     batches = [batch() for _ in range(updates)]
     start = time.perf_counter()
     for b in batches:
@@ -74,7 +83,7 @@ def measure(name: str, updates: int) -> dict:
     total = sum(ops.values())
     top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:15])
     return {"algo": name, "preset": PRESETS[name], "ms_per_update": ms, "updates_timed": updates,
-            "rss_mb_after_updates": rss,
+            "rss_mb_after_updates": rss, "heap_in_use_mb_after_updates": in_use,
             "profile_top_self_cpu_share": {k: v / total for k, v in top.items()},
             "gemm_share_of_self_cpu": sum(v for k, v in ops.items() if k in GEMMS) / total}
 

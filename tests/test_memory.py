@@ -1,6 +1,8 @@
 """Freed heap pages go back to the OS: aclab.core.memory.trim_heap, and the off-policy loop calling it every
 ``params.trim_heap_every`` updates."""
 
+import ctypes
+import ctypes.util
 import subprocess
 import sys
 
@@ -68,3 +70,21 @@ def test_trim_heap_calls_malloc_trim_with_zero_padding_and_says_when_it_cannot(m
     assert memory.trim_heap() is True and calls == [0]  # pad 0: keep no slack at the heap's top
     monkeypatch.setattr(memory, "_malloc_trim", lambda: None)  # no glibc (musl, macOS)
     assert memory.trim_heap() is False and calls == [0]
+
+
+def test_heap_in_use_counts_live_malloc_blocks_in_the_heap_and_in_mappings():
+    """A 64 KB block (served from the heap) and a 64 MB one (its own mapping, above any mmap threshold)
+    each raise the count by their size while live, and lower it again when freed."""
+    if memory.heap_in_use() is None:
+        pytest.skip("needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    for size in (64 << 10, 64 << 20):
+        before = memory.heap_in_use()
+        block = libc.malloc(size)
+        during = memory.heap_in_use()
+        libc.free(block)
+        after = memory.heap_in_use()
+        assert size <= during - before <= size + 4096, size
+        assert abs(after - before) <= 4096, size

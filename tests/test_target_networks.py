@@ -4,11 +4,9 @@ An in-place ``lerp`` on a frozen target whose source requires grad, run in grad 
 require grad and records one autograd node per call; the chain lives as long as the run (3.4 KB per call for
 TD3's critic pair on HalfCheetah, ~40 MB over a 12k-step run, and it kept the heap from shrinking:
 docs/performance.md, Memory). These tests pin the update's arithmetic, that targets stay leaves through real
-updates, and that a learning step keeps no heap memory (glibc's in-use byte count, independent of RSS).
+updates, and that a learning step keeps no heap memory (glibc's in-use byte count, ``aclab.core.memory.heap_in_use``).
 """
 
-import ctypes
-import ctypes.util
 import gc
 
 import numpy as np
@@ -19,6 +17,7 @@ from test_pearl import ENV as PEARL_ENV
 from test_pearl import TINY as PEARL_TINY
 
 from aclab.algos.offpolicy import polyak_update
+from aclab.core.memory import heap_in_use
 from aclab.envs import make_env
 from aclab.train import make_config
 
@@ -71,29 +70,11 @@ def test_pearl_value_target_stays_a_frozen_leaf_through_learning():
     envs.close()
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(field, ctypes.c_size_t) for field in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
-def _heap_in_use():
-    """glibc's bytes in use (``mallinfo2().uordblks``: allocated and not yet freed), or None without glibc 2.33+."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallinfo2 = ctypes.CDLL(name).mallinfo2
-    except (OSError, AttributeError, TypeError):
-        return None
-    mallinfo2.restype = _MallInfo2
-    return lambda: mallinfo2().uordblks
-
-
 @pytest.mark.parametrize("name", ["td3", "sac"])
 def test_learning_steps_keep_no_heap_memory(name):
     """300 updates after 50 warm-up ones: the heap's bytes in use grow by < 100 per update (with the Polyak
     update run in grad mode: ~3,400 per update for both, and -0.1 to 7 without it)."""
-    in_use = _heap_in_use()
-    if in_use is None:
+    if heap_in_use() is None:
         pytest.skip("needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
     algo, envs = build_algo(offpolicy_config(name, "params.learning_starts=10", total=100))
     algo.iterate(envs)  # fills the buffer past the batch size
@@ -102,9 +83,9 @@ def test_learning_steps_keep_no_heap_memory(name):
     for batch in batches[:50]:
         algo.update(batch)
     gc.collect()
-    start = in_use()
+    start = heap_in_use()
     for batch in batches[50:]:
         algo.update(batch)
     gc.collect()
-    assert (in_use() - start) / 300 < 100
+    assert (heap_in_use() - start) / 300 < 100
     envs.close()

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from aclab.algos.common import Entry, check_finite, make_adam
+from aclab.algos.common import Entry, adam_step, check_finite, make_adam
 from aclab.algos.offpolicy import (
     NumpyMLP,
     OffPolicyConfig,
@@ -114,7 +114,7 @@ class SAC:
         initial = 1.0 if p.autotune else p.alpha
         self.log_alpha = torch.tensor(math.log(initial) if initial > 0 else -math.inf, device=device,
                                       requires_grad=p.autotune)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=p.alpha_lr, eps=p.adam_eps) if p.autotune else None
+        self.alpha_optimizer = make_adam([self.log_alpha], lr=p.alpha_lr, eps=p.adam_eps) if p.autotune else None
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
         self._actor_params = list(self.actor.parameters())
@@ -203,9 +203,8 @@ class SAC:
                 log_prob = log_prob.detach()
                 if self.alpha_optimizer is not None:
                     alpha_loss = -(self.log_alpha.exp() * (log_prob + self.target_entropy)).mean()
-                    self.alpha_optimizer.zero_grad(set_to_none=True)
-                    alpha_loss.backward()
-                    self.alpha_optimizer.step()
+                    (self.log_alpha.grad,) = torch.autograd.grad(alpha_loss, [self.log_alpha])
+                    adam_step(self.alpha_optimizer)
                 else:
                     alpha_loss = torch.zeros((), device=self.device)
                 self._actor_stats.add(torch.stack([actor_loss.detach(), alpha_loss.detach(), -log_prob.mean()]))
