@@ -518,10 +518,12 @@ def test_thread_actor_that_raises_is_replaced():
         pool.close()
 
 
-def _killing_run(tmp_path, mode: str, kills: dict[int, int], *extra: str) -> tuple[dict, list[dict], list]:
+def _killing_run(tmp_path, mode: str, kills: dict[int, int], *extra: str,
+                 hold: bool = True) -> tuple[dict, list[dict], list]:
     """A run in which a callback kills actor ``kills[i]`` by pid at iteration ``i``; after the last kill
-    it slows the loop down until the failures are noticed and the replacement is ready, so that the run
-    ends with it."""
+    it holds the loop until the failures are noticed and the replacement is ready, so that the run ends
+    with it (``hold=False``: it only sleeps 2 s per iteration until then, letting the learner's own fetch
+    notice them, as a run that stops on too many failures needs)."""
     seen: list = []
 
     class Killer:
@@ -530,8 +532,18 @@ def _killing_run(tmp_path, mode: str, kills: dict[int, int], *extra: str) -> tup
             if info.iteration in kills:
                 _kill(info.algo.actor_pids()[kills[info.iteration]])
             elif info.iteration > max(kills):
-                if info.metrics["actors/restarts"] < len(kills):
+                if info.metrics["actors/restarts"] < len(kills) and not hold:
                     time.sleep(2.0)  # the learner notices the failure on its next fetch
+                elif info.metrics["actors/restarts"] < len(kills):
+                    # receive (and keep) chunks until the pool has seen the failures: Ray reports a killed
+                    # actor's failed call after a delay that grows with the load (a fixed 2 s per remaining
+                    # iteration let a loaded run end before it, about 1 time in 9)
+                    pool, deadline = info.algo._pool, time.monotonic() + 120.0
+                    while pool.restarts < len(kills) and time.monotonic() < deadline:
+                        chunk = pool._receive(1.0)
+                        if chunk is not None:
+                            pool._buffer.append(chunk)
+                    pool.wait_ready(180.0)  # and for the replacement (below), in case this was the last iteration
                 elif info.metrics["actors/alive"] < 2:
                     # block until the replacement is ready, so that the run ends with it (a Ray actor's new
                     # process takes 20-40 s to import and build its envs on a loaded 2-core machine: sleeping a
@@ -559,7 +571,7 @@ def test_run_survives_an_actor_killed_by_pid(tmp_path, request, mode):
 
 
 def test_too_many_actor_failures_stop_the_run_failed_with_a_checkpoint(tmp_path):
-    summary, rows, _ = _killing_run(tmp_path, "process", {3: 0, 4: 1}, "params.actor_failure_limit=2")
+    summary, rows, _ = _killing_run(tmp_path, "process", {3: 0, 4: 1}, "params.actor_failure_limit=2", hold=False)
     assert summary["status"] == "failed" and "2 actor failures within 300 s" in summary["error"], summary
     checkpoint = load_latest_checkpoint(tmp_path / "process" / "checkpoints")
     assert checkpoint is not None and checkpoint["step"] == summary["steps"] == int(rows[-1]["step"])

@@ -10,17 +10,17 @@ report``, sweep children, the Python API's :func:`aclab.train.train`).
 * **all cores** for image observations on CPU (convolutional torsos: Procgen, Atari), or
   ``OMP_NUM_THREADS`` when it is set.
 
-Measured on the 2-core machine (docs/performance.md, "Threads"), one busy competing process for
-"loaded", with aclab's passive OpenMP waiting (:mod:`aclab`):
+Measured on the 2-core machine (``benchmarks/cpu_layout_threads.py``, two runs; docs/performance.md,
+"Threads"), "loaded" = one competing busy process, with aclab's passive OpenMP waiting (:mod:`aclab`):
 
 | workload | quiet, 2 threads vs 1 | loaded, 2 threads vs 1 |
 | --- | --- | --- |
-| IMPALA torso fwd+bwd, 2048 frames | 1.64x faster | 1.13x slower (spinning waits: 1.8x slower) |
-| TD3 HalfCheetah, 256-256, batch 256 | 1.23x faster | 1.27x slower (spinning waits: 2.6x slower) |
+| IMPALA torso fwd+bwd, 2048 frames | 1.54-1.56x faster | 1.41-1.44x slower |
+| TD3 HalfCheetah, 256-256, batch 256 | 1.85-2.0x slower | 1.13-1.37x slower |
 
-So more cores pay only for convolutions, where a loaded machine costs ~10%; for 256-wide MLPs the
-gain when quiet is smaller than the loss when busy (and with torch's spinning default, TD3 at two
-threads fell to 4.8 steps/s on a busy machine against 171 with one). ``--threads N`` overrides.
+So more cores pay only for convolutions, and only on a machine the run has to itself (on a shared one,
+``--threads 1``); 256-wide MLPs are slower on two threads either way (and with torch's spinning default,
+TD3 at two threads fell to 4.8 steps/s on a busy machine against 171 with one). ``--threads N`` overrides.
 """
 
 from __future__ import annotations

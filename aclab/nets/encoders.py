@@ -12,17 +12,17 @@ Image encoders take channel-first ``[N, C, H, W]`` inputs; uint8 images are scal
 the module (so buffers can store uint8), float inputs are used as given. On CPU the scaled image is
 laid out channels-last (NHWC strides, the same logical ``[N, C, H, W]`` tensor) before the first
 convolution, so every convolution, pooling and residual sum runs on oneDNN's channels-last kernels:
-on the 2-core CPU the IMPALA torso's forward+backward on 2048 Procgen frames takes ~half the time of
-the contiguous (NCHW) layout and its acting forward on 64 frames ~40% (docs/performance.md). Only
-the layout changes; the convolution sums are the same up to float reassociation.
+on the 2-core CPU the IMPALA torso's forward+backward on 2048 Procgen frames is 1.5x faster than in
+the contiguous (NCHW) layout and its acting forward on 64 frames 2.1-2.3x (``benchmarks/cpu_layout_threads.py``,
+docs/performance.md). Only the layout changes; the convolution sums are the same up to float reassociation.
 
 Also on CPU, a batch larger than :data:`CPU_CHUNK_FRAMES` runs through the convolutions in chunks of
 that many frames whose features are concatenated (:func:`chunked_forward`): each chunk's activations
 stay in the processor's caches while the next layer reads them, and autograd's backward pass visits
 the chunks one after another with the same locality. Frames are independent (no batch statistics),
 so the features are those of one call; the weight gradients are sums over the chunks (float
-reassociation only). Forward+backward of the IMPALA torso on a 2048-frame minibatch: 1.75x faster in
-chunks of 64 than in one call (one thread, channels-last both).
+reassociation only). Forward+backward of the IMPALA torso on a 2048-frame minibatch: 1.34-1.43x faster
+in chunks of 64 than in one call (one thread, channels-last both; same benchmark).
 """
 
 from __future__ import annotations
