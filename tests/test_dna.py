@@ -489,3 +489,19 @@ def test_atari_smoke_with_every_appendix_a_option(tmp_path):
     assert float(rows[0]["warmup_steps"]) >= 2 and "noise/value/sigma" in rows[0]
     state = load_latest_checkpoint(tmp_path / "run" / "checkpoints")["algo"]
     assert any("convs" in k for k in state["value_net"])
+
+
+@pytest.mark.parametrize("phase", ["policy", "value", "distil"])
+def test_each_phase_step_clips_the_gradient_to_max_grad_norm(phase):
+    """A loss whose gradient is known by hand (1e3 sum p^2 -> 2e3 p): the step returns the norm before
+    clipping, and the gradient it stepped with is that direction rescaled to max_grad_norm."""
+    algo, envs = _build(_config("params.max_grad_norm=0.5"))
+    envs.close()
+    net = algo.value_net if phase == "value" else algo.policy_net
+    parameters = list(net.parameters())
+    expected = [2e3 * p.detach().clone() for p in parameters]
+    norm = torch.linalg.vector_norm(torch.cat([g.ravel() for g in expected]).double())
+    returned = algo._step(phase, 1e3 * sum((p ** 2).sum() for p in parameters), parameters)
+    assert float(returned) == pytest.approx(float(norm), rel=1e-5) and float(norm) > 10
+    for p, g in zip(parameters, expected):
+        torch.testing.assert_close(p.grad, g * (0.5 / norm.float()), rtol=1e-4, atol=1e-8)

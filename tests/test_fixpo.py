@@ -375,3 +375,17 @@ def test_fixpo_learns_inverted_pendulum(tmp_path):
     summary = train(config, tmp_path / "run")
     assert summary["final_return"] > 400, summary
     assert np.isfinite(summary["final_return"])
+
+
+def test_theta_step_clips_the_gradient_to_max_grad_norm():
+    """A loss whose gradient is known by hand (1e3 sum p^2 -> 2e3 p): the step returns the norm before
+    clipping, and the gradient it stepped with is that direction rescaled to max_grad_norm."""
+    algo, envs = _build(_config("params.max_grad_norm=0.5"))
+    envs.close()
+    parameters = list(algo.net.parameters())
+    expected = [2e3 * p.detach().clone() for p in parameters]
+    norm = torch.linalg.vector_norm(torch.cat([g.ravel() for g in expected]).double())
+    returned = algo._theta_step(1e3 * sum((p ** 2).sum() for p in parameters), parameters)
+    assert float(returned) == pytest.approx(float(norm), rel=1e-5) and float(norm) > 10
+    for p, g in zip(parameters, expected):
+        torch.testing.assert_close(p.grad, g * (0.5 / norm.float()), rtol=1e-4, atol=1e-8)

@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
+from aclab.algos.common import (
+    Entry,
+    adam_step,
+    check_finite,
+    clip_grad_norm,
+    linear_schedule,
+    make_adam,
+    policy_actions,
+)
 from aclab.algos.phasic import ValueNetwork
 from aclab.config import Config, require
 from aclab.core import losses
@@ -295,8 +303,8 @@ class DAAC:
             disc_loss = order_classifier_loss(disc_logits, mb["order"])
             self.discriminator_optimizer.zero_grad(set_to_none=True)
             disc_loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(self.discriminator.parameters()), p.max_grad_norm, foreach=True)
-            self.discriminator_optimizer.step()
+            clip_grad_norm(list(self.discriminator.parameters()), p.max_grad_norm)
+            adam_step(self.discriminator_optimizer)
             disc_acc = ((disc_logits.detach() > 0).float() == mb["order"]).float().mean()
             confusion = order_confusion_loss(self.discriminator(features, other_features))
             loss = loss + p.order_coef * confusion
@@ -313,8 +321,8 @@ class DAAC:
                 loss, parts = self.policy_loss(mb)
                 self.policy_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
-                self.policy_optimizer.step()
+                grad_norm = clip_grad_norm(params_list, p.max_grad_norm)
+                adam_step(self.policy_optimizer)
                 stats.append(torch.cat([parts, grad_norm.reshape(1)]))
         names = ["loss/policy", "entropy", "loss/advantage", "approx_kl", "clip_fraction", "idaac/confusion_loss",
                  "idaac/discriminator_loss", "idaac/discriminator_accuracy", "grad_norm"]
@@ -337,8 +345,8 @@ class DAAC:
                 v_loss = losses.value_loss(self.value_net(mb["obs"]), mb["returns"], mb["old_values"], clip)
                 self.value_optimizer.zero_grad(set_to_none=True)
                 v_loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
-                self.value_optimizer.step()
+                grad_norm = clip_grad_norm(params_list, p.max_grad_norm)
+                adam_step(self.value_optimizer)
                 stats.append(torch.stack([v_loss.detach(), grad_norm]))
         table = torch.stack(stats)
         check_finite({"loss/value": table[:, 0].sum()}, f"DAAC value phase {self.iteration}")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from aclab import distributed
-from aclab.algos.common import Entry, check_finite, make_adam, policy_actions
+from aclab.algos.common import Entry, adam_step, check_finite, clip_grad_norm, make_adam, policy_actions
 from aclab.algos.phasic import (
     DynamicsModel,
     PhasicConfig,
@@ -271,8 +271,8 @@ class DCPG:
                     loss = loss + p.vf_coef * phi_loss
                 self.policy_optimizer.zero_grad(set_to_none=True)
                 self.dp.backward(loss, params_list, mb.weight)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
-                self.policy_optimizer.step()
+                grad_norm = clip_grad_norm(params_list, p.max_grad_norm)
+                adam_step(self.policy_optimizer)
                 if mb.weight:  # a rank holding none of this minibatch (several ranks) adds no row
                     stats.append(torch.stack([pg_loss.detach(), entropy.detach(), value_anchor.detach(),
                                               phi_loss.detach(), approx_kl, clip_frac, grad_norm]))
@@ -306,8 +306,8 @@ class DCPG:
                 loss, parts = self.aux_loss(mb) if ids.numel() else (None, None)
                 self.aux_optimizer.zero_grad(set_to_none=True)
                 self.dp.backward(loss, params_list, weight)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
-                self.aux_optimizer.step()
+                grad_norm = clip_grad_norm(params_list, p.max_grad_norm)
+                adam_step(self.aux_optimizer)
                 if parts is not None:
                     stats.append(torch.cat([parts, grad_norm.reshape(1)]))
         table = torch.stack(stats)

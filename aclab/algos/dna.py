@@ -43,7 +43,15 @@ import torch
 from torch import nn
 
 from aclab import distributed
-from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
+from aclab.algos.common import (
+    Entry,
+    adam_step,
+    check_finite,
+    clip_grad_norm,
+    linear_schedule,
+    make_adam,
+    policy_actions,
+)
 from aclab.algos.ppo import PPO, PPOConfig
 from aclab.analysis.noise_scale import GradientNoiseScale, measure_noise_scale
 from aclab.config import Config, require
@@ -490,8 +498,8 @@ class DNA:
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         self.dp.backward(loss, parameters, weight)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.params.max_grad_norm, foreach=True)
-        optimizer.step()
+        grad_norm = clip_grad_norm(parameters, self.params.max_grad_norm)
+        adam_step(optimizer)
         return grad_norm
 
     def _summarise(self, phase: str, stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from aclab.algos.common import Entry, check_finite
+from aclab.algos.common import Entry, adam_step, check_finite, clip_grad_norm
 from aclab.algos.ppo import PPO, PPOConfig
 from aclab.config import Config, require
 from aclab.core import losses
@@ -190,8 +190,8 @@ class DrAC(PPO):
                 loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * entropy + p.aug_coef * (g_pi + g_v)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params_list, p.max_grad_norm, foreach=True)
-                self.optimizer.step()
+                grad_norm = clip_grad_norm(params_list, p.max_grad_norm)
+                adam_step(self.optimizer)
                 stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), approx_kl, clip_frac,
                                           grad_norm, g_pi.detach(), g_v.detach()]))
         table = torch.stack(stats)

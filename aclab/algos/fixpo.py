@@ -51,7 +51,15 @@ import torch
 from torch import nn
 
 from aclab import distributed
-from aclab.algos.common import Entry, check_finite, linear_schedule, make_adam, policy_actions
+from aclab.algos.common import (
+    Entry,
+    adam_step,
+    check_finite,
+    clip_grad_norm,
+    linear_schedule,
+    make_adam,
+    policy_actions,
+)
 from aclab.config import Config, require
 from aclab.core import losses
 from aclab.core.distributions import make_distribution
@@ -388,8 +396,8 @@ class FixPO:
         """One Adam step on ``loss`` (``weight``: this rank's share of the minibatch)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.dp.backward(loss, parameters, weight)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.params.max_grad_norm, foreach=True)
-        self.optimizer.step()
+        grad_norm = clip_grad_norm(parameters, self.params.max_grad_norm)
+        adam_step(self.optimizer)
         return grad_norm
 
     def _beta_step(self, kl_stat: torch.Tensor) -> None:
