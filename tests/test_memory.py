@@ -1,5 +1,5 @@
-"""Freed heap pages go back to the OS: aclab.core.memory.trim_heap, and the off-policy loop calling it every
-``params.trim_heap_every`` updates."""
+"""aclab.core.memory: freed heap pages go back to the OS (trim_heap, and the off-policy loop calling it every
+``params.trim_heap_every`` updates), and heap_in_use counts the bytes malloc has handed out."""
 
 import ctypes
 import ctypes.util
@@ -81,11 +81,10 @@ def _glibc_at_least(major: int, minor: int) -> bool:
 HAS_MALLINFO2 = _glibc_at_least(2, 33)  # decided from the platform, not from heap_in_use itself
 
 
+@pytest.mark.skipif(not HAS_MALLINFO2, reason="needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
 def test_heap_in_use_counts_live_malloc_blocks_in_the_heap_and_in_mappings():
     """A 64 KB block (served from the heap) and a 64 MB one (its own mapping, above any mmap threshold)
     each raise the count by their size while live, and lower it again when freed."""
-    if not HAS_MALLINFO2:
-        pytest.skip("needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]

@@ -71,12 +71,11 @@ def test_pearl_value_target_stays_a_frozen_leaf_through_learning():
     envs.close()
 
 
+@pytest.mark.skipif(not HAS_MALLINFO2, reason="needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
 @pytest.mark.parametrize("name", ["td3", "sac"])
 def test_learning_steps_keep_no_heap_memory(name):
     """300 updates after 50 warm-up ones: the heap's bytes in use grow by < 100 per update (with the Polyak
     update run in grad mode: ~3,400 per update for both, and -0.1 to 7 without it)."""
-    if not HAS_MALLINFO2:
-        pytest.skip("needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
     algo, envs = build_algo(offpolicy_config(name, "params.learning_starts=10", total=100))
     algo.iterate(envs)  # fills the buffer past the batch size
     rng = np.random.default_rng(0)

@@ -71,8 +71,10 @@ class OffPolicyConfig:
     ``critic_options`` entries override the keys these settings pass to the critic's constructor.
 
     ``trim_heap_every``: give the heap's free pages back to the OS every that many updates
-    (:func:`aclab.core.memory.trim_heap`; 0: never): freed activations otherwise stay resident (TD3 on
-    HalfCheetah: peak RSS 1.30x CleanRL's without, 1.11x with, at the same speed; docs/performance.md).
+    (:func:`aclab.core.memory.trim_heap`; 0: never): freed activations otherwise stay resident. Its
+    measured gain (TD3 on HalfCheetah, peak RSS 1.30x CleanRL's without, 1.11x with) was taken while
+    :func:`polyak_update` still leaked; since that fix the heap no longer grows and the gain is small
+    (docs/performance.md, Memory).
     """
 
     buffer_size: int = 1_000_000
