@@ -40,7 +40,7 @@ from aclab.analysis.stiffness import value_stiffness
 from aclab.analysis.value_bias import EpisodeStartTracker, value_bias_from_starts
 from aclab.config import Config
 from aclab.core.returns import gae
-from aclab.core.threads import set_threads
+from aclab.core.threads import flush_denormals, set_threads
 from aclab.data.rollout import RolloutCollector
 from aclab.envs import build_envs
 from aclab.runs import CHECKPOINT_RE, list_checkpoints
@@ -81,7 +81,8 @@ def load_algorithm(path: str | Path, device: str = "auto", threads: int | None =
     """Rebuild the algorithm of a run directory or checkpoint file and load the checkpoint's weights.
 
     Sets torch's threads (:func:`aclab.core.threads.set_threads`): ``threads`` when > 0, else the run's
-    ``torch_threads``, else the automatic default for its observations."""
+    ``torch_threads``, else the automatic default for its observations; and the run's ``flush_denormal``
+    mode (:func:`aclab.core.threads.flush_denormals`)."""
     run_dir, checkpoint_path = resolve_checkpoint(path)
     config = load_run_config(run_dir)
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -92,6 +93,7 @@ def load_algorithm(path: str | Path, device: str = "auto", threads: int | None =
         envs.close()
     torch_device = resolve_device(device)
     set_threads(threads or config.torch_threads, obs_shape=spec.obs_shape, device=torch_device)
+    flush_denormals(config.flush_denormal)
     algo = registry.build(config, spec, torch_device)
     algo.load_state_dict(checkpoint["algo"])
     return LoadedRun(algo, config, run_dir, checkpoint_path, int(checkpoint.get("step", getattr(algo, "steps", 0))),

@@ -261,7 +261,7 @@ def cmd_eval(args) -> int:
 
     from aclab.algos.common import resolve_device
     from aclab.config import ConfigError
-    from aclab.core.threads import set_threads
+    from aclab.core.threads import flush_denormals, set_threads
     from aclab.envs import build_envs
     from aclab.evaluate.policy import evaluate_splits
     from aclab.runs import ADHOC_EVALS_FILE, EVALS_FILE, append_eval, eval_record
@@ -279,6 +279,7 @@ def cmd_eval(args) -> int:
     algo = None
     device = resolve_device(config.device)
     set_threads(args.threads or config.torch_threads, obs_shape=envs.spec.obs_shape, device=device)
+    flush_denormals(config.flush_denormal)
     try:
         algo = build_algorithm(config, envs.spec, device)
         algo.load_state_dict(checkpoint["algo"])

@@ -160,7 +160,11 @@ class Config:
     iterations and, for long iterations, at the first iteration boundary ``checkpoint_every_minutes``
     after the last one (0 turns either off; the end of the run is always checkpointed).
     ``world_size``: the number of data-parallel ranks the run trains with (recorded from the ``torchrun``
-    launch; a run keeps it when resumed).
+    launch; a run keeps it when resumed). ``flush_denormal`` (default true): compute on the CPU with
+    numbers below float32's smallest normal (1.2e-38) flushed to zero
+    (:func:`aclab.core.threads.flush_denormals`): Adam's moments of weights whose gradient stays 0 decay into
+    that range, where the CPU is many times slower (docs/performance.md, "Denormal numbers"); false keeps
+    IEEE denormals. A run keeps it when resumed (runs saved before the key existed resume with false).
     """
 
     algo: str = "ppo"
@@ -170,6 +174,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = 0
     deterministic_torch: bool = False
+    flush_denormal: bool = True
     log_every_iterations: int = 1
     checkpoint_every_iterations: int = 10
     checkpoint_every_minutes: float = 10.0

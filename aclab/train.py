@@ -48,7 +48,7 @@ from aclab.config import (
     parse_override,
     set_key,
 )
-from aclab.core.threads import set_threads
+from aclab.core.threads import flush_denormals, set_threads
 from aclab.data.actors import ActorFailureLimit
 from aclab.envs import EnvIdError, build_envs, make_env, parse_env_id
 from aclab.envs.make import check_level_control
@@ -169,6 +169,7 @@ def _is_discrete(env_id: str) -> bool:
 def load_run_config(run_dir: Path) -> Config:
     """The saved config of a run directory; RunError/ConfigError for a missing, unreadable or invalid one."""
     data = read_run_config(Path(run_dir))
+    data.setdefault("flush_denormal", False)  # saved before the key existed: trained with IEEE denormals
     try:
         config = config_from_dict(data, registry.get_algorithm(data["algo"]).Config)
     except ConfigError as exc:
@@ -306,6 +307,7 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
         Run.check_new(run_dir, overwrite)
     if config.deterministic_torch:
         torch.use_deterministic_algorithms(True)
+    flush_denormals(config.flush_denormal)  # before any intra-op thread starts: they inherit the mode
     # every rank: the same networks (the run's seed), its own envs and acting streams (its rank's seed)
     seed_everything(config.seed)
     rank_config = dataclasses.replace(config, seed=dp.rank_seed(config.seed)) if dp.enabled else config

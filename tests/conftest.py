@@ -3,6 +3,16 @@
 import pytest
 import torch
 
+from aclab.core.threads import flush_denormals
+
+
+@pytest.fixture(autouse=True)
+def ieee_denormals_after_each_test():
+    """``aclab.train.train`` (and eval, analyze) turn on the run's flush-to-zero mode for the process; every
+    test starts from IEEE denormals again, so that no test's arithmetic depends on the tests before it."""
+    yield
+    flush_denormals(False)
+
 
 @pytest.fixture
 def one_torch_thread():

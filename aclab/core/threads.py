@@ -21,6 +21,16 @@ Measured on the 2-core machine (``benchmarks/cpu_layout_threads.py``, two runs; 
 So more cores pay only for convolutions, and only on a machine the run has to itself (on a shared one,
 ``--threads 1``); 256-wide MLPs are slower on two threads either way (and with torch's spinning default,
 TD3 at two threads fell to 4.8 steps/s on a busy machine against 171 with one). ``--threads N`` overrides.
+
+``flush_denormals(enabled)``: the CPU's flush-to-zero / denormals-are-zero mode (``torch.set_flush_denormal``),
+set from a run's ``flush_denormal`` (default on) wherever the threads are set. Values below float32's
+smallest normal number (1.2e-38) become 0 instead of being computed on the CPU's slow denormal path. In a
+TD3 or SAC run they come from Adam: a weight whose gradient stays exactly 0 (a dead ReLU unit) has its first
+moment multiplied by 0.9 at every step, and it falls into the denormal range after ~800 steps. Adam then
+ran 5x slower in a SAC run on HalfCheetah (docs/performance.md, "Denormal numbers"). The mode belongs to a
+thread: it holds for the calling thread and for the intra-op threads created after the call (in a fresh
+``aclab`` process: all of them; in a long-lived process whose thread pool already exists, only where the
+thread count is 1).
 """
 
 from __future__ import annotations
@@ -60,6 +70,23 @@ def set_threads(requested: int | None = None, *, obs_shape: Sequence[int] | None
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+def flush_denormals(enabled: bool) -> bool:
+    """Turn the CPU's flush-to-zero / denormals-are-zero mode on or off for this thread (and the intra-op
+    threads started after this call); returns False where the CPU has no such mode (nothing changes)."""
+    return bool(torch.set_flush_denormal(bool(enabled)))
+
+
+_DENORMAL_BITS = 1 << 19  # the float32 whose bits are 0x00080000: 2**-130, a denormal
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread computes with denormal numbers flushed to zero: then the product of the float32
+    denormal ``2**-130`` and 1 is 0. The number is built from its bits and the result read as bits (a
+    conversion through float64 would itself be flushed); a one-element product runs on the calling thread."""
+    tiny = torch.tensor([_DENORMAL_BITS], dtype=torch.int32).view(torch.float32)
+    return int((tiny * 1.0).view(torch.int32).item()) == 0
 
 
 def restore_process_default() -> None:
