@@ -26,8 +26,9 @@ TD3 at two threads fell to 4.8 steps/s on a busy machine against 171 with one). 
 set from a run's ``flush_denormal`` (default on) wherever the threads are set. Values below float32's
 smallest normal number (1.2e-38) become 0 instead of being computed on the CPU's slow denormal path. In a
 TD3 or SAC run they come from Adam: a weight whose gradient stays exactly 0 (a dead ReLU unit) has its first
-moment multiplied by 0.9 at every step, and it falls into the denormal range after ~800 steps. Adam then
-ran 5x slower in a SAC run on HalfCheetah (docs/performance.md, "Denormal numbers"). The mode belongs to a
+moment multiplied by 0.9 at every step, and it falls into the denormal range within a few hundred steps. In
+SAC on HalfCheetah shapes Adam then took 1.54 ms of a 9.1 ms update, against 0.22 ms with the mode on
+(``benchmarks/offpolicy_anatomy.py``; docs/performance.md, "Denormal numbers"). The mode belongs to a
 thread: it holds for the calling thread and for the intra-op threads created after the call (in a fresh
 ``aclab`` process: all of them; in a long-lived process whose thread pool already exists, only where the
 thread count is 1).
