@@ -1,8 +1,9 @@
 """aclab with the flush-to-zero mode on (``flush_denormal=true``, the default) against off, side by side.
 
-Runs the off-policy workloads of ``cleanrl_side_by_side.py`` (TD3 / SAC on HalfCheetah-v4, 12k steps, 5k random;
-its aclab command lines, one thread) with ``--set flush_denormal=true`` and ``=false`` one after the other,
-the order alternating between repeats and each repeat on its own seed, and reports each run's steps/s
+Runs workloads of ``cleanrl_side_by_side.py`` (by default the off-policy ones, TD3 / SAC on HalfCheetah-v4,
+12k steps, 5k random; ``--workloads procgen`` for PPO on Procgen bigfish; its aclab command lines, one thread)
+with ``--set flush_denormal=true`` and ``=false`` one after the other, the order alternating between repeats
+and each repeat on its own seed, and reports each run's steps/s
 (``summary.json``) and the on / off ratio of each pair:
 
     .venv/bin/python benchmarks/flush_denormal_ab.py --repeats 3 \\
@@ -27,7 +28,7 @@ OFF_POLICY = ("td3", "sac")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=list(OFF_POLICY), choices=list(OFF_POLICY))
+    parser.add_argument("--workloads", nargs="+", default=list(OFF_POLICY), choices=list(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")

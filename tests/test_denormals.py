@@ -117,3 +117,44 @@ def test_evaluation_and_the_analyses_use_the_runs_mode(tmp_path, capsys):
         assert main(["analyze", "value-bias", str(run), "--episodes", "1", "--device", "cpu"]) == 0
         assert denormals_flushed() is flush
     capsys.readouterr()
+
+
+class _ClosedChannel:
+    """The learner's end of an actor's channel, closed at once: the actor announces itself and stops."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def recv(self):
+        return None
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_actor_processes_compute_in_the_runs_mode(flush):
+    """IMPALA / STAC actors act in their own processes (local or Ray): each sets the run's mode when it
+    starts, as the learner does. Both start functions are run here, in the test's thread."""
+    from aclab.algos.impala import make_acting_policy
+    from aclab.data.actors import _local_actor_main, _RayActor, make_actor_specs
+
+    config = make_config("impala", "CartPole-v1", overrides=[
+        "progress=false", "eval.episodes=0", "env.backend=gymnasium", "env.num_envs=2", "params.num_steps=8",
+        "params.hidden_sizes=[16]", f"flush_denormal={str(flush).lower()}"])
+    (spec,) = make_actor_specs(config, make_acting_policy, 1, 2, 8, 0)
+    previous = torch.get_num_threads()
+    try:
+        flush_denormals(not flush)
+        channel = _ClosedChannel()
+        _local_actor_main(spec, None, channel, is_process=True)
+        assert channel.sent and channel.sent[0][0] == "ready"
+        assert denormals_flushed() is flush
+        flush_denormals(not flush)
+        _RayActor(spec)
+        assert denormals_flushed() is flush
+    finally:
+        torch.set_num_threads(previous)

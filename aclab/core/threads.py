@@ -29,9 +29,11 @@ TD3 or SAC run they come from Adam: a weight whose gradient stays exactly 0 (a d
 moment multiplied by 0.9 at every step, and it falls into the denormal range within a few hundred steps. In
 SAC on HalfCheetah shapes Adam then took 1.54 ms of a 9.1 ms update, against 0.22 ms with the mode on
 (``benchmarks/offpolicy_anatomy.py``; docs/performance.md, "Denormal numbers"). The mode belongs to a
-thread: it holds for the calling thread and for the intra-op threads created after the call (in a fresh
-``aclab`` process: all of them; in a long-lived process whose thread pool already exists, only where the
-thread count is 1).
+thread: it holds for the calling thread and for the threads started after the call. ``aclab.train.train``
+sets it before it builds the envs and networks, so torch's intra-op threads, started at the first parallel
+operation, inherit it; IMPALA / STAC actor processes set it themselves when they start. In a long-lived
+process whose intra-op threads already exist, those keep their mode (it matters only with more than one
+thread).
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from aclab.core.threads import flush_denormals
 from aclab.envs import build_envs
 from aclab.runs import check_stop
 
@@ -472,6 +473,7 @@ def _local_actor_main(spec: ActorSpec, shared: _SharedParameters, conn, is_proce
             import torch
 
             torch.set_num_threads(1)
+        flush_denormals(getattr(spec.config, "flush_denormal", False))  # the learner's arithmetic (a thread's mode)
         worker = ActorWorker(spec)
         conn.send(("ready", os.getpid() if is_process else None))
         version, flat = -1, None
@@ -855,6 +857,7 @@ class _RayActor:
         import torch
 
         torch.set_num_threads(1)
+        flush_denormals(getattr(spec.config, "flush_denormal", False))
         self.spec = spec
         self.worker: ActorWorker | None = None
 
