@@ -473,7 +473,7 @@ def _local_actor_main(spec: ActorSpec, shared: _SharedParameters, conn, is_proce
             import torch
 
             torch.set_num_threads(1)
-        flush_denormals(getattr(spec.config, "flush_denormal", False))  # the learner's arithmetic (a thread's mode)
+        flush_denormals(spec.config.flush_denormal)  # the run's arithmetic, as on the learner
         worker = ActorWorker(spec)
         conn.send(("ready", os.getpid() if is_process else None))
         version, flat = -1, None
@@ -857,7 +857,7 @@ class _RayActor:
         import torch
 
         torch.set_num_threads(1)
-        flush_denormals(getattr(spec.config, "flush_denormal", False))
+        flush_denormals(spec.config.flush_denormal)
         self.spec = spec
         self.worker: ActorWorker | None = None
 
