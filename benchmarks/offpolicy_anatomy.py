@@ -41,7 +41,10 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmRSS"))
 
 
-def measure(name: str, updates: int, flush: bool) -> dict:
+def build_with_random_replay(name: str, flush: bool):
+    """``(algo, rng)``: algorithm ``name`` built as ``aclab train`` builds it (preset :data:`PRESETS`, HalfCheetah
+    shapes, CPU, one thread, the flush-to-zero mode ``flush``) with 10,000 random transitions in its replay
+    buffer, and the generator to sample batches with (also used by ``offpolicy_compile.py``)."""
     import numpy as np
     import torch
 
@@ -60,6 +63,13 @@ def measure(name: str, updates: int, flush: bool) -> dict:
     algo.loop.buffer.add(rng.standard_normal((n, obs_dim)).astype(np.float32),
                          rng.uniform(-1, 1, (n, act_dim)).astype(np.float32), rng.standard_normal(n).astype(np.float32),
                          rng.standard_normal((n, obs_dim)).astype(np.float32), np.zeros(n, np.float32))
+    return algo, rng
+
+
+def measure(name: str, updates: int, flush: bool) -> dict:
+    import torch
+
+    algo, rng = build_with_random_replay(name, flush)
 
     def batch():
         return algo.loop.buffer.sample(256, rng)

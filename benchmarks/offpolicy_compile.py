@@ -26,29 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-PRESETS = {"td3": "td3-mujoco", "sac": "sac-cleanrl"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offpolicy_anatomy import PRESETS, build_with_random_replay  # noqa: E402
+
 NETWORKS = ("actor", "actor_target", "critic", "critic_target")
 
 
 def measure(name: str, mode: str, updates: int) -> dict:
-    import numpy as np
     import torch
 
-    from aclab import registry
-    from aclab.core.threads import flush_denormals
-    from aclab.envs import make_env
-    from aclab.train import make_config
-
-    flush_denormals(True)
-    torch.set_num_threads(1)
-    config = make_config(name, "mujoco:HalfCheetah-v4", preset=PRESETS[name], overrides=["progress=false"])
-    envs = make_env("mujoco:HalfCheetah-v4", 1, 0)
-    algo = registry.build(config, envs.spec, torch.device("cpu"))
-    rng = np.random.default_rng(0)
-    n, obs_dim, act_dim = 10_000, envs.spec.obs_shape[0], algo.loop.action_dim
-    algo.loop.buffer.add(rng.standard_normal((n, obs_dim)).astype(np.float32),
-                         rng.uniform(-1, 1, (n, act_dim)).astype(np.float32), rng.standard_normal(n).astype(np.float32),
-                         rng.standard_normal((n, obs_dim)).astype(np.float32), np.zeros(n, np.float32))
+    algo, rng = build_with_random_replay(name, flush=True)
     compiled = []
     if mode == "compiled":
         for attr in NETWORKS:
