@@ -11,7 +11,7 @@ def assert_step_clips_to(step, parameters: list[torch.Tensor], max_norm: float) 
     expected = [2e3 * p.detach().clone() for p in parameters]
     norm = torch.linalg.vector_norm(torch.cat([g.ravel() for g in expected]).double())
     returned = step(1e3 * sum((p ** 2).sum() for p in parameters))
-    assert float(norm) > 10 * max_norm
+    assert float(norm) > 20 * max_norm  # the clip binds
     assert float(returned) == pytest.approx(float(norm), rel=1e-5)
     for p, g in zip(parameters, expected):
         torch.testing.assert_close(p.grad, g * (max_norm / norm.float()), rtol=1e-4, atol=1e-8)
